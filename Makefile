@@ -1,0 +1,56 @@
+# Sendense: the same commands for people and CI.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv postgresql
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-packages venv demo test test-fast check fmt bench clean
+
+setup: system-packages venv
+
+# Debian packages: qemu-img/qemu-nbd, qemu-storage-daemon, nbdkit/nbdcopy,
+# libnbd's Python binding, venv, and PostgreSQL for the catalog tests.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# The venv comes from Debian's python3 with system site packages, so that
+# `import nbd` (python3-libnbd) works inside it.
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import nbd" || { echo "python3-libnbd is not visible in $(VENV)"; exit 1; }
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sendense demo
+
+test: setup
+	$(PY) -m pytest -p no:cacheprovider tests
+
+test-fast: venv
+	$(PY) -m pytest -p no:cacheprovider -m "not slow" tests
+
+check: venv
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+fmt: venv
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+bench: setup
+	$(PY) bench/backup_bench.py
+
+clean:
+	rm -rf var build *.egg-info

@@ -1,0 +1,3 @@
+"""Sendense: open, API-first backup for virtual machines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""Database handle for the catalog: engine, sessions and migrations.
+
+One `Database` per process. SQLite is the embedded default and PostgreSQL
+(psycopg 3) the production database; both get the same schema from the
+Alembic migrations in ``migrations/``, never from ``create_all``, so a fresh
+install and an upgraded one cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def sqlite_url(path: str | Path) -> str:
+    """URL of a SQLite file (made absolute so the cwd does not matter)."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url``, pinning PostgreSQL to psycopg 3.
+
+    Plain ``postgresql://`` would make SQLAlchemy pick psycopg2, which we do
+    not ship.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite leaves foreign keys off unless asked on every connection. WAL lets
+    # readers (API) run while a job writes; busy_timeout makes writers wait for
+    # each other instead of failing with "database is locked"; NORMAL is safe
+    # with WAL (only the last transactions may be lost on power failure).
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in (
+            "foreign_keys=ON",
+            "journal_mode=WAL",
+            "busy_timeout=30000",
+            "synchronous=NORMAL",
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+class Database:
+    """Engine plus session factory for one catalog database."""
+
+    def __init__(self, url: str | URL) -> None:
+        self.url = normalize_url(url)
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.url.get_backend_name() == "sqlite":
+            # Sessions are used from worker threads (jobs) as well as the API.
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            database = self.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.url.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+        self.sessionmaker: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        log.debug("database opened url=%s", self.url.render_as_string(hide_password=True))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        with self.sessionmaker.begin() as session:
+            yield session
+
+    def alembic_config(self) -> Config:
+        """Alembic config built in code, so no alembic.ini has to be installed."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        # ConfigParser interpolation: a literal % in a password must be doubled.
+        url = self.url.render_as_string(hide_password=False).replace("%", "%%")
+        config.set_main_option("sqlalchemy.url", url)
+        return config
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision``; a no-op when already there."""
+        config = self.alembic_config()
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+        log.info("catalog schema upgraded revision=%s", revision)
+
+    def dispose(self) -> None:
+        """Close all pooled connections (at shutdown, or before dropping the DB)."""
+        self.engine.dispose()

@@ -1,0 +1,97 @@
+"""Domain errors.
+
+Every error has a machine-readable ``code`` and a message for a person. The
+category classes (`NotFound`, `Conflict`, ...) carry the meaning; only
+``hub/errors.py`` and ``node/errors.py`` turn them into HTTP answers, always
+in the shape ``{"error": code, "message": message, "details": {...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Error(Exception):
+    """Base of all Sendense errors."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidRequest(Error):
+    code = "invalid_request"
+
+
+class NotFound(Error):
+    code = "not_found"
+
+
+class Conflict(Error):
+    code = "conflict"
+
+
+class Unavailable(Error):
+    code = "unavailable"
+
+
+class Forbidden(Error):
+    code = "forbidden"
+
+
+class Unauthorized(Error):
+    code = "unauthorized"
+
+
+class Cancelled(Error):
+    code = "cancelled"
+
+
+class ExternalCommandError(Error):
+    """A program we run (qemu-img, qemu-nbd, ...) failed."""
+
+    code = "external_command_failed"
+
+    def __init__(self, cmd: list[str], rc: int, stderr: str) -> None:
+        self.cmd = cmd
+        self.rc = rc
+        self.stderr = stderr.strip()
+        super().__init__(f"{cmd[0]} failed with exit code {rc}: {self.stderr[-2000:]}", cmd=cmd[:2])
+
+
+class QemuImgError(ExternalCommandError):
+    code = "qemu_img_failed"
+
+
+class QemuNbdError(Error):
+    code = "qemu_nbd_failed"
+
+
+class QmpError(Error):
+    """QMP answered with an error, or the monitor could not be reached."""
+
+    code = "qmp_error"
+
+
+class NbdError(Error):
+    code = "nbd_error"
+
+
+class PortsExhausted(Unavailable):
+    code = "ports_exhausted"
+
+
+class DiskBusy(Conflict):
+    code = "disk_busy"
+
+
+class NoParent(Conflict):
+    code = "no_parent"

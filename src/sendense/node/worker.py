@@ -1,0 +1,297 @@
+"""One backup job on the node, as its own process.
+
+``python -m sendense.node.worker JOB_DIR`` reads the start request (JSON,
+with the source's credentials) on stdin, never from a file, freezes the VM,
+runs the data mover for each disk into the hub's NBD targets, releases the
+VM, and keeps ``JOB_DIR/status.json`` current (written atomically) for the
+node's status endpoint. SIGTERM asks for a cancel. Its log is
+``JOB_DIR/job.log``; it never contains a credential.
+
+A process per job isolates the mover's memory (its peak RSS is reported) and
+lets a job finish its cleanup even when the node agent itself dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nbd
+
+from sendense.connectors.base import DiskView
+from sendense.connectors.registry import make_connector
+from sendense.core.errors import Cancelled, Error
+from sendense.mover import digest as dg
+from sendense.mover.copy import Mover, Progress
+
+log = logging.getLogger("sendense.node.worker")
+
+KEEP_HASH_LISTS = 3
+
+
+def parse_targets(spec: str) -> dict[int, str]:
+    """``"2000:nbd://h:10100/e1,2001:nbd://h:10101/e2"`` -> {2000: url, ...}."""
+    out: dict[int, str] = {}
+    for part in spec.split(","):
+        key, sep, url = part.strip().partition(":")
+        if not sep or not key.isdigit() or not url.startswith(("nbd://", "nbd+unix://", "nbds://")):
+            raise ValueError(f"bad NBD target {part!r}: expected <disk key>:nbd://host:port/export")
+        out[int(key)] = url
+    if not out:
+        raise ValueError("nbd_targets is empty")
+    return out
+
+
+class StatusFile:
+    def __init__(self, job_dir: Path, job_id: str) -> None:
+        self.path = job_dir / "status.json"
+        self.data: dict[str, Any] = {
+            "job_id": job_id,
+            "status": "running",
+            "step": "starting",
+            "pid": os.getpid(),
+            "started_at": datetime.now(UTC).isoformat(),
+            "finished_at": None,
+            "disks": {},
+            "error": None,
+            "messages": [],
+        }
+        self.lock = threading.Lock()
+        self.write()
+
+    def write(self) -> None:
+        with self.lock:
+            self.data["mover_peak_rss_bytes"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            self.data["updated_at"] = datetime.now(UTC).isoformat()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+
+
+def _open_source(view: DiskView) -> nbd.NBD:
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    if view.dirty_context:
+        h.add_meta_context(view.dirty_context)
+    h.connect_uri(view.nbd_url)
+    return h
+
+
+def _hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
+    return data_dir / "blockhash" / vm_name.replace("/", "_") / str(key)
+
+
+def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threading.Event) -> int:
+    job_id = request["job_id"]
+    status = StatusFile(job_dir, job_id)
+    targets = parse_targets(request["nbd_targets"])
+    incremental = request.get("backup_type") == "incremental"
+    previous = {int(k): v for k, v in (request.get("previous_change_ids") or {}).items()}
+    if not incremental:
+        previous = {}
+    in_flight = int(request.get("in_flight", 8))
+    request_size = int(request.get("request_size", 4 << 20))
+    connector = make_connector(request["source"], workdir=str(job_dir / "work"))
+    success = False
+    try:
+        status.data["step"] = "freezing"
+        status.write()
+        pit = connector.freeze(request["vm_name"], sorted(targets), previous)
+        log.info("job=%s frozen disks=%s", job_id, [v.disk.key for v in pit.views])
+        for view in pit.views:
+            key = view.disk.key
+            status.data["disks"][str(key)] = {
+                "disk_key": key,
+                "mode": "incremental" if view.dirty_context else "full",
+                "bytes_done": 0,
+                "bytes_total": 0,
+                "status": "pending",
+                "fallback_reason": view.fallback_reason,
+                "change_id": None,
+                "digest": None,
+            }
+            if view.fallback_reason:
+                msg = f"disk {key}: full read instead of incremental: {view.fallback_reason}"
+                status.data["messages"].append(msg)
+                log.warning("job=%s %s", job_id, msg)
+        status.write()
+        for view in pit.views:
+            if cancel.is_set():
+                raise Cancelled("job cancelled")
+            _copy_disk(
+                view,
+                targets[view.disk.key],
+                request,
+                data_dir,
+                status,
+                cancel,
+                in_flight=in_flight,
+                request_size=request_size,
+                previous=previous,
+            )
+        success = True
+    except Cancelled as e:
+        status.data["status"] = "cancelled"
+        status.data["error"] = {"code": "cancelled", "message": str(e)}
+    except Exception as e:
+        code = e.code if isinstance(e, Error) else "node_error"
+        message = e.message if isinstance(e, Error) else f"{type(e).__name__}: {e}"
+        log.exception("job=%s failed", job_id)
+        status.data["status"] = "failed"
+        status.data["error"] = {"code": code, "message": message}
+    finally:
+        status.data["step"] = "releasing"
+        status.write()
+        try:
+            connector.release(success)
+        except Exception as e:  # never hide the first error
+            log.exception("job=%s release failed", job_id)
+            if success:
+                success = False
+                status.data["status"] = "failed"
+                status.data["error"] = {"code": "release_failed", "message": str(e)}
+    if success:
+        status.data["status"] = "completed"
+        _prune_hash_lists(data_dir, request["vm_name"], status)
+    status.data["step"] = status.data["status"]
+    status.data["finished_at"] = datetime.now(UTC).isoformat()
+    status.write()
+    log.info("job=%s status=%s", job_id, status.data["status"])
+    return 0 if success else 1
+
+
+def _copy_disk(
+    view: DiskView,
+    target_url: str,
+    request: dict[str, Any],
+    data_dir: Path,
+    status: StatusFile,
+    cancel: threading.Event,
+    *,
+    in_flight: int,
+    request_size: int,
+    previous: dict[int, str],
+) -> None:
+    key = view.disk.key
+    size = view.disk.capacity_bytes
+    entry = status.data["disks"][str(key)]
+    entry["status"] = "running"
+    status.data["step"] = f"copying disk {key}"
+    job_id = request["job_id"]
+    hdir = _hash_list_dir(data_dir, request["vm_name"], key)
+    hdir.mkdir(parents=True, exist_ok=True)
+    base = None
+    src = _open_source(view)
+    dst = nbd.NBD()
+    try:
+        dst.connect_uri(target_url)
+        if dst.get_size() != size:
+            raise Error(
+                f"target for disk {key} is {dst.get_size()} bytes, the disk is {size}",
+                code="target_size_mismatch",
+            )
+        if view.dirty_context:
+            prev_list = hdir / f"{previous[key]}.b3"
+            if prev_list.exists():
+                base = prev_list
+        hashes = dg.BlockHashList(hdir / f"{view.new_change_id}.b3", size, base=base)
+        if view.dirty_context and base is None:
+            # No block hash list of the previous restore point on this node:
+            # the digest needs every block, so read the unchanged ones too.
+            msg = f"disk {key}: no block hash list for {previous[key]}; digest needs a full read"
+            status.data["messages"].append(msg)
+            log.warning("job=%s %s", job_id, msg)
+            try:
+                Mover(
+                    src, None, size, hashes=hashes, finish_hashes=False, cancel_event=cancel
+                ).run()
+            except BaseException:
+                hashes.abort()
+                raise
+
+        def on_progress(p: Progress) -> None:
+            entry.update(p.as_dict())
+            status.write()
+
+        mover = Mover(
+            src,
+            dst,
+            size,
+            dirty_context=view.dirty_context,
+            # Incremental targets have a backing file: zero runs must be written.
+            target_is_zero=request.get("backup_type") != "incremental",
+            hashes=hashes,
+            in_flight=in_flight,
+            request_size=request_size,
+            on_progress=on_progress,
+            cancel_event=cancel,
+        )
+        result = mover.run()
+    finally:
+        for h in (src, dst):
+            with contextlib.suppress(Exception):
+                h.shutdown()
+            with contextlib.suppress(Exception):
+                h.close()
+    entry.update(
+        status="completed",
+        change_id=view.new_change_id,
+        digest=result.digest,
+        bytes_done=result.data_bytes,
+        data_bytes=result.data_bytes,
+        zero_bytes=result.zero_bytes,
+        requests=result.requests,
+        seconds=round(result.seconds, 3),
+    )
+    log.info(
+        "job=%s disk=%s mode=%s data_bytes=%d zero_bytes=%d seconds=%.3f",
+        job_id,
+        key,
+        entry["mode"],
+        result.data_bytes,
+        result.zero_bytes,
+        result.seconds,
+    )
+    status.write()
+
+
+def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
+    for key in status.data["disks"]:
+        hdir = _hash_list_dir(data_dir, vm_name, int(key))
+        lists = sorted(hdir.glob("*.b3"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in lists[KEEP_HASH_LISTS:]:
+            old.unlink(missing_ok=True)
+
+
+def main() -> int:
+    job_dir = Path(sys.argv[1])
+    data_dir = Path(sys.argv[2])
+    request = json.load(sys.stdin)
+    logging.basicConfig(
+        filename=job_dir / "job.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    t0 = time.monotonic()
+    rc = run(job_dir, request, data_dir, cancel)
+    log.info("job=%s worker_seconds=%.3f", request.get("job_id"), time.monotonic() - t0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""A managed ``qemu-nbd`` process.
+
+`QemuNbdServer` is configured, then `start()`ed; start returns only when the
+server accepts connections (socket file present or TCP port open), and
+`stop()` always leaves no process behind (SIGTERM, then SIGKILL). qemu-nbd
+closes the image cleanly on SIGTERM (it leaves its main loop and flushes),
+which matters for a QCOW2 target that was just written.
+
+Use it as a context manager where the lifetime is lexical; the hub keeps
+targets alive across requests and records the pid in a pidfile so that a
+restarted hub can find and stop servers left by a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from sendense.core.errors import QemuNbdError
+
+log = logging.getLogger(__name__)
+
+
+class QemuNbdServer:
+    def __init__(
+        self,
+        image: str,
+        *,
+        fmt: str = "qcow2",
+        export_name: str = "",
+        socket_path: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        read_only: bool = False,
+        shared: int = 8,
+        cache: str = "writeback",
+        aio: str | None = None,
+        discard: bool = True,
+        pidfile: str | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        if socket_path is None and port is None:
+            raise ValueError("either socket_path or port is needed")
+        self.image = image
+        self.fmt = fmt
+        self.export_name = export_name
+        self.socket_path = socket_path
+        self.host = host
+        self.port = port
+        self.read_only = read_only
+        self.shared = shared
+        self.cache = cache
+        self.aio = aio
+        self.discard = discard
+        self.pidfile = pidfile
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.socket_path:
+            return f"nbd+unix:///{self.export_name}?socket={self.socket_path}"
+        return f"nbd://{self.host}:{self.port}/{self.export_name}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def argv(self) -> list[str]:
+        args = [
+            "qemu-nbd",
+            f"--format={self.fmt}",
+            f"--export-name={self.export_name}",
+            "--persistent",
+            f"--shared={self.shared}",
+            f"--cache={self.cache}",
+        ]
+        if self.aio:
+            args.append(f"--aio={self.aio}")
+        if self.discard and not self.read_only:
+            args.append("--discard=unmap")
+        if self.read_only:
+            args.append("--read-only")
+        if self.socket_path:
+            args.append(f"--socket={self.socket_path}")
+        else:
+            args += [f"--bind={self.host}", f"--port={self.port}"]
+        if self.pidfile:
+            args.append(f"--pid-file={self.pidfile}")
+        args.append(self.image)
+        return args
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        argv = self.argv()
+        log.debug("start argv=%s", argv)
+        stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            # A new session: a Ctrl-C in the hub's terminal must not kill targets
+            # that the hub is still going to flush and check.
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        except FileNotFoundError as e:
+            raise QemuNbdError("qemu-nbd not found (install qemu-utils)") from e
+        finally:
+            if self.log_path and hasattr(stderr, "close"):
+                stderr.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                detail = ""
+                if self.log_path and os.path.exists(self.log_path):
+                    detail = Path(self.log_path).read_text(errors="replace")[-1000:].strip()
+                raise QemuNbdError(
+                    f"qemu-nbd exited with code {rc} before serving {self.image}: {detail}"
+                )
+            if self._accepts():
+                return
+            if time.monotonic() > deadline:
+                raise QemuNbdError(f"qemu-nbd did not start serving {self.image} in {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _accepts(self) -> bool:
+        if self.socket_path:
+            if not os.path.exists(self.socket_path):
+                return False
+            fam, addr = socket.AF_UNIX, self.socket_path
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            target: object = addr
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (self.host, self.port)
+        try:
+            s.settimeout(0.5)
+            s.connect(target)  # type: ignore[arg-type]
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("qemu-nbd pid=%s ignored SIGTERM, killing", proc.pid)
+                proc.kill()
+                proc.wait()
+        self.proc = None
+        if self.pidfile:
+            Path(self.pidfile).unlink(missing_ok=True)
+
+    def __enter__(self) -> QemuNbdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_pid(pid: int, *, expect: str = "qemu-nbd", timeout: float = 10.0) -> bool:
+    """Stop a process we started earlier (found in a pidfile) if it is still ours.
+
+    Checks /proc/<pid>/cmdline so that a recycled pid is never killed.
+    Returns True when a process was stopped.
+    """
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if not cmdline or os.path.basename(cmdline[0].decode(errors="replace")) != expect:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return True
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

@@ -1,0 +1,51 @@
+"""One settings object per process, read from the environment (``SENDENSE_*``)
+and overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class HubSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SENDENSE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8082
+    data_dir: Path = Path("var/hub")
+    # SQLAlchemy URL; empty means SQLite at <data_dir>/catalog.db.
+    database_url: str = ""
+    # NBD targets: where qemu-nbd listens and the address nodes are told to use.
+    nbd_bind: str = "127.0.0.1"
+    nbd_advertise_host: str = ""
+    nbd_port_first: int = 10100
+    nbd_port_last: int = 10200
+    # QCOW2 cluster size of targets; see engine/backup.py for why.
+    cluster_size: int = 65536
+    poll_interval: float = 0.1
+    # A node that has not answered for this long is considered gone.
+    node_timeout: float = 30.0
+    job_timeout: float = 4 * 3600.0
+    log_level: str = "INFO"
+
+    @property
+    def catalog_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir.resolve() / 'catalog.db'}"
+
+    @property
+    def advertise_host(self) -> str:
+        return self.nbd_advertise_host or self.nbd_bind
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SENDENSE_NODE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    data_dir: Path = Path("var/node")
+    in_flight: int = 8
+    request_size: int = 4 << 20
+    log_level: str = "INFO"
