@@ -230,8 +230,9 @@ def _copy_disk(
             dst,
             size,
             dirty_context=view.dirty_context,
-            # Incremental targets have a backing file: zero runs must be written.
-            target_is_zero=request.get("backup_type") != "incremental",
+            # A disk with a previous change id has a target with a backing file
+            # (even when the change id was unusable): zero runs must be written.
+            target_is_zero=key not in previous,
             hashes=hashes,
             in_flight=in_flight,
             request_size=request_size,
@@ -243,8 +244,6 @@ def _copy_disk(
         for h in (src, dst):
             with contextlib.suppress(Exception):
                 h.shutdown()
-            with contextlib.suppress(Exception):
-                h.close()
     entry.update(
         status="completed",
         change_id=view.new_change_id,

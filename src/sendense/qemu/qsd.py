@@ -32,6 +32,7 @@ class QsdVm:
         self.guest_socket = str(self.workdir / f"{name}.guest.sock")
 
     def add_disk(self, size: int, *, fmt: str = "qcow2") -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / f"{self.name}-disk{len(self.disks)}.{fmt}"
         img.create(str(path), size, fmt=fmt)
         self.disks.append(path)

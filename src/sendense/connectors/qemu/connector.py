@@ -414,4 +414,4 @@ def _is_nbd_server(url: str) -> bool:
         return False
     finally:
         with contextlib.suppress(Exception):
-            h.close()
+            h.shutdown()

@@ -1,0 +1,78 @@
+"""The hub's client of a node's API (SPEC §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from sendense.core.errors import Error, InvalidRequest, NotFound, Unavailable
+
+
+class NodeUnreachable(Unavailable):
+    code = "node_unreachable"
+
+
+class NodeClient:
+    def __init__(self, url: str, token: str, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None) -> Any:
+        try:
+            r = httpx.request(
+                method,
+                f"{self.url}{path}",
+                json=json,
+                headers=self._headers,
+                timeout=timeout or self.timeout,
+            )
+        except httpx.HTTPError as e:
+            raise NodeUnreachable(
+                f"node at {self.url} is unreachable: {type(e).__name__}: {e}", url=self.url
+            ) from e
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                message = body.get("message") or r.text
+                code = body.get("error") or "node_error"
+            except ValueError:
+                message, code = r.text, "node_error"
+            if r.status_code == 401:
+                raise InvalidRequest(f"node at {self.url} rejected the token", code="node_auth")
+            if r.status_code == 404:
+                raise NotFound(f"node: {message}", code=code)
+            if r.status_code == 400:
+                raise InvalidRequest(f"node refused the request: {message}", code=code)
+            raise Error(f"node answered {r.status_code}: {message}", code=code)
+        return r.json()
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/v1/health", timeout=3)
+        return result
+
+    def check_token(self) -> None:
+        """A call that needs the token: 404 for an unknown job means it is valid."""
+        try:
+            self._call("GET", "/api/v1/status/sendense-token-probe", timeout=3)
+        except NotFound:
+            return
+
+    def start_backup(self, request: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/v1/backup/start", json=request)
+        return result
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/v1/status/{job_id}", timeout=5)
+        return result
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/api/v1/jobs/{job_id}/cancel", timeout=5)
+        return result
+
+    def discover(self, source: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", "/api/v1/discover", json={"source": source}, timeout=60
+        )
+        return result

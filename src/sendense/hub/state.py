@@ -1,0 +1,53 @@
+"""Everything one hub process holds: settings, catalog, secrets, ports, engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sendense.auth import ensure_token
+from sendense.catalog.db import Database
+from sendense.engine.backup import BackupEngine
+from sendense.engine.inventory import ensure_default_repository
+from sendense.nbd.ports import PortAllocator
+from sendense.secretbox import SecretBox
+from sendense.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HubState:
+    settings: HubSettings
+    db: Database
+    secrets: SecretBox
+    ports: PortAllocator
+    engine: BackupEngine
+    admin_token: str
+
+    @classmethod
+    def open(cls, settings: HubSettings) -> HubState:
+        data_dir = settings.data_dir.resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir = data_dir
+        token = ensure_token(data_dir / "admin.token")
+        db = Database(settings.catalog_url)
+        db.upgrade()
+        secrets = SecretBox(data_dir / "secret.key")
+        ports = PortAllocator(settings.nbd_port_first, settings.nbd_port_last, settings.nbd_bind)
+        engine = BackupEngine(db, settings, ports, secrets)
+        with db.session() as s:
+            ensure_default_repository(s, data_dir / "repositories" / "default")
+        resolved = engine.recover()
+        if resolved:
+            log.warning("resolved jobs left running by a previous hub: %s", resolved)
+        return cls(settings, db, secrets, ports, engine, token)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.db.dispose()
+
+
+def repo_root(state: HubState) -> Path:
+    return state.settings.data_dir / "repositories"

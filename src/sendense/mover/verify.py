@@ -1,0 +1,37 @@
+"""Recompute a restore point's digest from its QCOW2 chain (see `digest`)."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import nbd
+
+from sendense.mover.copy import Mover
+from sendense.mover.digest import BlockHashList
+from sendense.qemu.nbd_server import QemuNbdServer
+
+
+def digest_of_image(path: str | Path, *, fmt: str = "qcow2") -> str:
+    """Digest of what ``path`` (with its backing chain) reads as.
+
+    Served read-only by qemu-nbd on a private unix socket and read with the
+    mover's own planner, so only allocated data is read and zero blocks are
+    hashed as the constant they are.
+    """
+    with tempfile.TemporaryDirectory(prefix="sendense-digest-") as tmp:
+        sock = str(Path(tmp) / "nbd.sock")
+        with QemuNbdServer(str(path), fmt=fmt, socket_path=sock, read_only=True) as server:
+            h = nbd.NBD()
+            try:
+                h.add_meta_context("base:allocation")
+                h.connect_uri(server.url)
+                size = h.get_size()
+                hashes = BlockHashList(Path(tmp) / "digest.b3", size)
+                result = Mover(h, None, size, hashes=hashes).run()
+            finally:
+                with contextlib.suppress(Exception):
+                    h.shutdown()
+    assert result.digest is not None
+    return result.digest
