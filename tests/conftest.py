@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,71 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterat
             red=True,
             bold=True,
         )
+
+
+# --------------------------------------------------------------------------
+# Real components: qsd VMs, hub + node processes, and leak checks
+# --------------------------------------------------------------------------
+
+from fixtures.cluster import Cluster  # noqa: E402
+from fixtures.processes import busy_ports, kill_all, processes_under  # noqa: E402
+
+from sendense.qemu.qsd import QsdVm  # noqa: E402
+
+
+@pytest.fixture
+def make_vm(tmp_path: Path) -> Iterator[Callable[..., QsdVm]]:
+    """Factory of qemu-storage-daemon VMs: ``make_vm("web1", [64 << 20, 32 << 20])``."""
+    vms: list[QsdVm] = []
+
+    def make(name: str = "vm1", sizes: list[int] | None = None, *, start: bool = True) -> QsdVm:
+        vm = QsdVm(tmp_path / "vms" / name, name)
+        for size in sizes or [64 << 20, 32 << 20]:
+            vm.add_disk(size)
+        if start:
+            vm.start()
+        vms.append(vm)
+        return vm
+
+    yield make
+    for vm in vms:
+        vm.stop()
+
+
+def _cluster_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return ""
+    server = request.getfixturevalue("pg_server")
+    return str(server.create_database(f"e2e_{uuid.uuid4().hex[:10]}"))
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A hub and a node (real processes) on loopback, catalog on SQLite.
+
+    Parametrize indirectly with ``"postgresql"`` to run the hub on PostgreSQL.
+    At teardown no qemu-nbd, qsd or worker process of the test may remain and
+    the test's NBD ports must be free.
+    """
+    c = Cluster(tmp_path, _cluster_db(request, tmp_path))
+    c.start_node()
+    c.start_hub()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    yield
+    # Runs after the test's own fixtures are torn down (autouse first in, last out).
+    deadline = time.monotonic() + 15
+    leaked = processes_under(tmp_path)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.1)
+        leaked = processes_under(tmp_path)
+    kill_all(leaked)
+    assert not leaked, f"processes left behind: {leaked}"
+    c = request.node.funcargs.get("cluster") if hasattr(request.node, "funcargs") else None
+    if isinstance(c, Cluster):
+        busy = busy_ports(c.nbd_first, c.nbd_last)
+        assert not busy, f"NBD ports still in use after the test: {busy}"
