@@ -48,4 +48,6 @@ class NodeSettings(BaseSettings):
     data_dir: Path = Path("var/node")
     in_flight: int = 8
     request_size: int = 4 << 20
+    # Bandwidth limit of each job's data mover in bytes/s (0: unlimited).
+    max_rate: int = 0
     log_level: str = "INFO"

@@ -216,6 +216,7 @@ class Mover:
         request_size: int = DEFAULT_REQUEST_SIZE,
         on_progress: Callable[[Progress], None] | None = None,
         cancel_event: threading.Event | None = None,
+        max_rate: float | None = None,
     ) -> None:
         self.src = src
         self.dst = dst
@@ -234,6 +235,9 @@ class Mover:
         self.cancel_event = cancel_event or threading.Event()
         self.progress = Progress()
         self.requests = 0
+        # Bandwidth limit in bytes/s of data read (None: as fast as possible).
+        self.max_rate = max_rate
+        self._issued = 0
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -289,9 +293,15 @@ class Mover:
         writes: deque[tuple[int, Extent, bytearray | None]] = deque()
         exhausted = False
         while True:
+            throttled = False
             while not exhausted and len(reads) + len(writes) < self.in_flight:
                 if self.cancel_event.is_set():
                     exhausted = True
+                    break
+                if self.max_rate and self._issued > self.max_rate * (
+                    time.monotonic() - self.progress.started
+                ):
+                    throttled = True
                     break
                 e = next(work, None)
                 if e is None:
@@ -311,10 +321,14 @@ class Mover:
                     buf = free.pop() if free else bytearray(self.request_size)
                     view = memoryview(buf)[: e.length] if e.length < len(buf) else buf
                     cookie = src.aio_pread(view, e.offset)
+                    self._issued += e.length
                     reads.append((cookie, e, buf))
             if not reads and not writes:
+                if throttled:
+                    time.sleep(0.01)
+                    continue
                 break
-            self._poll()
+            self._poll(10 if throttled else 1000)
             # Retire completed reads in order: hash, then hand the buffer to a write.
             while reads and src.aio_command_completed(reads[0][0]):
                 _, e, buf = reads.popleft()
@@ -350,7 +364,7 @@ class Mover:
             else:
                 yield from split(e, self.request_size)
 
-    def _poll(self) -> None:
+    def _poll(self, timeout_ms: int) -> None:
         """Wait until a handle can make progress (libnbd(3), "Integrating
         with a main loop")."""
         poller = select.poll()
@@ -368,7 +382,7 @@ class Mover:
                 fd = h.aio_get_fd()
                 poller.register(fd, events)
                 handles[fd] = h
-        for fd, revents in poller.poll(1000):
+        for fd, revents in poller.poll(timeout_ms):
             h = handles[fd]
             if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 h.aio_notify_read()

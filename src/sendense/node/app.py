@@ -82,6 +82,7 @@ def create_app(settings: NodeSettings) -> FastAPI:
         request = body.model_dump()
         request["in_flight"] = body.in_flight or settings.in_flight
         request["request_size"] = body.request_size or settings.request_size
+        request["max_rate"] = settings.max_rate
         runner.reap()
         return runner.start(request)
 

@@ -238,6 +238,7 @@ def _copy_disk(
             request_size=request_size,
             on_progress=on_progress,
             cancel_event=cancel,
+            max_rate=float(request.get("max_rate") or 0) or None,
         )
         result = mover.run()
     finally:
