@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.cluster import Cluster
+from fixtures.processes import busy_ports, kill_all, processes_under
 from pgserver import PgCluster, PgNotFound, PgServer
 from sendense.catalog.db import Database, sqlite_url
+from sendense.qemu.qsd import QsdVm
 
 # --------------------------------------------------------------------------
 # Databases: SQLite and PostgreSQL
@@ -91,11 +94,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterat
 # --------------------------------------------------------------------------
 # Real components: qsd VMs, hub + node processes, and leak checks
 # --------------------------------------------------------------------------
-
-from fixtures.cluster import Cluster  # noqa: E402
-from fixtures.processes import busy_ports, kill_all, processes_under  # noqa: E402
-
-from sendense.qemu.qsd import QsdVm  # noqa: E402
 
 
 @pytest.fixture
