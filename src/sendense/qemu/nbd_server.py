@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+import nbd
 
 from sendense.core.errors import QemuNbdError
 
@@ -141,23 +142,18 @@ class QemuNbdServer:
             delay = min(delay * 2, 0.05)
 
     def _accepts(self) -> bool:
-        if self.socket_path:
-            if not os.path.exists(self.socket_path):
-                return False
-            fam, addr = socket.AF_UNIX, self.socket_path
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            target: object = addr
-        else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            target = (self.host, self.port)
-        try:
-            s.settimeout(0.5)
-            s.connect(target)  # type: ignore[arg-type]
-            return True
-        except OSError:
+        """True once a full NBD handshake succeeds: qemu-nbd may listen before
+        it has opened the image, and then exit if opening fails."""
+        if self.socket_path and not os.path.exists(self.socket_path):
             return False
-        finally:
-            s.close()
+        h = nbd.NBD()
+        try:
+            h.set_opt_mode(True)
+            h.connect_uri(self.url)
+            h.opt_abort()
+            return True
+        except nbd.Error:
+            return False
 
     def stop(self, *, timeout: float = 10.0) -> None:
         proc = self.proc
