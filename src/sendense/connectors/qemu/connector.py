@@ -107,7 +107,8 @@ def _disk_info(index: int, node: dict[str, Any]) -> DiskInfo:
 
 
 def _bitmaps(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {b["name"]: b for b in node.get("dirty-bitmaps", []) or []}
+    # Anonymous bitmaps (a running backup job's own) have no name.
+    return {b["name"]: b for b in node.get("dirty-bitmaps", []) or [] if "name" in b}
 
 
 class QemuConnector:
