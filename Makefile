@@ -54,3 +54,8 @@ bench: setup
 
 clean:
 	rm -rf var build *.egg-info
+
+# API reference (docs/api.md, docs/openapi.json) from the hub's OpenAPI document.
+.PHONY: docs
+docs: venv
+	$(PY) scripts/gen_api_docs.py
