@@ -113,44 +113,64 @@ def human(n: int | float | None) -> str:
 
 @hub_app.command("serve")
 def hub_serve(
-    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listen port.")] = 8082,
-    data_dir: Annotated[Path, typer.Option(help="Catalog, tokens, repositories.")] = Path(
-        "var/hub"
-    ),
-    database_url: Annotated[str, typer.Option(help="SQLAlchemy URL (default SQLite).")] = "",
-    log_level: Annotated[str, typer.Option()] = "info",
+    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [8082].")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Catalog, tokens, repositories [var/hub].")
+    ] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [SQLite].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
-    """Run the hub (REST API, catalog, NBD targets)."""
+    """Run the hub (REST API, catalog, NBD targets). Flags override SENDENSE_* settings."""
     import uvicorn
 
     from sendense.hub.app import create_app
     from sendense.settings import HubSettings
 
-    overrides: dict[str, Any] = {"host": host, "port": port, "data_dir": data_dir}
-    if database_url:
-        overrides["database_url"] = database_url
-    settings = HubSettings(**overrides)
-    _logging(log_level)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+    given: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "log_level": log_level,
+    }
+    settings = HubSettings(**{k: v for k, v in given.items() if v is not None})
+    _logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 @node_app.command("serve")
 def node_serve(
-    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listen port.")] = 8081,
-    data_dir: Annotated[Path, typer.Option(help="Token, job logs.")] = Path("var/node"),
-    log_level: Annotated[str, typer.Option()] = "info",
+    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [8081].")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Token, job logs [var/node].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
-    """Run a node agent next to the hypervisor."""
+    """Run a node agent next to the hypervisor. Flags override SENDENSE_NODE_* settings."""
     import uvicorn
 
     from sendense.node.app import create_app
     from sendense.settings import NodeSettings
 
-    settings = NodeSettings(host=host, port=port, data_dir=data_dir)
-    _logging(log_level)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+    given: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "data_dir": data_dir,
+        "log_level": log_level,
+    }
+    settings = NodeSettings(**{k: v for k, v in given.items() if v is not None})
+    _logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 def _logging(level: str) -> None:

@@ -89,6 +89,7 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     # ------------------------------------------------------------- health
     @app.get("/api/v1/health", tags=["health"])
@@ -355,3 +356,40 @@ def _chain_view(s: Any, vm: Any, disk_id: int | None, repository_id: str | None)
             }
         )
     return {"vm_name": vm.name, "vm_context_id": vm.id, "disks": out}
+
+
+ERROR_BODY = {
+    "type": "object",
+    "required": ["error", "message", "details"],
+    "properties": {
+        "error": {"type": "string", "description": "machine-readable code"},
+        "message": {"type": "string", "description": "for a person; names the field"},
+        "details": {"type": "object"},
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """OpenAPI as the hub really answers: validation errors are 400 with the
+    error body (never 422)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = ERROR_BODY
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = {
+                    "description": "Invalid request",
+                    "content": {"application/json": {"schema": ref}},
+                }
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)
+    app.openapi_schema = schema
+    return schema

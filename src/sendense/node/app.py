@@ -29,7 +29,7 @@ class SourceSpec(BaseModel):
 
 
 class BackupStart(BaseModel):
-    job_id: str = Field(min_length=1, max_length=100)
+    job_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     vm_name: str = Field(min_length=1)
     source: SourceSpec
     vm_path: str = ""
