@@ -432,6 +432,15 @@ class BackupEngine:
             b.backup_type = "full"
             b.parent_id = None
             b.previous_change_id = None
+            # ... and name it as one (layout: <stamp>-full.qcow2), or the
+            # repository shows an "-incr" file with no backing file. The export
+            # is stopped and nothing refers to the file yet; its sidecar is
+            # written below, under the new name.
+            full_path = path.with_name(path.name.removesuffix("-incr.qcow2") + "-full.qcow2")
+            if full_path != path and not full_path.exists():
+                os.rename(path, full_path)
+                path = full_path
+                b.file_path = str(full_path)
         img.check(str(path))
         b.status = "completed"
         b.change_id = disk["change_id"]

@@ -241,6 +241,8 @@ def _copy_disk(
             max_rate=float(request.get("max_rate") or 0) or None,
         )
         result = mover.run()
+    except nbd.Error as e:
+        raise _copy_failure(key, src, dst, e) from e
     finally:
         for h in (src, dst):
             with contextlib.suppress(Exception):
@@ -265,6 +267,28 @@ def _copy_disk(
         result.seconds,
     )
     status.write()
+
+
+def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
+    """The job's error for a failed copy, naming the end that went away.
+
+    libnbd only says e.g. "read: command failed: ... (ENOTCONN)", which does
+    not tell a person whether to look at the VM or at the hub; the handle
+    whose connection died or was closed by its server does (libnbd(3),
+    nbd_aio_is_dead, nbd_aio_is_closed).
+    """
+    if src.aio_is_dead() or src.aio_is_closed():
+        return Error(
+            f"lost the connection to disk {key} of the VM during the copy "
+            f"(did the VM's QEMU process stop?): {e}",
+            code="source_lost",
+        )
+    if dst.aio_is_dead() or dst.aio_is_closed():
+        return Error(
+            f"lost the connection to the hub's NBD target of disk {key}: {e}",
+            code="target_lost",
+        )
+    return Error(f"copy of disk {key} failed: {e}", code="copy_failed")
 
 
 def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:

@@ -19,6 +19,9 @@ the point in time and is the next incremental's change id.
 Release: exports, backup jobs and fleece nodes always go. On success the
 previous bitmap is removed. On failure the new bitmap is merged back into the
 previous one, which is re-enabled, so the chain's change id stays valid.
+A previous bitmap that qemu loaded as inconsistent (the VM stopped uncleanly)
+cannot be used, merged or enabled: that disk is read in full, and the bitmap
+is removed once that backup succeeded.
 
 Leftovers of a node or worker that died (``sendense-*`` exports, jobs, nodes,
 disabled bitmaps) are cleaned up before the next freeze.
@@ -148,7 +151,13 @@ class QemuConnector:
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp = QmpClient(vm["qmp_socket"]).connect()
         self.qmp = qmp
-        st: dict[str, Any] = {"fleece": [], "exports": [], "jobs": [], "bitmaps": []}
+        st: dict[str, Any] = {
+            "fleece": [],
+            "exports": [],
+            "jobs": [],
+            "bitmaps": [],
+            "unusable": [],
+        }
         self._state = st
         self._cleanup_stale(qmp, previous_change_ids.values())
         nodes = list_disks(qmp, vm.get("disks"))
@@ -175,6 +184,9 @@ class QemuConnector:
                     )
                 elif bm.get("inconsistent"):
                     reason = f"change id {prev} on disk {key} is inconsistent (unclean shutdown)"
+                    # Unusable for good (qemu can only remove it): dropped once
+                    # this full read has replaced it (release on success).
+                    st["unusable"].append((disk.node_name, prev))
                 else:
                     bitmap = prev
             fleece_name = f"{PREFIX}fleece-{disk.index}"
@@ -304,6 +316,9 @@ class QemuConnector:
                     if prev:
                         attempt("bitmap", _restore_bitmap, qmp, node, prev, new)
                     attempt("bitmap", _remove_bitmap, qmp, node, new)
+            if success:
+                for node, name in st.get("unusable", []):
+                    attempt("bitmap", _remove_bitmap, qmp, node, name)
         if st.get("server_started"):
             attempt("nbd-server", qmp.execute, "nbd-server-stop")
         qmp.close()
@@ -331,12 +346,22 @@ class QemuConnector:
         for n in nodes:
             bms = _bitmaps(n)
             for name, bm in bms.items():
+                # An inconsistent bitmap (the VM stopped uncleanly while it was
+                # loaded) also shows recording=false, but qemu refuses to merge
+                # into it or enable it: leave it to freeze, which reports it and
+                # falls back to a full read. Trying here failed every backup.
                 if not name.startswith(PREFIX) or bm.get("recording", True):
+                    continue
+                if bm.get("inconsistent"):
                     continue
                 # A disabled Sendense bitmap: a worker died between freeze and
                 # release. Give it back every write since (the newer bitmaps),
                 # so the catalog's change id stays valid (over-copying is safe).
-                newer = [b for b, v in bms.items() if b != name and b.startswith(PREFIX)]
+                newer = [
+                    b
+                    for b, v in bms.items()
+                    if b != name and b.startswith(PREFIX) and not v.get("inconsistent")
+                ]
                 if newer:
                     qmp.execute(
                         "block-dirty-bitmap-merge", node=n["node-name"], target=name, bitmaps=newer
