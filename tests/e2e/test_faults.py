@@ -120,6 +120,12 @@ def procs(c: Cluster, name: str) -> list[tuple[int, str]]:
     return [p for p in processes_under(c.root) if name in p[1]]
 
 
+def job_worker_gone(c: Cluster, job_id: str) -> bool:
+    """The job's own worker process has exited (the node keeps a spare one)."""
+    pid = int((c.node_dir / "jobs" / job_id / "pid").read_text())
+    return not any(p == pid for p, _ in procs(c, "sendense.node.worker"))
+
+
 def assert_hub_side_clean(c: Cluster) -> None:
     """No target left: no qemu-nbd process of the test, its NBD ports free, no pidfile."""
     assert not procs(c, "qemu-nbd"), procs(c, "qemu-nbd")
@@ -402,7 +408,7 @@ def test_vm_killed_mid_copy(cluster: Cluster, make_vm) -> None:
     # The catalog and the repository are as they were before the job.
     assert completed_backups(cluster, "crash1") == before
     assert repo_files(cluster) == files_before
-    wait_for("the worker to exit", lambda: not procs(cluster, "sendense.node.worker"))
+    wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
 
     # Back after an unclean stop, the bitmap that was loaded from the image is
     # inconsistent (qemu marks it in use on disk while it runs).
@@ -451,7 +457,7 @@ def test_node_killed_mid_copy(cluster: Cluster, make_vm) -> None:
     # The job's worker outlives the agent (its own session) but not its
     # targets: it fails, releases the VM and exits by itself, and the last
     # restore point's change id is again the VM's only bitmap.
-    wait_for("the worker to exit", lambda: not procs(cluster, "sendense.node.worker"))
+    wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
     state = assert_vm_released(vm)
     assert list(state["bitmaps"]["disk0"]) == [full_b["change_id"]], state
 
@@ -493,7 +499,7 @@ def test_hub_killed_mid_copy_and_restarted(cluster: Cluster, make_vm) -> None:
     # The restarted hub stopped the job on the node too (cancelled, or failed
     # if its targets went first); the VM is released with the last restore
     # point's change id intact.
-    wait_for("the worker to exit", lambda: not procs(cluster, "sendense.node.worker"))
+    wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
     st = node_status(cluster, started["job_id"])
     assert st["status"] in ("cancelled", "failed"), st
     state = assert_vm_released(vm)

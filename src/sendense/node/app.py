@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, Request
 from pydantic import BaseModel, Field, field_validator
 
 from sendense import __version__
@@ -64,7 +66,14 @@ def create_app(settings: NodeSettings) -> FastAPI:
             raise Unauthorized("missing or invalid bearer token (see node.token)")
 
     Auth = Depends(require_token)
-    app = FastAPI(title="Sendense node", version=__version__)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.refill()
+        yield
+        runner.close()
+
+    app = FastAPI(title="Sendense node", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.state.runner = runner
 
@@ -78,13 +87,15 @@ def create_app(settings: NodeSettings) -> FastAPI:
         }
 
     @app.post("/api/v1/backup/start", dependencies=[Auth])
-    def start_backup(body: BackupStart) -> dict[str, Any]:
+    def start_backup(body: BackupStart, background: BackgroundTasks) -> dict[str, Any]:
         request = body.model_dump()
         request["in_flight"] = body.in_flight or settings.in_flight
         request["request_size"] = body.request_size or settings.request_size
         request["max_rate"] = settings.max_rate
         runner.reap()
-        return runner.start(request)
+        answer = runner.start(request)
+        background.add_task(runner.refill)
+        return answer
 
     @app.get("/api/v1/status/{job_id}", dependencies=[Auth])
     def status(job_id: str) -> dict[str, Any]:

@@ -9,11 +9,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sendense.core.errors import Conflict, NotFound
+from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -26,39 +27,78 @@ class JobRunner:
         self.jobs_dir = data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.vms: dict[str, str] = {}
+        self._spare: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
 
     def job_dir(self, job_id: str) -> Path:
         if not JOB_ID.match(job_id):
             raise NotFound(f"job {job_id} not found")
         return self.jobs_dir / job_id
 
+    def _spawn_worker(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sendense.node.worker", "--serve", str(self.data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: a job finishes its cleanup even if the agent dies.
+            start_new_session=True,
+        )
+
+    def _take_spare(self) -> subprocess.Popen[bytes]:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None:
+            return spare
+        return self._spawn_worker()
+
+    def refill(self) -> None:
+        """Start the next spare worker (imports done before a job needs it)."""
+        with self._lock:
+            if self._spare is None or self._spare.poll() is not None:
+                self._spare = self._spawn_worker()
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None:
+            assert spare.stdin is not None
+            spare.stdin.close()  # end of input: the spare exits
+            spare.wait(timeout=10)
+
     def start(self, request: dict[str, Any]) -> dict[str, Any]:
         job_id = request["job_id"]
         if not JOB_ID.match(job_id):
-            raise Conflict("job_id may only hold letters, digits, '.', '_' and '-'")
+            raise InvalidRequest("job_id may only hold letters, digits, '.', '_' and '-'")
+        vm_name = request["vm_name"]
+        for other, proc in self.procs.items():
+            if proc.poll() is None and self.vms.get(other) == vm_name:
+                raise Conflict(
+                    f"job {other} of VM {vm_name} is still running (or releasing the VM) "
+                    "on this node",
+                    job_id=other,
+                )
         job_dir = self.jobs_dir / job_id
         if job_dir.exists():
             raise Conflict(f"job {job_id} already exists on this node", job_id=job_id)
         job_dir.mkdir(parents=True)
         started = datetime.now(UTC).isoformat()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sendense.node.worker", str(job_dir), str(self.data_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=open(job_dir / "worker.stderr", "wb"),  # noqa: SIM115
-            # Its own session: the job finishes its cleanup even if the agent dies.
-            start_new_session=True,
-        )
+        proc = self._take_spare()
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(request).encode())
-        proc.stdin.close()
+        try:
+            proc.stdin.write(json.dumps({"job_dir": str(job_dir), "request": request}).encode())
+            proc.stdin.close()
+        except OSError as e:
+            raise Error(f"could not hand the job to a worker process: {e}") from e
         self.procs[job_id] = proc
+        self.vms[job_id] = vm_name
         (job_dir / "pid").write_text(str(proc.pid))
         log.info("job=%s started pid=%d", job_id, proc.pid)
         return {
             "job_id": job_id,
             "status": "started",
-            "message": f"backup of {request['vm_name']} started",
+            "message": f"backup of {vm_name} started",
             "started_at": started,
             "pid": proc.pid,
         }
@@ -121,3 +161,4 @@ class JobRunner:
         for job_id, proc in list(self.procs.items()):
             if proc.poll() is not None:
                 del self.procs[job_id]
+                self.vms.pop(job_id, None)

@@ -105,6 +105,8 @@ def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threadin
     request_size = int(request.get("request_size", 4 << 20))
     connector = make_connector(request["source"], workdir=str(job_dir / "work"))
     success = False
+    final: str = "failed"
+    error: dict[str, Any] | None = None
     try:
         status.data["step"] = "freezing"
         status.write()
@@ -143,15 +145,16 @@ def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threadin
             )
         success = True
     except Cancelled as e:
-        status.data["status"] = "cancelled"
-        status.data["error"] = {"code": "cancelled", "message": str(e)}
+        final, error = "cancelled", {"code": "cancelled", "message": str(e)}
     except Exception as e:
         code = e.code if isinstance(e, Error) else "node_error"
         message = e.message if isinstance(e, Error) else f"{type(e).__name__}: {e}"
         log.exception("job=%s failed", job_id)
-        status.data["status"] = "failed"
-        status.data["error"] = {"code": code, "message": message}
+        final, error = "failed", {"code": code, "message": message}
     finally:
+        # The job stays "running" until the VM is released: the hub stops the
+        # targets as soon as it sees an end state, and the next job of this VM
+        # must find it clean.
         status.data["step"] = "releasing"
         status.write()
         try:
@@ -160,11 +163,16 @@ def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threadin
             log.exception("job=%s release failed", job_id)
             if success:
                 success = False
-                status.data["status"] = "failed"
-                status.data["error"] = {"code": "release_failed", "message": str(e)}
+                final, error = "failed", {"code": "release_failed", "message": str(e)}
     if success:
-        status.data["status"] = "completed"
+        final, error = "completed", None
         _prune_hash_lists(data_dir, request["vm_name"], status)
+    else:
+        for disk in status.data["disks"].values():
+            if disk["status"] != "completed":
+                disk["status"] = final
+    status.data["status"] = final
+    status.data["error"] = error
     status.data["step"] = status.data["status"]
     status.data["finished_at"] = datetime.now(UTC).isoformat()
     status.write()
@@ -300,17 +308,36 @@ def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
 
 
 def main() -> int:
-    job_dir = Path(sys.argv[1])
+    """``worker --serve DATA_DIR``: wait on stdin for ``{"job_dir", "request"}``.
+
+    The node keeps one such worker started ahead of time, with its imports
+    done, so a job does not pay for interpreter start-up (about 0.1-0.3 s).
+    End of input without a job (the node went away) ends it quietly.
+    """
+    if len(sys.argv) != 3 or sys.argv[1] != "--serve":
+        print("usage: python -m sendense.node.worker --serve DATA_DIR", file=sys.stderr)
+        return 2
     data_dir = Path(sys.argv[2])
-    request = json.load(sys.stdin)
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    raw = sys.stdin.read()
+    if not raw.strip():
+        return 0
+    message = json.loads(raw)
+    job_dir = Path(message["job_dir"])
+    request = message["request"]
+    # From here on, stray output goes to the job's own files.
+    fd = os.open(job_dir / "worker.stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
     logging.basicConfig(
         filename=job_dir / "job.log",
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    cancel = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    if cancel.is_set():
+        log.info("job=%s cancelled before it started", request.get("job_id"))
     t0 = time.monotonic()
     rc = run(job_dir, request, data_dir, cancel)
     log.info("job=%s worker_seconds=%.3f", request.get("job_id"), time.monotonic() - t0)
