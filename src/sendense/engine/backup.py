@@ -104,6 +104,8 @@ class BackupEngine:
         self._threads: dict[str, threading.Thread] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
+        # One finish at a time: the monitor, a cancel and recovery may race.
+        self._finish_lock = threading.Lock()
 
     # ------------------------------------------------------------------ start
 
@@ -174,6 +176,8 @@ class BackupEngine:
             self._launch(job_id)
         except Exception as e:
             self._fail(job_id, e)
+            if isinstance(e, Error):
+                e.details["job_id"] = job_id  # the failed job is on record
             raise
         return job_id
 
@@ -378,7 +382,7 @@ class BackupEngine:
     ) -> None:
         """End a job: stop its exports, release ports, then either record the
         restore points or remove their files."""
-        with self.db.session() as s:
+        with self._finish_lock, self.db.session() as s:
             job = JobStore(s).get(job_id)
             assert job is not None
             if job.status in TERMINAL:
@@ -454,9 +458,11 @@ class BackupEngine:
                 "backup_id": b.id,
                 "job_id": job.id,
                 "vm_name": job.vm.name,
-                "vm_id": job.vm_id,
-                "disk_index": b.disk_index,
+                "vm_context_id": job.vm_id,
+                "repository_id": b.repository_id,
+                "disk_id": b.disk_index,
                 "disk_key": b.disk_key,
+                "capacity_bytes": b.total_bytes,
                 "backup_type": b.backup_type,
                 "parent_backup_id": b.parent_id,
                 "backing_file": os.path.basename(

@@ -30,6 +30,8 @@ class HubState:
     def open(cls, settings: HubSettings) -> HubState:
         data_dir = settings.data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        # Tokens, the secret key and the catalog live here: owner only.
+        data_dir.chmod(0o700)
         settings.data_dir = data_dir
         token = ensure_token(data_dir / "admin.token")
         db = Database(settings.catalog_url)

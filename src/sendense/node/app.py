@@ -57,6 +57,8 @@ class Discover(BaseModel):
 
 def create_app(settings: NodeSettings) -> FastAPI:
     data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # the token, job logs and block hash lists: owner only
     token = ensure_token(data_dir / "node.token")
     runner = JobRunner(data_dir)
     started = time.time()
