@@ -158,3 +158,29 @@ def test_node_job_with_unreachable_vm_fails_with_reason(cluster: Cluster) -> Non
     assert "cannot connect to QMP socket /x" in st["error"]["message"]
     log = (cluster.node_dir / "jobs" / "j-unreach" / "job.log").read_text()
     assert "j-unreach" in log
+
+
+def test_ports_come_back_when_a_job_cannot_get_enough(tmp_path, make_vm) -> None:
+    """One NBD port for a two-disk VM: the job fails cleanly and returns the port."""
+    c = Cluster(tmp_path / "c")
+    c.nbd_last = c.nbd_first  # a range of one port
+    c.start_node()
+    c.start_hub()
+    try:
+        vm = make_vm("two", [4 << 20, 4 << 20])
+        c.register(vm)
+        r = c.http(
+            "POST",
+            "/api/v1/backups",
+            json={"vm_name": "two", "repository_id": "default", "backup_type": "full"},
+        )
+        assert r.status_code == 503
+        body = r.json()
+        assert body["error"] == "ports_exhausted"
+        job = c.client.get(f"/api/v1/jobs/{body['details']['job_id']}")
+        assert job["status"] == "failed" and job["error"]["code"] == "ports_exhausted"
+        assert not list((c.hub_dir / "repositories" / "default").rglob("*.qcow2"))
+        # The one port is free again: a one-disk backup uses it.
+        c.backup("two", "full", disk_id=0)
+    finally:
+        c.stop()

@@ -101,6 +101,7 @@ class BackupEngine:
         # and the insert happen under this lock.
         self._plan_lock = threading.Lock()
         self._servers: dict[str, QemuNbdServer] = {}
+        self._ports: dict[str, int] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
@@ -247,6 +248,9 @@ class BackupEngine:
                 else:
                     img.create(str(path), b.total_bytes, cluster_size=self.settings.cluster_size)
                 port = self.ports.allocate()
+                # Held in memory too: if this transaction rolls back, the
+                # cleanup still knows which port to give back.
+                self._ports[b.id] = port
                 export = f"sendense-{b.id}"
                 server = QemuNbdServer(
                     str(path),
@@ -491,7 +495,7 @@ class BackupEngine:
         elif b.nbd_pid:
             stop_pid(b.nbd_pid)
         Path(self.run_dir / f"nbd-{b.id}.pid").unlink(missing_ok=True)
-        self.ports.release(b.nbd_port)
+        self.ports.release(self._ports.pop(b.id, None) or b.nbd_port)
 
     def _fail(self, job_id: str, e: Exception) -> None:
         code = e.code if isinstance(e, Error) else "internal_error"
