@@ -46,7 +46,7 @@ from sendense.core.errors import (
     NoParent,
     NotFound,
 )
-from sendense.engine.node_client import NodeClient, NodeUnreachable
+from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd.ports import PortAllocator
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
@@ -74,7 +74,7 @@ class JobFailed(Error):
 
 
 def node_client(node: Node, secrets: SecretBox) -> NodeClient:
-    return NodeClient(node.url, secrets.decrypt(node.token_encrypted))
+    return cached_client(node.id, node.url, secrets.decrypt(node.token_encrypted))
 
 
 def source_spec(source: Source, secrets: SecretBox) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def register_node(
             client.check_token()
         except Error as e:
             raise InvalidRequest(f"cannot register node {name}: {e.message}", code=e.code) from e
+        finally:
+            client.close()
     node = Node(name=name, url=url.rstrip("/"), token_encrypted=secrets.encrypt(token))
     node.last_seen_at = datetime.now(UTC) if verify else None
     s.add(node)

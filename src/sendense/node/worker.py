@@ -52,6 +52,19 @@ def parse_targets(spec: str) -> dict[int, str]:
     return out
 
 
+def peak_rss() -> int:
+    """This process's own peak RSS (VmHWM). ``ru_maxrss`` would also count the
+    parent's memory at fork, which Linux carries across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class StatusFile:
     def __init__(self, job_dir: Path, job_id: str) -> None:
         self.path = job_dir / "status.json"
