@@ -107,6 +107,8 @@ class BackupEngine:
         self._stopping = threading.Event()
         # One finish at a time: the monitor, a cancel and recovery may race.
         self._finish_lock = threading.Lock()
+        # Set when a job ends, for callers that wait on it (long-poll, events).
+        self._ended: dict[str, threading.Event] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -173,6 +175,7 @@ class BackupEngine:
                     )
                 )
             job_id = job.id
+        self._ended[job_id] = threading.Event()
         try:
             self._launch(job_id)
         except Exception as e:
@@ -427,6 +430,9 @@ class BackupEngine:
             log.info("job=%s status=%s error=%s", job_id, status, message)
         self._cancel.pop(job_id, None)
         self._threads.pop(job_id, None)
+        ended = self._ended.pop(job_id, None)
+        if ended is not None:
+            ended.set()
 
     def _record(self, s: Any, job: BackupJob, b: Backup, disk: dict[str, Any]) -> None:
         path = Path(b.file_path)
@@ -519,10 +525,15 @@ class BackupEngine:
             return
         ev.set()
 
-    def wait(self, job_id: str, timeout: float | None = None) -> None:
-        t = self._threads.get(job_id)
-        if t is not None:
-            t.join(timeout)
+    def wait_ended(self, job_id: str, timeout: float) -> None:
+        """Return when the job has ended, or after ``timeout`` seconds.
+
+        Returns at once for a job this process is not running (it has ended,
+        or another hub owns it): the caller reads the catalog either way.
+        """
+        ended = self._ended.get(job_id)
+        if ended is not None:
+            ended.wait(timeout)
 
     # ---------------------------------------------------------------- recover
 

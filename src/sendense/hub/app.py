@@ -267,7 +267,20 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
             return {"jobs": [job_view(j) for j in rows], "total": total}
 
     @app.get("/api/v1/jobs/{job_id}", tags=["jobs"])
-    def get_job(job_id: str, st: HubDep, user: User) -> dict[str, Any]:
+    def get_job(
+        job_id: str,
+        st: HubDep,
+        user: User,
+        wait: float = Query(
+            default=0,
+            ge=0,
+            le=60,
+            description="Long-poll: answer as soon as the job ends, or after this many seconds.",
+        ),
+    ) -> dict[str, Any]:
+        """A job: status, step, per-disk bytes done/total, percent, rate, ETA, error."""
+        if wait > 0:
+            st.engine.wait_ended(job_id, wait)
         with st.db.session() as s:
             job = JobStore(s).get(job_id)
             if job is None:
@@ -306,7 +319,8 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
                 if view["status"] in ("completed", "failed", "cancelled"):
                     yield f"event: end\ndata: {text}\n\n"
                     return
-                await asyncio.sleep(0.25)
+                # Wakes at once when the job ends, else every 0.25 s.
+                await asyncio.to_thread(st.engine.wait_ended, job_id, 0.25)
                 view = await asyncio.to_thread(snapshot)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
