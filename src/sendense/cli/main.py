@@ -366,7 +366,12 @@ def watch_job(c: HubClient, job_id: str, *, quiet: bool = False) -> dict[str, An
                 if key not in tasks:
                     tasks[key] = bar.add_task(f"disk {key} ({d['backup_type']})", total=None)
                 total = d["bytes_total"] or None
-                bar.update(tasks[key], completed=d["bytes_done"], total=total)
+                if d["status"] == "completed":
+                    # A disk with nothing to move is still done: a full bar.
+                    total = total or 1
+                    bar.update(tasks[key], completed=total, total=total)
+                else:
+                    bar.update(tasks[key], completed=d["bytes_done"], total=total)
     if show:
         colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(
             final.get("status", ""), "white"

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import nbd
@@ -290,8 +291,30 @@ class Mover:
         work = self._requests()
         free: list[bytearray] = []
         reads: deque[tuple[int, Extent, bytearray]] = deque()
-        writes: deque[tuple[int, Extent, bytearray | None]] = deque()
+        writes: deque[tuple[int, Extent, bytearray | None, Future[bytes] | None]] = deque()
+        # Hashing runs beside the loop, overlapping the write it belongs to
+        # (BLAKE3 releases the GIL; the loop waits in poll with it released).
+        hasher = ThreadPoolExecutor(1, "mover-hash") if self.hashes is not None else None
         exhausted = False
+        try:
+            self._loop(src, dst, work, free, reads, writes, hasher, exhausted)
+        finally:
+            if hasher is not None:
+                hasher.shutdown(wait=True)
+        if self.cancel_event.is_set():
+            raise Cancelled("copy cancelled")
+
+    def _loop(
+        self,
+        src: nbd.NBD,
+        dst: nbd.NBD | None,
+        work: Iterator[Extent],
+        free: list[bytearray],
+        reads: deque[tuple[int, Extent, bytearray]],
+        writes: deque[tuple[int, Extent, bytearray | None, Future[bytes] | None]],
+        hasher: ThreadPoolExecutor | None,
+        exhausted: bool,
+    ) -> None:
         while True:
             throttled = False
             while not exhausted and len(reads) + len(writes) < self.in_flight:
@@ -316,7 +339,7 @@ class Mover:
                         self._done(e)
                         continue
                     cookie = dst.aio_zero(e.length, e.offset)
-                    writes.append((cookie, e, None))
+                    writes.append((cookie, e, None, None))
                 else:
                     buf = free.pop() if free else bytearray(self.request_size)
                     view = memoryview(buf)[: e.length] if e.length < len(buf) else buf
@@ -329,26 +352,30 @@ class Mover:
                     continue
                 break
             self._poll(10 if throttled else 1000)
-            # Retire completed reads in order: hash, then hand the buffer to a write.
+            # Retire completed reads in order: the write goes out first, the
+            # hash of the same (read-only) buffer is computed meanwhile.
             while reads and src.aio_command_completed(reads[0][0]):
                 _, e, buf = reads.popleft()
                 view = memoryview(buf)[: e.length] if e.length < len(buf) else buf
-                if self.hashes is not None:
-                    self.hashes.set_run(e.offset // dg.BLOCK_SIZE, dg.hash_blocks(view, e.length))
                 if dst is None:
+                    if self.hashes is not None:
+                        self.hashes.set_run(
+                            e.offset // dg.BLOCK_SIZE, dg.hash_blocks(view, e.length)
+                        )
                     free.append(buf)
                     self._done(e)
                     continue
                 cookie = dst.aio_pwrite(view, e.offset)
-                writes.append((cookie, e, buf))
+                fut = hasher.submit(dg.hash_blocks, view, e.length) if hasher else None
+                writes.append((cookie, e, buf, fut))
             while writes and dst is not None and dst.aio_command_completed(writes[0][0]):
-                _, e, wbuf = writes.popleft()
+                _, e, wbuf, fut = writes.popleft()
+                if fut is not None and self.hashes is not None:
+                    self.hashes.set_run(e.offset // dg.BLOCK_SIZE, fut.result())
                 if wbuf is not None:
                     free.append(wbuf)
                 self._done(e)
             self._report()
-        if self.cancel_event.is_set():
-            raise Cancelled("copy cancelled")
 
     def _done(self, e: Extent) -> None:
         if e.zero:
