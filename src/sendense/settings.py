@@ -50,4 +50,6 @@ class NodeSettings(BaseSettings):
     request_size: int = 4 << 20
     # Bandwidth limit of each job's data mover in bytes/s (0: unlimited).
     max_rate: int = 0
+    # Digest algorithm of restore points (mover/digest.py): x3-64k or b3-64k.
+    digest: str = "x3-64k"
     log_level: str = "INFO"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.cluster import Cluster
+from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 
@@ -42,9 +43,9 @@ def test_full_then_incremental_restores_exactly(cluster: Cluster, make_vm) -> No
     for i, b in fulls.items():
         assert b["status"] == "completed"
         assert b["parent_backup_id"] is None
-        assert b["change_id"] and b["digest"].startswith("b3-64k:")
+        assert b["change_id"] and b["digest"].startswith("x3-64k:")
         assert img.compare(b["file_path"], str(vm.disks[i]))
-        assert digest_of_image(b["file_path"]) == b["digest"]
+        assert digest_of_image(b["file_path"], algorithm=algorithm_of(b["digest"])) == b["digest"]
         assert Path(b["file_path"]).with_suffix(".json").exists()
 
     g.pwrite(os.urandom(65536), 0)
@@ -62,7 +63,7 @@ def test_full_then_incremental_restores_exactly(cluster: Cluster, make_vm) -> No
         assert info["backing-filename"] == os.path.basename(fulls[i]["file_path"])
         assert info["backing-filename-format"] == "qcow2"
         assert img.compare(b["file_path"], str(vm.disks[i]))
-        assert digest_of_image(b["file_path"]) == b["digest"]
+        assert digest_of_image(b["file_path"], algorithm=algorithm_of(b["digest"])) == b["digest"]
     assert incs[1]["bytes_transferred"] == 0  # nothing written to disk 1
 
     chain = cluster.client.get("/api/v1/backups/web1/chain")

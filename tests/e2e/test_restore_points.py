@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.cluster import Cluster
+from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
@@ -73,8 +74,11 @@ def test_every_restore_point_reads_as_its_snapshot(
         for backup_id in job["backups"]:
             b = cluster.client.get(f"/api/v1/backups/{backup_id}")
             assert img.compare(b["file_path"], str(snaps[b["disk_id"]])), b
-            assert digest_of_image(b["file_path"]) == b["digest"], b
-            assert digest_of_image(str(snaps[b["disk_id"]]), fmt="raw") == b["digest"]
+            alg = algorithm_of(b["digest"])
+            assert digest_of_image(b["file_path"], algorithm=alg) == b["digest"], b
+            assert (
+                digest_of_image(str(snaps[b["disk_id"]]), fmt="raw", algorithm=alg) == b["digest"]
+            )
     chain = cluster.client.get("/api/v1/backups/prop/chain")
     assert [d["chain_length"] for d in chain["disks"]] == [4, 4]
 

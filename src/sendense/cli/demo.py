@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 
 from sendense.cli.client import HubClient
+from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
@@ -168,7 +169,7 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
             bk = c.get(f"/api/v1/backups/{b['backup_id']}")
             disk = vm.disks[bk["disk_id"]]
             same = img.compare(bk["file_path"], str(disk))
-            digest = digest_of_image(bk["file_path"])
+            digest = digest_of_image(bk["file_path"], algorithm=algorithm_of(bk["digest"]))
             good = same and digest == bk["digest"]
             ok &= good
             console.print(
@@ -178,10 +179,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
                 f"({bk['digest'][:23]}...)"
             )
         first = c.get(f"/api/v1/backups/{full['backups'][0]['backup_id']}")
-        console.print(
-            f"full restore point still reads as recorded: "
-            f"{digest_of_image(first['file_path']) == first['digest']}"
-        )
+        again = digest_of_image(first["file_path"], algorithm=algorithm_of(first["digest"]))
+        console.print(f"full restore point still reads as recorded: {again == first['digest']}")
         step("done" if ok else "FAILED")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")

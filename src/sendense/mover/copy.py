@@ -293,7 +293,7 @@ class Mover:
         reads: deque[tuple[int, Extent, bytearray]] = deque()
         writes: deque[tuple[int, Extent, bytearray | None, Future[bytes] | None]] = deque()
         # Hashing runs beside the loop, overlapping the write it belongs to
-        # (BLAKE3 releases the GIL; the loop waits in poll with it released).
+        # (the hash functions release the GIL; the loop waits in poll without it).
         hasher = ThreadPoolExecutor(1, "mover-hash") if self.hashes is not None else None
         exhausted = False
         try:
@@ -360,13 +360,15 @@ class Mover:
                 if dst is None:
                     if self.hashes is not None:
                         self.hashes.set_run(
-                            e.offset // dg.BLOCK_SIZE, dg.hash_blocks(view, e.length)
+                            e.offset // dg.BLOCK_SIZE, self.hashes.hash_blocks(view, e.length)
                         )
                     free.append(buf)
                     self._done(e)
                     continue
                 cookie = dst.aio_pwrite(view, e.offset)
-                fut = hasher.submit(dg.hash_blocks, view, e.length) if hasher else None
+                fut = None
+                if hasher is not None and self.hashes is not None:
+                    fut = hasher.submit(self.hashes.hash_blocks, view, e.length)
                 writes.append((cookie, e, buf, fut))
             while writes and dst is not None and dst.aio_command_completed(writes[0][0]):
                 _, e, wbuf, fut = writes.popleft()

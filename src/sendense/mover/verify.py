@@ -9,12 +9,16 @@ from pathlib import Path
 import nbd
 
 from sendense.mover.copy import Mover
-from sendense.mover.digest import BlockHashList
+from sendense.mover.digest import DEFAULT_ALGORITHM, BlockHashList
 from sendense.qemu.nbd_server import QemuNbdServer
 
 
-def digest_of_image(path: str | Path, *, fmt: str = "qcow2") -> str:
+def digest_of_image(
+    path: str | Path, *, fmt: str = "qcow2", algorithm: str = DEFAULT_ALGORITHM
+) -> str:
     """Digest of what ``path`` (with its backing chain) reads as.
+
+    Pass ``algorithm=algorithm_of(recorded)`` to check a recorded digest.
 
     Served read-only by qemu-nbd on a private unix socket and read with the
     mover's own planner, so only allocated data is read and zero blocks are
@@ -28,7 +32,7 @@ def digest_of_image(path: str | Path, *, fmt: str = "qcow2") -> str:
                 h.add_meta_context("base:allocation")
                 h.connect_uri(server.url)
                 size = h.get_size()
-                hashes = BlockHashList(Path(tmp) / "digest.b3", size)
+                hashes = BlockHashList(Path(tmp) / "digest.list", size, algorithm=algorithm)
                 result = Mover(h, None, size, hashes=hashes).run()
             finally:
                 with contextlib.suppress(Exception):

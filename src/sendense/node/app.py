@@ -18,6 +18,7 @@ from sendense.auth import bearer, ensure_token, token_matches
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import InvalidRequest, Unauthorized
 from sendense.hub.errors import install_error_handlers
+from sendense.mover.digest import ALGORITHMS
 from sendense.node.runner import JobRunner
 from sendense.node.worker import parse_targets
 from sendense.settings import NodeSettings
@@ -56,6 +57,10 @@ class Discover(BaseModel):
 
 
 def create_app(settings: NodeSettings) -> FastAPI:
+    if settings.digest not in ALGORITHMS:
+        raise InvalidRequest(
+            f"SENDENSE_NODE_DIGEST={settings.digest!r}: known algorithms {', '.join(ALGORITHMS)}"
+        )
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # the token, job logs and block hash lists: owner only
@@ -94,6 +99,7 @@ def create_app(settings: NodeSettings) -> FastAPI:
         request["in_flight"] = body.in_flight or settings.in_flight
         request["request_size"] = body.request_size or settings.request_size
         request["max_rate"] = settings.max_rate
+        request["digest"] = settings.digest
         runner.reap()
         answer = runner.start(request)
         background.add_task(runner.refill)

@@ -207,6 +207,7 @@ def _copy_disk(
 ) -> None:
     key = view.disk.key
     size = view.disk.capacity_bytes
+    algorithm = request.get("digest") or dg.DEFAULT_ALGORITHM
     entry = status.data["disks"][str(key)]
     entry["status"] = "running"
     status.data["step"] = f"copying disk {key}"
@@ -224,10 +225,12 @@ def _copy_disk(
                 code="target_size_mismatch",
             )
         if view.dirty_context:
-            prev_list = hdir / f"{previous[key]}.b3"
+            prev_list = hdir / f"{previous[key]}.{algorithm}"
             if prev_list.exists():
                 base = prev_list
-        hashes = dg.BlockHashList(hdir / f"{view.new_change_id}.b3", size, base=base)
+        hashes = dg.BlockHashList(
+            hdir / f"{view.new_change_id}.{algorithm}", size, base=base, algorithm=algorithm
+        )
         if view.dirty_context and base is None:
             # No block hash list of the previous restore point on this node:
             # the digest needs every block, so read the unchanged ones too.
@@ -315,7 +318,7 @@ def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
 def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
     for key in status.data["disks"]:
         hdir = _hash_list_dir(data_dir, vm_name, int(key))
-        lists = sorted(hdir.glob("*.b3"), key=lambda p: p.stat().st_mtime, reverse=True)
+        lists = sorted(hdir.glob("sendense-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in lists[KEEP_HASH_LISTS:]:
             old.unlink(missing_ok=True)
 
