@@ -13,64 +13,20 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 
 from sendense.cli.client import HubClient
+from sendense.cli.services import free_port, start_service, stop_service, wait_healthy
 from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
 
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited early; see {log}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not answer at {url}; see {log}")
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sendense.cli.main", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def guest_writes(vm: QsdVm, rng: random.Random, count: int) -> int:
@@ -108,17 +64,17 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         step("1. hub and node")
         hub_dir.mkdir()
         node_dir.mkdir()
-        hub = start(
+        hub = start_service(
             ["hub", "serve", "--port", str(hub_port), "--data-dir", str(hub_dir)],
             workdir / "hub.log",
         )
-        node = start(
+        node = start_service(
             ["node", "serve", "--port", str(node_port), "--data-dir", str(node_dir)],
             workdir / "node.log",
         )
         (workdir / "pids").write_text(f"{hub.pid} {node.pid}")
-        wait_http(f"{hub_url}/api/v1/health", hub, "hub", workdir / "hub.log")
-        wait_http(f"{node_url}/api/v1/health", node, "node", workdir / "node.log")
+        wait_healthy(f"{hub_url}/api/v1/health", hub, workdir / "hub.log")
+        wait_healthy(f"{node_url}/api/v1/health", node, workdir / "node.log")
         console.print(f"hub  {hub_url}  (token in {hub_dir / 'admin.token'})")
         console.print(f"node {node_url}  (token in {node_dir / 'node.token'})")
 
@@ -194,8 +150,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         return 0 if ok else 1
     finally:
         vm.stop()
-        stop(node)
-        stop(hub)
+        stop_service(node)
+        stop_service(hub)
         (workdir / "pids").unlink(missing_ok=True)
 
 
