@@ -610,3 +610,19 @@ def test_lost_change_id_falls_back_to_a_full_read(cluster: Cluster, make_vm) -> 
         assert b["parent_backup_id"] in job["backups"]
     assert inc["messages"] == []
     assert_vm_released(vm)
+
+
+@cluster_env(hub={"SENDENSE_JOB_TIMEOUT": "2"}, node=SLOWER_NODE)
+def test_job_past_its_timeout_fails_and_is_cleaned_up(cluster: Cluster, make_vm) -> None:
+    vm = make_vm("slow1", [64 * MiB])
+    write_random(vm, 0, 0, 24 * MiB)  # 8 s at the node's rate: past the 2 s timeout
+    cluster.register(vm)
+    started = cluster.start_backup("slow1", "full")
+    job = cluster.wait_job(started["job_id"], timeout=60)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "timeout", job
+    assert "timeout of 2s" in job["error"]["message"]
+    assert_job_cleaned_up(cluster, job, "failed")
+    assert not repo_files(cluster)
+    assert_vm_released(vm)
+    wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))

@@ -372,9 +372,15 @@ class BackupEngine:
             timeout_at = job.timeout_at
             if timeout_at and datetime.now(UTC) > timeout_at:
                 job.error_code = "timeout"
-                job.error_message = "job ran past its timeout"
+                job.error_message = self._timeout_message()
                 return True
         return False
+
+    def _timeout_message(self) -> str:
+        return (
+            f"job ran past its timeout of {self.settings.job_timeout:g}s "
+            "(SENDENSE_JOB_TIMEOUT); it was stopped and its partial files removed"
+        )
 
     # ----------------------------------------------------------------- finish
 
@@ -395,7 +401,7 @@ class BackupEngine:
             if job.status in TERMINAL:
                 return
             if job.error_code == "timeout" and status == "cancelled":
-                status, code, message = "failed", "timeout", "job ran past its timeout"
+                status, code, message = "failed", "timeout", self._timeout_message()
             backups = list(job.backups)
             for b in backups:
                 self._stop_target(b)
