@@ -184,3 +184,32 @@ def test_ports_come_back_when_a_job_cannot_get_enough(tmp_path, make_vm) -> None
         c.backup("two", "full", disk_id=0)
     finally:
         c.stop()
+
+
+def test_credentials_never_reach_logs_or_files(cluster: Cluster, make_vm) -> None:
+    """A source's password travels hub -> node for every job; no log, status
+    file or catalog row may hold it in clear."""
+    secret = "s3cr3t-Pa55word-xyz"
+    vm = make_vm("sec1", [4 << 20])
+    node = cluster.client.post(
+        "/api/v1/nodes", {"name": "n", "url": cluster.node_url, "token": cluster.node_token}
+    )
+    src = cluster.client.post(
+        "/api/v1/sources",
+        {
+            "name": "with-password",
+            "node_id": node["node_id"],
+            "type": "qemu",
+            "config": {"vms": [{"name": "sec1", "qmp_socket": vm.qmp_socket}], "password": secret},
+        },
+    )
+    cluster.client.post("/api/v1/vms/discover", {"source_id": src["source_id"]})
+    cluster.backup("sec1", "full")
+    r = cluster.http("POST", "/api/v1/backups", json={"vm_name": "sec1", "repository_id": "nope"})
+    assert r.status_code == 400
+    leaks = []
+    for path in cluster.root.rglob("*"):
+        if path.is_file() and secret.encode() in path.read_bytes():
+            leaks.append(str(path))
+    assert not leaks, leaks
+    assert secret not in cluster.http("GET", "/api/v1/sources").text
