@@ -472,45 +472,71 @@ def test_node_killed_mid_copy(cluster: Cluster, make_vm) -> None:
 
 
 @cluster_env(node=SLOWER_NODE)
-def test_hub_killed_mid_copy_and_restarted(cluster: Cluster, make_vm) -> None:
+def test_hub_killed_mid_copy_and_restarted_takes_the_job_back(cluster: Cluster, make_vm) -> None:
+    """The node keeps copying into the targets, which outlive the hub; the
+    restarted hub adopts the job and finishes it as if nothing happened."""
     vm = make_vm("phoenix1", [64 * MiB])
     write_random(vm, 0, 0, MiB)
     cluster.register(vm)
     full = cluster.backup("phoenix1", "full")
     full_b = get_backup(cluster, full["backups"][0])
-    before = completed_backups(cluster, "phoenix1")
-    files_before = repo_files(cluster)
 
-    write_random(vm, 0, 8 * MiB, 24 * MiB)  # 8 s of copy: outlasts a hub restart
+    write_random(vm, 0, 8 * MiB, 12 * MiB)  # 4 s of copy: outlasts a hub restart
     started = cluster.start_backup("phoenix1", "auto")
     wait_mid_copy(cluster, started["job_id"])
     cluster.kill("hub", signal.SIGKILL)
-    assert procs(cluster, "qemu-nbd")  # its targets outlive it...
+    assert procs(cluster, "qemu-nbd")  # its targets outlive it
     cluster.start_hub()
-    assert_hub_side_clean(cluster)  # ...until it starts again
+
+    job = cluster.wait_job(started["job_id"], timeout=60)
+    (b,) = assert_restores_exactly(cluster, vm, job)
+    assert b["backup_type"] == "incremental" and b["parent_backup_id"] == full_b["backup_id"]
+    assert b["bytes_transferred"] >= 12 * MiB
+    assert_hub_side_clean(cluster)  # no orphan qemu-nbd, ports free
+    assert_vm_released(vm)
+    # The adopted job's port came back: the next backup gets targets again.
+    nxt = cluster.backup("phoenix1", "auto")
+    assert_restores_exactly(cluster, vm, nxt)
+
+
+@cluster_env(node=SLOWER_NODE)
+def test_hub_restarted_after_its_targets_died_fails_the_job(cluster: Cluster, make_vm) -> None:
+    vm = make_vm("phoenix2", [64 * MiB])
+    write_random(vm, 0, 0, MiB)
+    cluster.register(vm)
+    full = cluster.backup("phoenix2", "full")
+    full_b = get_backup(cluster, full["backups"][0])
+    before = completed_backups(cluster, "phoenix2")
+    files_before = repo_files(cluster)
+
+    write_random(vm, 0, 8 * MiB, 24 * MiB)  # 8 s of copy
+    started = cluster.start_backup("phoenix2", "auto")
+    wait_mid_copy(cluster, started["job_id"])
+    cluster.kill("hub", signal.SIGKILL)
+    for pid, _ in procs(cluster, "qemu-nbd"):  # the machine lost them too
+        os.kill(pid, signal.SIGKILL)
+    cluster.start_hub()
+    assert_hub_side_clean(cluster)
 
     job = get_job(cluster, started["job_id"])
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "hub_restarted", job
     assert "hub restarted" in job["error"]["message"], job
     assert_job_cleaned_up(cluster, job, "failed")
-    assert completed_backups(cluster, "phoenix1") == before
+    assert completed_backups(cluster, "phoenix2") == before
     assert repo_files(cluster) == files_before
-    # The restarted hub stopped the job on the node too (cancelled, or failed
-    # if its targets went first); the VM is released with the last restore
-    # point's change id intact.
+    # The node's worker lost its targets (or was cancelled): it releases the
+    # VM with the last restore point's change id intact.
     wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
     st = node_status(cluster, started["job_id"])
     assert st["status"] in ("cancelled", "failed"), st
     state = assert_vm_released(vm)
     assert list(state["bitmaps"]["disk0"]) == [full_b["change_id"]], state
 
-    # Restart the node at full speed (only to keep the test short; the
-    # node's data dir is kept): the next backup is an incremental again.
     cluster.kill("node", signal.SIGTERM)
     cluster.node_env = {}
     cluster.start_node()
-    nxt = cluster.backup("phoenix1", "auto")
+    nxt = cluster.backup("phoenix2", "auto")
     (b,) = assert_restores_exactly(cluster, vm, nxt)
     assert b["backup_type"] == "incremental" and b["parent_backup_id"] == full_b["backup_id"]
     assert_vm_released(vm)

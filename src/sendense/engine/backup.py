@@ -49,7 +49,7 @@ from sendense.core.errors import (
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd.ports import PortAllocator
 from sendense.qemu import img
-from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
+from sendense.qemu.nbd_server import QemuNbdServer, is_qemu_nbd, stop_pid
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
 from sendense.storage import layout
@@ -544,24 +544,72 @@ class BackupEngine:
     # ---------------------------------------------------------------- recover
 
     def recover(self) -> list[str]:
-        """Resolve jobs a previous hub process left running; stop orphan exports."""
+        """Resolve jobs a previous hub process left running; stop orphan exports.
+
+        A job whose node still runs it, with all its qemu-nbd targets alive,
+        is adopted: its ports are held again and a monitor follows it to the
+        end as if nothing had happened. A job the node finished while the hub
+        was down is finished now (targets stopped and flushed, restore points
+        checked and recorded). Anything else is failed with a reason and its
+        partial files removed.
+        """
         resolved = []
+        adopted: set[str] = set()
         with self.db.session() as s:
             jobs = JobStore(s).active()
-            job_nodes = {j.id: j.vm.source.node for j in jobs}
-        for job_id, node in job_nodes.items():
-            log.warning("job=%s left running by a previous hub process: failing it", job_id)
-            with contextlib.suppress(Error):
-                node_client(node, self.secrets).cancel(job_id)
-            self._finish(
-                job_id,
-                None,
-                "failed",
-                "the hub restarted while this job was running; partial files were removed",
-                code="hub_restarted",
+            todo = [
+                (j.id, j.vm.source.node, [(b.id, b.nbd_pid, b.nbd_port) for b in j.backups])
+                for j in jobs
+            ]
+        for job_id, node, targets in todo:
+            client = node_client(node, self.secrets)
+            try:
+                st: dict[str, Any] | None = client.status(job_id)
+            except Error as e:
+                log.warning("job=%s node status after restart failed: %s", job_id, e.message)
+                st = None
+            state = (st or {}).get("status")
+            alive = bool(targets) and all(
+                pid and port and is_qemu_nbd(pid) for _, pid, port in targets
             )
+            if state == "completed":
+                log.warning("job=%s finished on the node while the hub was down", job_id)
+                self._finish(job_id, st, "completed", None)
+                adopted.update(b for b, _, _ in targets)
+            elif state in ("running", "pending") and alive:
+                log.warning("job=%s still running on the node: adopted", job_id)
+                for backup_id, _, port in targets:
+                    assert port is not None
+                    self.ports.reserve(port)
+                    self._ports[backup_id] = port
+                adopted.update(b for b, _, _ in targets)
+                self._ended[job_id] = threading.Event()
+                cancel = threading.Event()
+                self._cancel[job_id] = cancel
+                t = threading.Thread(
+                    target=self._monitor,
+                    args=(job_id, client, cancel),
+                    name=f"job-{job_id[:8]}",
+                    daemon=True,
+                )
+                self._threads[job_id] = t
+                t.start()
+            else:
+                log.warning("job=%s left running by a previous hub process: failing it", job_id)
+                with contextlib.suppress(Error):
+                    client.cancel(job_id)
+                self._finish(
+                    job_id,
+                    None,
+                    "failed",
+                    "the hub restarted while this job was running and could not take it "
+                    "back (its node or NBD targets were gone); partial files were removed",
+                    code="hub_restarted",
+                )
             resolved.append(job_id)
         for pidfile in self.run_dir.glob("nbd-*.pid"):
+            if pidfile.stem.removeprefix("nbd-") in adopted:
+                continue
             with contextlib.suppress(ValueError, OSError):
                 stop_pid(int(pidfile.read_text().strip()))
             pidfile.unlink(missing_ok=True)

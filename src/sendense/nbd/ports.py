@@ -43,6 +43,11 @@ class PortAllocator:
             last=self.last,
         )
 
+    def reserve(self, port: int) -> None:
+        """Hold a port already in use by a target this hub adopted after a restart."""
+        with self._lock:
+            self._held.add(port)
+
     def release(self, port: int | None) -> None:
         if port is None:
             return

@@ -216,6 +216,19 @@ class QemuNbdServer:
         self.stop()
 
 
+def is_qemu_nbd(pid: int) -> bool:
+    """True when ``pid`` is a live qemu-nbd process (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (
+        bool(cmdline)
+        and os.path.basename(cmdline[0].decode(errors="replace")) == "qemu-nbd"
+        and not _is_zombie(pid)
+    )
+
+
 def stop_pid(pid: int, *, expect: str = "qemu-nbd", timeout: float = 10.0) -> bool:
     """Stop a process we started earlier (found in a pidfile) if it is still ours.
 
