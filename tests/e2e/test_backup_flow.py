@@ -96,3 +96,28 @@ def test_backup_on_postgresql_catalog(cluster: Cluster, make_vm) -> None:
     b = cluster.client.get(f"/api/v1/backups/{job['backups'][0]}")
     assert b["backup_type"] == "incremental"
     assert img.compare(b["file_path"], str(vm.disks[0]))
+
+
+def test_incremental_after_the_vm_restarted(cluster: Cluster, make_vm) -> None:
+    """Persistent bitmaps survive a clean restart of the VM process: the next
+    backup is still an incremental, and exact."""
+    vm = make_vm("reboot1", [32 << 20])
+    g = vm.guest(0)
+    g.pwrite(os.urandom(2 << 20), 0)
+    g.flush()
+    g.shutdown()
+    cluster.register(vm)
+    full = cluster.backup("reboot1", "full")
+    vm.stop()  # QMP quit: bitmaps are written into the qcow2 image
+    vm.start()
+    g = vm.guest(0)
+    g.pwrite(os.urandom(65536), 16 << 20)
+    g.flush()
+    g.shutdown()
+    inc = cluster.backup("reboot1", "auto")
+    b = cluster.client.get(f"/api/v1/backups/{inc['backups'][0]}")
+    assert b["backup_type"] == "incremental", inc
+    assert b["parent_backup_id"] == full["backups"][0]
+    assert inc["messages"] == []
+    assert b["bytes_transferred"] == 65536
+    assert img.compare(b["file_path"], str(vm.disks[0]))
