@@ -213,3 +213,25 @@ def test_credentials_never_reach_logs_or_files(cluster: Cluster, make_vm) -> Non
             leaks.append(str(path))
     assert not leaks, leaks
     assert secret not in cluster.http("GET", "/api/v1/sources").text
+
+
+def test_discovery_of_an_unreachable_vm_says_so(cluster: Cluster, tmp_path) -> None:
+    node = cluster.client.post(
+        "/api/v1/nodes", {"name": "n", "url": cluster.node_url, "token": cluster.node_token}
+    )
+    sock = str(tmp_path / "gone.qmp")
+    src = cluster.client.post(
+        "/api/v1/sources",
+        {
+            "name": "gone",
+            "node_id": node["node_id"],
+            "type": "qemu",
+            "config": {"vms": [{"name": "gone", "qmp_socket": sock}]},
+        },
+    )
+    r = cluster.http("POST", "/api/v1/vms/discover", json={"source_id": src["source_id"]})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "qmp_error"
+    assert f"cannot connect to QMP socket {sock}" in r.json()["message"]
+    r = cluster.http("POST", "/api/v1/vms/discover", json={"source_id": "nope"})
+    assert r.status_code == 404

@@ -75,8 +75,9 @@ class QemuNbdError(Error):
     code = "qemu_nbd_failed"
 
 
-class QmpError(Error):
-    """QMP answered with an error, or the monitor could not be reached."""
+class QmpError(Unavailable):
+    """QMP answered with an error, or the monitor could not be reached: the
+    hypervisor side is not in a state to serve (503), not a bug."""
 
     code = "qmp_error"
 

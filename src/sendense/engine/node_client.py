@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from sendense.core.errors import Error, InvalidRequest, NotFound, Unavailable
+from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, Unavailable
 
 
 class NodeUnreachable(Unavailable):
@@ -53,6 +53,10 @@ class NodeClient:
                 raise NotFound(f"node: {message}", code=code)
             if r.status_code == 400:
                 raise InvalidRequest(f"node refused the request: {message}", code=code)
+            if r.status_code == 409:
+                raise Conflict(f"node: {message}", code=code)
+            if r.status_code == 503:
+                raise Unavailable(f"node: {message}", code=code)
             raise Error(f"node answered {r.status_code}: {message}", code=code)
         return r.json()
 

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Header, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Header
 from pydantic import BaseModel, Field, field_validator
 
 from sendense import __version__
@@ -119,12 +119,8 @@ def create_app(settings: NodeSettings) -> FastAPI:
         return {"job_id": job_id, "log": path.read_text() if path.exists() else ""}
 
     @app.post("/api/v1/discover", dependencies=[Auth])
-    def discover(body: Discover, request: Request) -> dict[str, Any]:
+    def discover(body: Discover) -> dict[str, Any]:
         connector = make_connector(body.source.model_dump(), workdir=str(data_dir / "discover"))
-        try:
-            vms = connector.discover()
-        except InvalidRequest:
-            raise
-        return {"vms": [vm.as_dict() for vm in vms]}
+        return {"vms": [vm.as_dict() for vm in connector.discover()]}
 
     return app
