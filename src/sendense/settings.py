@@ -50,6 +50,8 @@ class NodeSettings(BaseSettings):
     request_size: int = 4 << 20
     # Bandwidth limit of each job's data mover in bytes/s (0: unlimited).
     max_rate: int = 0
+    # Disks of one VM copied at the same time (separate connections and movers).
+    parallel_disks: int = 2
     # Digest algorithm of restore points (mover/digest.py): x3-64k or b3-64k.
     digest: str = "x3-64k"
     log_level: str = "INFO"

@@ -652,3 +652,28 @@ def test_job_past_its_timeout_fails_and_is_cleaned_up(cluster: Cluster, make_vm)
     assert not repo_files(cluster)
     assert_vm_released(vm)
     wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
+
+
+@cluster_env(node=SLOW_NODE)
+def test_two_disks_in_parallel_one_failure_fails_the_job(cluster: Cluster, make_vm) -> None:
+    """Disks are copied in parallel; when the VM dies, the job's error is the
+    lost source (not a 'cancelled' from the sibling disk), and nothing stays."""
+    vm = make_vm("pair1", [32 * MiB, 32 * MiB])
+    write_random(vm, 0, 0, 12 * MiB)
+    write_random(vm, 1, 0, 12 * MiB)
+    cluster.register(vm)
+    started = cluster.start_backup("pair1", "full")
+
+    def both_moving() -> bool:
+        st = node_status(cluster, started["job_id"])
+        assert st["status"] == "running", st
+        disks = st["disks"].values()
+        return len(disks) == 2 and all(d.get("bytes_done", 0) > 0 for d in disks)
+
+    wait_for("both disks to be copying", both_moving)
+    vm.kill()
+    job = cluster.wait_job(started["job_id"], timeout=30)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "source_lost", job
+    assert_job_cleaned_up(cluster, job, "failed")
+    assert not repo_files(cluster)

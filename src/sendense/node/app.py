@@ -100,6 +100,7 @@ def create_app(settings: NodeSettings) -> FastAPI:
         request["request_size"] = body.request_size or settings.request_size
         request["max_rate"] = settings.max_rate
         request["digest"] = settings.digest
+        request["parallel_disks"] = settings.parallel_disks
         runner.reap()
         answer = runner.start(request)
         background.add_task(runner.refill)

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,20 +143,17 @@ def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threadin
                 status.data["messages"].append(msg)
                 log.warning("job=%s %s", job_id, msg)
         status.write()
-        for view in pit.views:
-            if cancel.is_set():
-                raise Cancelled("job cancelled")
-            _copy_disk(
-                view,
-                targets[view.disk.key],
-                request,
-                data_dir,
-                status,
-                cancel,
-                in_flight=in_flight,
-                request_size=request_size,
-                previous=previous,
-            )
+        _copy_disks(
+            pit.views,
+            targets,
+            request,
+            data_dir,
+            status,
+            cancel,
+            in_flight=in_flight,
+            request_size=request_size,
+            previous=previous,
+        )
         success = True
     except Cancelled as e:
         final, error = "cancelled", {"code": "cancelled", "message": str(e)}
@@ -191,6 +189,42 @@ def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threadin
     status.write()
     log.info("job=%s status=%s", job_id, status.data["status"])
     return 0 if success else 1
+
+
+def _copy_disks(
+    views: list[DiskView],
+    targets: dict[int, str],
+    request: dict[str, Any],
+    data_dir: Path,
+    status: StatusFile,
+    cancel: threading.Event,
+    **kwargs: Any,
+) -> None:
+    """Copy the disks, up to ``parallel_disks`` at a time (separate NBD
+    connections and a mover each). The first failure stops the others and is
+    the job's error; a user's cancel makes it ``Cancelled``."""
+    parallel = max(1, min(int(request.get("parallel_disks") or 1), len(views)))
+    failures: list[BaseException] = []
+
+    def one(view: DiskView) -> None:
+        if cancel.is_set():
+            return
+        try:
+            _copy_disk(view, targets[view.disk.key], request, data_dir, status, cancel, **kwargs)
+        except BaseException as e:
+            if not isinstance(e, Cancelled):
+                failures.append(e)
+                cancel.set()  # stop the other disks: the job has failed
+            raise
+
+    with ThreadPoolExecutor(parallel, "disk") as pool:
+        futures = [pool.submit(one, v) for v in views]
+        for f in futures:
+            f.exception()  # wait for every disk, whatever happened
+    if failures:
+        raise failures[0]
+    if cancel.is_set():  # without a failure, only a user's cancel sets it
+        raise Cancelled("job cancelled")
 
 
 def _copy_disk(
