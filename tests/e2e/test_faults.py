@@ -355,6 +355,19 @@ def test_second_backup_of_a_busy_vm_is_refused(cluster: Cluster, make_vm) -> Non
     for b in assert_restores_exactly(cluster, vm, inc):
         assert b["backup_type"] == "incremental"
 
+    # A one-disk job holds the whole VM: the other disk waits too (the VM is
+    # frozen as a whole), refused by the hub before any job is written.
+    write_random(vm, 0, 0, 8 * MiB)
+    single = cluster.start_backup("busy1", "full", disk_id=0)
+    r = post_backup(
+        cluster,
+        {"vm_name": "busy1", "repository_id": "default", "backup_type": "full", "disk_id": 1},
+    )
+    body = error_body(r, 409, "disk_busy")
+    assert single["job_id"] in body["message"], body
+    assert cluster.client.get("/api/v1/jobs")["total"] == 4
+    assert cluster.wait_job(single["job_id"])["status"] == "completed"
+
 
 def test_unreachable_node_fails_fast_and_leaves_nothing(cluster: Cluster, make_vm) -> None:
     vm = make_vm("lost1", [16 * MiB, 8 * MiB])
@@ -676,4 +689,23 @@ def test_two_disks_in_parallel_one_failure_fails_the_job(cluster: Cluster, make_
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "source_lost", job
     assert_job_cleaned_up(cluster, job, "failed")
+    assert not repo_files(cluster)
+
+
+@cluster_env(node=SLOW_NODE)
+def test_cancel_right_after_start_is_a_cancel(cluster: Cluster, make_vm) -> None:
+    """A cancel that lands while the node freezes the VM or plans the copy
+    (inside libnbd or QMP calls) ends the job as cancelled, never failed."""
+    vm = make_vm("early1", [32 * MiB, 32 * MiB])
+    write_random(vm, 0, 0, 4 * MiB)
+    cluster.register(vm)
+    for _ in range(3):
+        started = cluster.start_backup("early1", "full")
+        r = cluster.http("POST", f"/api/v1/jobs/{started['job_id']}/cancel")
+        assert r.status_code == 202, r.text
+        job = cluster.wait_job(started["job_id"], timeout=30)
+        assert job["status"] == "cancelled", job
+        assert job["error"]["code"] == "cancelled", job
+        assert_job_cleaned_up(cluster, job, "cancelled")
+        assert_vm_released(vm)
     assert not repo_files(cluster)

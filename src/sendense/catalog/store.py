@@ -49,6 +49,9 @@ class VmStore:
     def by_name(self, name: str) -> Vm | None:
         return self.s.scalar(select(Vm).where(Vm.name == name).options(selectinload(Vm.disks)))
 
+    def get(self, vm_id: str) -> Vm | None:
+        return self.s.scalar(select(Vm).where(Vm.id == vm_id).options(selectinload(Vm.disks)))
+
     def all(self) -> Sequence[Vm]:
         return self.s.scalars(select(Vm).options(selectinload(Vm.disks)).order_by(Vm.name)).all()
 
@@ -112,9 +115,9 @@ class BackupStore:
     def get(self, backup_id: str) -> Backup | None:
         return self.s.get(Backup, backup_id)
 
-    def active_on_disks(self, vm_disk_ids: list[str]) -> Sequence[Backup]:
+    def active_for_vm(self, vm_id: str) -> Sequence[Backup]:
         return self.s.scalars(
-            select(Backup).where(Backup.vm_disk_id.in_(vm_disk_ids), Backup.status.in_(ACTIVE))
+            select(Backup).where(Backup.vm_id == vm_id, Backup.status.in_(ACTIVE))
         ).all()
 
     def latest_completed(self, vm_disk_id: str, repository_id: str) -> Backup | None:

@@ -122,26 +122,11 @@ def hub_serve(
     log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
     """Run the hub (REST API, catalog, NBD targets). Flags override SENDENSE_* settings."""
-    import uvicorn
-
     from sendense.hub.app import create_app
     from sendense.settings import HubSettings
 
-    given: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "data_dir": data_dir,
-        "database_url": database_url,
-        "log_level": log_level,
-    }
-    settings = HubSettings(**{k: v for k, v in given.items() if v is not None})
-    _logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-    )
+    given = {"host": host, "port": port, "data_dir": data_dir, "database_url": database_url}
+    _serve(create_app, HubSettings(**_given(log_level=log_level, **given)))
 
 
 @node_app.command("serve")
@@ -152,18 +137,21 @@ def node_serve(
     log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
     """Run a node agent next to the hypervisor. Flags override SENDENSE_NODE_* settings."""
-    import uvicorn
-
     from sendense.node.app import create_app
     from sendense.settings import NodeSettings
 
-    given: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "data_dir": data_dir,
-        "log_level": log_level,
-    }
-    settings = NodeSettings(**{k: v for k, v in given.items() if v is not None})
+    given = {"host": host, "port": port, "data_dir": data_dir, "log_level": log_level}
+    _serve(create_app, NodeSettings(**_given(**given)))
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags the user gave; the others fall back to SENDENSE_* settings."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _serve(create_app: Any, settings: Any) -> None:
+    import uvicorn
+
     _logging(settings.log_level)
     uvicorn.run(
         create_app(settings),

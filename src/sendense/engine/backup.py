@@ -128,11 +128,14 @@ class BackupEngine:
                     repository_id=req.repository_id,
                 )
             disks = self._disks(vm, req.disk_id)
-            busy = BackupStore(s).active_on_disks([d.id for d in disks])
+            # Per VM, not per disk: a job freezes all of its VM's disks at once
+            # (and the node runs one job per VM), so a second job on another
+            # disk of the same VM must wait too.
+            busy = BackupStore(s).active_for_vm(vm.id)
             if busy:
                 raise DiskBusy(
                     f"VM {vm.name} disk(s) {sorted({b.disk_index for b in busy})} are being "
-                    f"backed up by job {busy[0].job_id}",
+                    f"backed up by job {busy[0].job_id}; one job per VM at a time",
                     job_id=busy[0].job_id,
                 )
             plans = [self._plan_disk(s, vm, repo, d, req.backup_type) for d in disks]
@@ -292,8 +295,13 @@ class BackupEngine:
             for b in job.backups:
                 b.status = "running"
                 b.started_at = job.started_at
+        self._follow(job_id, client)
+
+    def _follow(self, job_id: str, client: NodeClient) -> None:
+        """Start the monitor thread that follows a job on its node to the end."""
         cancel = threading.Event()
         self._cancel[job_id] = cancel
+        self._ended.setdefault(job_id, threading.Event())
         t = threading.Thread(
             target=self._monitor,
             args=(job_id, client, cancel),
@@ -345,6 +353,11 @@ class BackupEngine:
                     )
                     return
                 status = st.get("status")
+                if status == "failed" and cancel_sent:
+                    # Stopped on our request (user cancel or timeout): what
+                    # the node saw while stopping is not the job's reason.
+                    status = "cancelled"
+                    st = {**st, "error": {"code": "cancelled", "message": "cancelled by user"}}
                 if status in TERMINAL:
                     err = st.get("error") or {}
                     self._finish(job_id, st, status, err.get("message"), code=err.get("code"))
@@ -583,17 +596,7 @@ class BackupEngine:
                     self.ports.reserve(port)
                     self._ports[backup_id] = port
                 adopted.update(b for b, _, _ in targets)
-                self._ended[job_id] = threading.Event()
-                cancel = threading.Event()
-                self._cancel[job_id] = cancel
-                t = threading.Thread(
-                    target=self._monitor,
-                    args=(job_id, client, cancel),
-                    name=f"job-{job_id[:8]}",
-                    daemon=True,
-                )
-                self._threads[job_id] = t
-                t.start()
+                self._follow(job_id, client)
             else:
                 log.warning("job=%s left running by a previous hub process: failing it", job_id)
                 with contextlib.suppress(Error):

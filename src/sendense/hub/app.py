@@ -226,7 +226,7 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
         repository_id: str | None = None,
     ) -> dict[str, Any]:
         with st.db.session() as s:
-            vm = next((v for v in VmStore(s).all() if v.id == vm_context_id), None)
+            vm = VmStore(s).get(vm_context_id)
             if vm is None:
                 raise NotFound(f"VM context {vm_context_id} not found")
             return _chain_view(s, vm, disk_id, repository_id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from sendense.auth import ensure_token
 from sendense.catalog.db import Database
@@ -49,7 +48,3 @@ class HubState:
     def close(self) -> None:
         self.engine.shutdown()
         self.db.dispose()
-
-
-def repo_root(state: HubState) -> Path:
-    return state.settings.data_dir / "repositories"

@@ -357,6 +357,25 @@ def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
             old.unlink(missing_ok=True)
 
 
+def _cancel_on_signals(cancel: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``cancel``, received by a thread of their own.
+
+    A handler would interrupt whatever syscall runs when the signal lands, and
+    libnbd's synchronous calls (block status, connect, flush) fail on EINTR:
+    a cancel would turn into a "failed" copy. Blocked in every thread and
+    taken with sigwait, the signal interrupts nothing.
+    """
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # inherited by later threads
+
+    def wait() -> None:
+        while True:
+            signal.sigwait(signals)
+            cancel.set()
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
+
+
 def main() -> int:
     """``worker --serve DATA_DIR``: wait on stdin for ``{"job_dir", "request"}``.
 
@@ -369,8 +388,7 @@ def main() -> int:
         return 2
     data_dir = Path(sys.argv[2])
     cancel = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    _cancel_on_signals(cancel)
     raw = sys.stdin.read()
     if not raw.strip():
         return 0
