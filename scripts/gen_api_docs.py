@@ -7,7 +7,7 @@ because ``app.openapi()`` only walks the routes.
 
 ``openapi.json`` is exactly what the hub serves at ``/openapi.json`` (keys
 sorted). ``api.md`` is a readable rendering of it, with two corrections taken
-from ``sendense.hub.errors`` rather than from FastAPI's defaults: request
+from ``sendense.web.errors`` rather than from FastAPI's defaults: request
 validation errors are answered as 400 in the error body (FastAPI declares
 422, which the hub never sends), and routes that take the ``Authorization``
 header answer 401 without a valid bearer token.
@@ -28,7 +28,7 @@ from typing import Any
 
 from sendense.core import errors as domain_errors
 from sendense.hub.app import create_app
-from sendense.hub.errors import STATUS
+from sendense.web.errors import STATUS
 from sendense.settings import HubSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,6 +27,9 @@ class HubSettings(BaseSettings):
     # A node that has not answered for this long is considered gone.
     node_timeout: float = 30.0
     job_timeout: float = 4 * 3600.0
+    # A job's owner renews its lease every third of this; a lease this old
+    # means its hub process is gone (engine/lifecycle.py).
+    job_lease: float = 30.0
     log_level: str = "INFO"
 
     @property

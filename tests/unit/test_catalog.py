@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -127,7 +128,7 @@ def test_session_rolls_back_on_error(database: Database) -> None:
 
 def test_upgrade_is_idempotent(database: Database) -> None:
     head = current_revision(database)
-    assert head == "0001"
+    assert head == ScriptDirectory.from_config(database.alembic_config()).get_current_head()
     database.upgrade()
     database.upgrade()
     assert current_revision(database) == head
@@ -152,3 +153,22 @@ def test_postgresql_url_uses_psycopg3() -> None:
     assert db.url.drivername == "postgresql+psycopg"
     assert db.engine.url.database == "catalog"
     db.dispose()
+
+
+def test_upgrade_keeps_rows_of_a_0001_catalog(db_url: str) -> None:
+    """A catalog made by the first release upgrades in place, rows intact."""
+    db = Database(db_url)
+    try:
+        db.upgrade("0001")
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO repositories (id, name, type, path, immutable, retention_days, "
+                "created_at) VALUES ('r1', 'r1', 'local', '/tmp/r1', false, 0, "
+                "'2026-01-01 00:00:00')"
+            )
+        db.upgrade()
+        with db.session() as s:
+            repo = s.get(Repository, "r1")
+            assert repo is not None and repo.config == {} and repo.path == "/tmp/r1"
+    finally:
+        db.dispose()

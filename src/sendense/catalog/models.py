@@ -94,6 +94,8 @@ class Vm(Base):
     # Where the node reaches the VM (QMP socket path for qemu).
     path: Mapped[str] = mapped_column(String(1000))
     discovered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # {"key": "value"}: policies and scoped tokens select VMs by tag.
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     source: Mapped[Source] = relationship()
     disks: Mapped[list[VmDisk]] = relationship(
@@ -128,17 +130,29 @@ class Repository(Base):
     path: Mapped[str] = mapped_column(String(1000))
     immutable: Mapped[bool] = mapped_column(Boolean, default=False)
     retention_days: Mapped[int] = mapped_column(Integer, default=0)
+    # Type-specific settings (nfs/cifs: server, share, mount options); no secrets.
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Secret part of the config (a cifs password), encrypted; never returned.
+    secret_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class BackupJob(Base):
+    """One job of any kind (``backup``, ``consolidate``, ``verify``, ``rescan``).
+
+    ``owner`` is the hub process that runs it and ``lease_until`` how long that
+    claim holds without renewal (engine/lifecycle.py): another hub process never
+    finishes, cancels or recovers a job whose lease is live.
+    """
+
     __tablename__ = "backup_jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(20), default="backup")
-    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"))
-    repository_id: Mapped[str] = mapped_column(ForeignKey("repositories.id"))
-    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"))
+    vm_id: Mapped[str | None] = mapped_column(ForeignKey("vms.id"), default=None, index=True)
+    repository_id: Mapped[str | None] = mapped_column(ForeignKey("repositories.id"), default=None)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), default=None)
     status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
     step: Mapped[str] = mapped_column(String(100), default="queued")
     requested_type: Mapped[str] = mapped_column(String(20))
@@ -149,14 +163,20 @@ class BackupJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(100), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     created_by: Mapped[str] = mapped_column(String(200), default="admin")
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     timeout_at: Mapped[datetime | None] = mapped_column(default=None)
-    # The hub process that owns the job (its pid and boot id), for crash recovery.
+    # The hub process that owns the job (host, pid, instance id), for recovery.
     owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by any hub; the owner acts on it (cancel crosses hub processes).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    # What the job was asked and planned to do (kind-specific), and its outcome.
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
-    vm: Mapped[Vm] = relationship()
+    vm: Mapped[Vm | None] = relationship()
     backups: Mapped[list[Backup]] = relationship(back_populates="job", order_by="Backup.disk_index")
 
 
@@ -189,7 +209,63 @@ class Backup(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     immutable_until: Mapped[datetime | None] = mapped_column(default=None)
+    # A consolidated base: made by merging older restore points, not copied.
+    synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    verify_status: Mapped[str | None] = mapped_column(String(20), default=None)
+    verified_at: Mapped[datetime | None] = mapped_column(default=None)
+    verify_error: Mapped[str | None] = mapped_column(Text, default=None)
 
     job: Mapped[BackupJob] = relationship(back_populates="backups")
     vm: Mapped[Vm] = relationship()
     repository: Mapped[Repository] = relationship()
+
+
+class BackupHold(Base):
+    """Something that uses a restore point right now (a job, a restore session).
+
+    A held backup cannot be deleted or merged away (409 ``in_use``). Holds are
+    written in the same transaction as their holder and dropped when it ends.
+    """
+
+    __tablename__ = "backup_holds"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    backup_id: Mapped[str] = mapped_column(ForeignKey("backups.id"), index=True)
+    holder_type: Mapped[str] = mapped_column(String(20))
+    holder_id: Mapped[str] = mapped_column(String(36), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token: only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # {"vms": [names or "tag:key=value"], "repositories": [ids]}; null: everything.
+    scope: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200), default="admin")
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditEntry(Base):
+    """Who did what, when, with what result: every mutating or refused request."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    token_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    token_name: Mapped[str | None] = mapped_column(String(200), default=None, index=True)
+    method: Mapped[str] = mapped_column(String(10))
+    route: Mapped[str] = mapped_column(String(300), index=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    target: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(100), default=None)

@@ -2,7 +2,7 @@
 
 Every error has a machine-readable ``code`` and a message for a person. The
 category classes (`NotFound`, `Conflict`, ...) carry the meaning; only
-``hub/errors.py`` and ``node/errors.py`` turn them into HTTP answers, always
+``web/errors.py`` (shared by hub and node) turn them into HTTP answers, always
 in the shape ``{"error": code, "message": message, "details": {...}}``.
 """
 

@@ -14,8 +14,15 @@ Flow of one job (one VM, one or more disks)::
               qemu-img check, sizes, sidecars, catalog rows completed
               failed/cancelled: stop exports, release ports, remove the
               partial files; the chain stays as it was
-    recover   at hub start, jobs left pending/running by a crash are failed
-              with a reason and their qemu-nbd processes and files removed
+    recover   at hub start, jobs a dead hub process left running are taken
+              over (engine/lifecycle.py: owner and lease): adopted when the
+              node still copies and the targets live, finished when the node
+              completed meanwhile, else failed with a reason and cleaned up
+
+Status changes go through `JobLifecycle.transition` (conditional on the
+current status and on this process owning the job). Finishing stops qemu-nbd
+and runs ``qemu-img check`` with no database session open and no global lock
+held; the outcome is written afterwards in one short transaction.
 
 QCOW2 cluster size of targets: 64 KiB, measured (docs/performance.md). It
 equals the dirty-bitmap granularity the connector creates, so an incremental
@@ -36,9 +43,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from sendense.catalog.db import Database
-from sendense.catalog.models import Backup, BackupJob, Node, Repository, Source, Vm, VmDisk
-from sendense.catalog.store import BackupStore, JobStore, RepositoryStore, VmStore, disk_of
+from sendense.catalog.models import (
+    Backup,
+    BackupHold,
+    BackupJob,
+    Node,
+    Repository,
+    Source,
+    Vm,
+    VmDisk,
+)
+from sendense.catalog.stores import BackupStore, JobStore, RepositoryStore, VmStore, disk_of
 from sendense.core.errors import (
     DiskBusy,
     Error,
@@ -46,6 +64,7 @@ from sendense.core.errors import (
     NoParent,
     NotFound,
 )
+from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd.ports import PortAllocator
 from sendense.qemu import img
@@ -55,8 +74,6 @@ from sendense.settings import HubSettings
 from sendense.storage import layout
 
 log = logging.getLogger(__name__)
-
-TERMINAL = ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -87,9 +104,15 @@ def source_spec(source: Source, secrets: SecretBox) -> dict[str, Any]:
 
 class BackupEngine:
     def __init__(
-        self, db: Database, settings: HubSettings, ports: PortAllocator, secrets: SecretBox
+        self,
+        db: Database,
+        settings: HubSettings,
+        ports: PortAllocator,
+        secrets: SecretBox,
+        lifecycle: JobLifecycle,
     ) -> None:
         self.db = db
+        self.lifecycle = lifecycle
         self.settings = settings
         self.ports = ports
         self.secrets = secrets
@@ -97,18 +120,19 @@ class BackupEngine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = settings.data_dir.resolve() / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # Single-hub guard for "two jobs never write the same disk": the check
-        # and the insert happen under this lock.
+        # "Two jobs never write the same disk": the busy check and the insert
+        # happen under this lock in this process, and under a row lock on the
+        # VM (SELECT ... FOR UPDATE) across hub processes on PostgreSQL.
         self._plan_lock = threading.Lock()
         self._servers: dict[str, QemuNbdServer] = {}
         self._ports: dict[str, int] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
-        # One finish at a time: the monitor, a cancel and recovery may race.
-        self._finish_lock = threading.Lock()
-        # Set when a job ends, for callers that wait on it (long-poll, events).
-        self._ended: dict[str, threading.Event] = {}
+        # One finish at a time per job: the monitor, a cancel and recovery may
+        # race; the conditional status write settles it across processes.
+        self._finishing: dict[str, threading.Lock] = {}
+        self._finishing_lock = threading.Lock()
 
     # ------------------------------------------------------------------ start
 
@@ -127,6 +151,8 @@ class BackupEngine:
                     f"repository_id {req.repository_id} does not exist",
                     repository_id=req.repository_id,
                 )
+            # Across hub processes: the VM's row lock serializes the busy check.
+            s.execute(select(Vm.id).where(Vm.id == vm.id).with_for_update())
             disks = self._disks(vm, req.disk_id)
             # Per VM, not per disk: a job freezes all of its VM's disks at once
             # (and the node runs one job per VM), so a second job on another
@@ -152,7 +178,7 @@ class BackupEngine:
                 created_by=req.created_by,
                 created_at=now,
                 timeout_at=now + timedelta(seconds=self.settings.job_timeout),
-                owner=f"hub:{os.getpid()}",
+                **self.lifecycle.claim_fields(),
             )
             s.add(job)
             s.flush()  # the job row first, then the backups that reference it
@@ -177,8 +203,11 @@ class BackupEngine:
                         created_at=now,
                     )
                 )
+                if parent is not None:
+                    # The parent is read through while the job runs: it cannot
+                    # be deleted or merged away meanwhile (409 in_use).
+                    s.add(BackupHold(backup_id=parent.id, holder_type="job", holder_id=job.id))
             job_id = job.id
-        self._ended[job_id] = threading.Event()
         try:
             self._launch(job_id)
         except Exception as e:
@@ -234,6 +263,7 @@ class BackupEngine:
             job = JobStore(s).get(job_id)
             assert job is not None
             vm = job.vm
+            assert vm is not None
             source = vm.source
             node = source.node
             targets = []
@@ -286,12 +316,14 @@ class BackupEngine:
             job.step = "starting on node"
             client = node_client(node, self.secrets)
         client.start_backup(request)
+        if not self.lifecycle.transition(job_id, "running", allowed_from=("pending",)):
+            # Cancelled while the targets came up: the node stops, we clean up.
+            self._follow(job_id, client)
+            return
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             assert job is not None
-            job.status = "running"
             job.step = "freezing"
-            job.started_at = datetime.now(UTC)
             for b in job.backups:
                 b.status = "running"
                 b.started_at = job.started_at
@@ -301,7 +333,6 @@ class BackupEngine:
         """Start the monitor thread that follows a job on its node to the end."""
         cancel = threading.Event()
         self._cancel[job_id] = cancel
-        self._ended.setdefault(job_id, threading.Event())
         t = threading.Thread(
             target=self._monitor,
             args=(job_id, client, cancel),
@@ -319,6 +350,8 @@ class BackupEngine:
         cancel_sent = False
         try:
             while not self._stopping.is_set():
+                if not cancel.is_set() and self.lifecycle.cancel_requested(job_id):
+                    cancel.set()  # asked through another hub process, or before we ran
                 if cancel.is_set() and not cancel_sent:
                     cancel_sent = True
                     try:
@@ -376,7 +409,7 @@ class BackupEngine:
     def _update_progress(self, job_id: str, st: dict[str, Any]) -> bool:
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
-            if job is None:
+            if job is None or job.status != "running":
                 return False
             job.step = st.get("step") or job.step
             job.progress = st.get("disks") or {}
@@ -407,64 +440,93 @@ class BackupEngine:
         code: str | None = None,
     ) -> None:
         """End a job: stop its exports, release ports, then either record the
-        restore points or remove their files."""
-        with self._finish_lock, self.db.session() as s:
+        restore points or remove their files.
+
+        Three steps, so that slow I/O never runs inside a transaction: read
+        what is needed, do the file work with no session open, then write the
+        outcome with a status change conditional on the job still being ours
+        and active.
+        """
+        with self._finishing_lock:
+            lock = self._finishing.setdefault(job_id, threading.Lock())
+        with lock:
+            self._finish_locked(job_id, st, status, message, code)
+        with self._finishing_lock:
+            self._finishing.pop(job_id, None)
+
+    def _finish_locked(
+        self,
+        job_id: str,
+        st: dict[str, Any] | None,
+        status: str,
+        message: str | None,
+        code: str | None,
+    ) -> None:
+        with self.db.session() as s:
             job = JobStore(s).get(job_id)
             assert job is not None
             if job.status in TERMINAL:
                 return
             if job.error_code == "timeout" and status == "cancelled":
                 status, code, message = "failed", "timeout", self._timeout_message()
-            backups = list(job.backups)
-            for b in backups:
-                self._stop_target(b)
-            disks = (st or {}).get("disks") or {}
-            now = datetime.now(UTC)
-            if status == "completed":
-                try:
-                    for b in backups:
-                        self._record(s, job, b, disks.get(str(b.disk_key)) or {})
-                except Exception as e:
-                    log.exception("job=%s finishing failed", job_id)
-                    status = "failed"
-                    code = e.code if isinstance(e, Error) else "finish_failed"
-                    message = f"restore point check failed: {getattr(e, 'message', e)}"
-            if status != "completed":
-                for b in backups:
-                    layout.remove_backup_files(Path(b.file_path))
+            vm_name = job.vm.name if job.vm else ""
+            targets = [_Target.of(b, BackupStore(s)) for b in job.backups]
+        for t in targets:
+            self._stop_target(t.backup_id, t.nbd_pid, t.nbd_port)
+        disks = (st or {}).get("disks") or {}
+        if status == "completed":
+            try:
+                for t in targets:
+                    self._record_files(job_id, vm_name, t, disks.get(str(t.disk_key)) or {})
+            except Exception as e:
+                log.exception("job=%s finishing failed", job_id)
+                status = "failed"
+                code = e.code if isinstance(e, Error) else "finish_failed"
+                message = f"restore point check failed: {getattr(e, 'message', e)}"
+        if status != "completed":
+            for t in targets:
+                layout.remove_backup_files(Path(t.file_path))
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {"finished_at": now, "step": status}
+        if status != "completed":
+            values.update(error_code=code or status, error_message=message or status)
+        if disks:
+            values["progress"] = disks
+        if st and st.get("messages"):
+            values["messages"] = {"node": st["messages"]}
+        with self.db.session() as s:
+            for t in targets:
+                b = BackupStore(s).get(t.backup_id)
+                assert b is not None
+                if status == "completed":
+                    t.apply(b)
+                else:
                     b.status = "failed" if status == "failed" else "cancelled"
                     b.error = message
                     b.finished_at = now
                     b.change_id = None
                     b.digest = None
-                job.error_code = code or status
-                job.error_message = message or status
-            job.status = status
-            job.step = status
-            job.finished_at = now
-            if disks:
-                job.progress = disks
-            if st and st.get("messages"):
-                job.messages = {"node": st["messages"]}
-            log.info("job=%s status=%s error=%s", job_id, status, message)
+        # After the backup rows: a waiter woken by the job's end reads them.
+        if not self.lifecycle.transition(job_id, status, **values):
+            log.warning("job=%s was finished elsewhere; status %s not written", job_id, status)
+        log.info("job=%s status=%s error=%s", job_id, status, message)
         self._cancel.pop(job_id, None)
         self._threads.pop(job_id, None)
-        ended = self._ended.pop(job_id, None)
-        if ended is not None:
-            ended.set()
 
-    def _record(self, s: Any, job: BackupJob, b: Backup, disk: dict[str, Any]) -> None:
-        path = Path(b.file_path)
+    def _record_files(self, job_id: str, vm_name: str, t: _Target, disk: dict[str, Any]) -> None:
+        """Check one finished target and write its sidecar; fills ``t``'s outcome."""
+        path = Path(t.file_path)
         if not disk.get("change_id") or not disk.get("digest"):
-            raise JobFailed(f"node reported no change id/digest for disk {b.disk_key}")
-        if b.backup_type == "incremental" and disk.get("mode") == "full":
+            raise JobFailed(f"node reported no change id/digest for disk {t.disk_key}")
+        if t.backup_type == "incremental" and disk.get("mode") == "full":
             # The node could not use the change id and read the whole disk into
             # this target: every cluster is written (data or zero), so it no
             # longer needs its backing file. Make it a full.
             img.run(["rebase", "-q", "-u", "-b", "", str(path)])
-            b.backup_type = "full"
-            b.parent_id = None
-            b.previous_change_id = None
+            t.backup_type = "full"
+            t.parent_id = None
+            t.parent_file = None
+            t.previous_change_id = None
             # ... and name it as one (layout: <stamp>-full.qcow2), or the
             # repository shows an "-incr" file with no backing file. The export
             # is stopped and nothing refers to the file yet; its sidecar is
@@ -473,54 +535,26 @@ class BackupEngine:
             if full_path != path and not full_path.exists():
                 os.rename(path, full_path)
                 path = full_path
-                b.file_path = str(full_path)
+                t.file_path = str(full_path)
         img.check(str(path))
-        b.status = "completed"
-        b.change_id = disk["change_id"]
-        b.digest = disk["digest"]
-        b.bytes_transferred = int(disk.get("data_bytes") or disk.get("bytes_done") or 0)
-        b.size_on_disk = img.disk_usage(str(path))
-        b.finished_at = datetime.now(UTC)
-        layout.write_sidecar(
-            path,
-            {
-                "backup_id": b.id,
-                "job_id": job.id,
-                "vm_name": job.vm.name,
-                "vm_context_id": job.vm_id,
-                "repository_id": b.repository_id,
-                "disk_id": b.disk_index,
-                "disk_key": b.disk_key,
-                "capacity_bytes": b.total_bytes,
-                "backup_type": b.backup_type,
-                "parent_backup_id": b.parent_id,
-                "backing_file": os.path.basename(
-                    BackupStore(s).get(b.parent_id).file_path  # type: ignore[union-attr]
-                )
-                if b.parent_id
-                else None,
-                "change_id": b.change_id,
-                "digest": b.digest,
-                "total_bytes": b.total_bytes,
-                "bytes_transferred": b.bytes_transferred,
-                "created_at": b.created_at.isoformat(),
-                "finished_at": b.finished_at.isoformat(),
-                "tags": b.tags,
-            },
-        )
-        b.size_on_disk = img.disk_usage(str(path))
+        t.change_id = disk["change_id"]
+        t.digest = disk["digest"]
+        t.bytes_transferred = int(disk.get("data_bytes") or disk.get("bytes_done") or 0)
+        t.finished_at = datetime.now(UTC)
+        layout.write_sidecar(path, t.sidecar(job_id, vm_name))
+        t.size_on_disk = img.disk_usage(str(path))
 
-    def _stop_target(self, b: Backup) -> None:
-        server = self._servers.pop(b.id, None)
+    def _stop_target(self, backup_id: str, nbd_pid: int | None, nbd_port: int | None) -> None:
+        server = self._servers.pop(backup_id, None)
         if server is not None:
             try:
                 server.stop()
             except Exception:
-                log.exception("backup=%s stopping qemu-nbd failed", b.id)
-        elif b.nbd_pid:
-            stop_pid(b.nbd_pid)
-        Path(self.run_dir / f"nbd-{b.id}.pid").unlink(missing_ok=True)
-        self.ports.release(self._ports.pop(b.id, None) or b.nbd_port)
+                log.exception("backup=%s stopping qemu-nbd failed", backup_id)
+        elif nbd_pid:
+            stop_pid(nbd_pid)
+        Path(self.run_dir / f"nbd-{backup_id}.pid").unlink(missing_ok=True)
+        self.ports.release(self._ports.pop(backup_id, None) or nbd_port)
 
     def _fail(self, job_id: str, e: Exception) -> None:
         code = e.code if isinstance(e, Error) else "internal_error"
@@ -532,27 +566,22 @@ class BackupEngine:
     # ----------------------------------------------------------------- cancel
 
     def cancel(self, job_id: str) -> None:
+        """Ask for a cancel. The owning hub process acts on it (this one at once)."""
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             if job is None:
                 raise NotFound(f"job {job_id} not found")
             if job.status in TERMINAL:
                 return
+            ours = job.owner == self.lifecycle.owner
+        self.lifecycle.request_cancel(job_id)
+        if not ours:
+            return  # its owner's monitor sees the request in the catalog
         ev = self._cancel.get(job_id)
         if ev is None:
             self._finish(job_id, None, "cancelled", "cancelled by user")
             return
         ev.set()
-
-    def wait_ended(self, job_id: str, timeout: float) -> None:
-        """Return when the job has ended, or after ``timeout`` seconds.
-
-        Returns at once for a job this process is not running (it has ended,
-        or another hub owns it): the caller reads the catalog either way.
-        """
-        ended = self._ended.get(job_id)
-        if ended is not None:
-            ended.wait(timeout)
 
     # ---------------------------------------------------------------- recover
 
@@ -568,12 +597,19 @@ class BackupEngine:
         """
         resolved = []
         adopted: set[str] = set()
+        mine = [
+            job_id
+            for job_id, kind, old in self.lifecycle.orphans()
+            if kind == "backup" and self.lifecycle.take_over(job_id, old)
+        ]
         with self.db.session() as s:
-            jobs = JobStore(s).active()
-            todo = [
-                (j.id, j.vm.source.node, [(b.id, b.nbd_pid, b.nbd_port) for b in j.backups])
-                for j in jobs
-            ]
+            todo = []
+            for job_id in mine:
+                j = JobStore(s).get(job_id)
+                assert j is not None and j.vm is not None
+                todo.append(
+                    (j.id, j.vm.source.node, [(b.id, b.nbd_pid, b.nbd_port) for b in j.backups])
+                )
         for job_id, node, targets in todo:
             client = node_client(node, self.secrets)
             try:
@@ -610,8 +646,15 @@ class BackupEngine:
                     code="hub_restarted",
                 )
             resolved.append(job_id)
+        with self.db.session() as s:
+            # Targets of jobs that are still active are not orphans.
+            live = set(
+                s.scalars(
+                    select(Backup.id).join(BackupJob).where(BackupJob.status.in_(ACTIVE))
+                ).all()
+            )
         for pidfile in self.run_dir.glob("nbd-*.pid"):
-            if pidfile.stem.removeprefix("nbd-") in adopted:
+            if pidfile.stem.removeprefix("nbd-") in adopted | live:
                 continue
             with contextlib.suppress(ValueError, OSError):
                 stop_pid(int(pidfile.read_text().strip()))
@@ -621,5 +664,89 @@ class BackupEngine:
     def shutdown(self) -> None:
         """Stop monitoring (the hub is exiting); jobs are resolved at next start."""
         self._stopping.set()
+        self.lifecycle.shutdown()
         for t in list(self._threads.values()):
             t.join(timeout=2)
+
+
+@dataclass
+class _Target:
+    """One restore point being finished: read from its row in a short session,
+    completed by file work outside any transaction, then written back."""
+
+    backup_id: str
+    disk_index: int
+    disk_key: int
+    file_path: str
+    backup_type: str
+    parent_id: str | None
+    parent_file: str | None
+    previous_change_id: str | None
+    repository_id: str
+    vm_id: str
+    total_bytes: int
+    tags: dict[str, Any]
+    created_at: datetime
+    nbd_pid: int | None
+    nbd_port: int | None
+    change_id: str | None = None
+    digest: str | None = None
+    bytes_transferred: int = 0
+    size_on_disk: int = 0
+    finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, b: Backup, backups: BackupStore) -> _Target:
+        parent = backups.get(b.parent_id) if b.parent_id else None
+        return cls(
+            backup_id=b.id,
+            disk_index=b.disk_index,
+            disk_key=b.disk_key,
+            file_path=b.file_path,
+            backup_type=b.backup_type,
+            parent_id=b.parent_id,
+            parent_file=parent.file_path if parent else None,
+            previous_change_id=b.previous_change_id,
+            repository_id=b.repository_id,
+            vm_id=b.vm_id,
+            total_bytes=b.total_bytes,
+            tags=dict(b.tags or {}),
+            created_at=b.created_at,
+            nbd_pid=b.nbd_pid,
+            nbd_port=b.nbd_port,
+        )
+
+    def sidecar(self, job_id: str, vm_name: str) -> dict[str, Any]:
+        assert self.finished_at is not None
+        return {
+            "backup_id": self.backup_id,
+            "job_id": job_id,
+            "vm_name": vm_name,
+            "vm_context_id": self.vm_id,
+            "repository_id": self.repository_id,
+            "disk_id": self.disk_index,
+            "disk_key": self.disk_key,
+            "capacity_bytes": self.total_bytes,
+            "backup_type": self.backup_type,
+            "parent_backup_id": self.parent_id,
+            "backing_file": os.path.basename(self.parent_file) if self.parent_file else None,
+            "change_id": self.change_id,
+            "digest": self.digest,
+            "total_bytes": self.total_bytes,
+            "bytes_transferred": self.bytes_transferred,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "tags": self.tags,
+        }
+
+    def apply(self, b: Backup) -> None:
+        b.status = "completed"
+        b.backup_type = self.backup_type
+        b.parent_id = self.parent_id
+        b.previous_change_id = self.previous_change_id
+        b.file_path = self.file_path
+        b.change_id = self.change_id
+        b.digest = self.digest
+        b.bytes_transferred = self.bytes_transferred
+        b.size_on_disk = self.size_on_disk
+        b.finished_at = self.finished_at

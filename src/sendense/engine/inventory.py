@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import Node, Repository, Source, Vm, VmDisk
-from sendense.catalog.store import NodeStore, RepositoryStore, SourceStore, VmStore
+from sendense.catalog.stores import NodeStore, RepositoryStore, SourceStore, VmStore
 from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound
 from sendense.engine.backup import node_client, source_spec
 from sendense.engine.node_client import NodeClient

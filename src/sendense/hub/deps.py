@@ -1,14 +1,25 @@
-"""Dependencies of the hub's routes, as ``Annotated`` aliases."""
+"""Dependencies of the hub's routes, as ``Annotated`` aliases.
+
+Handlers read like sentences: ``def delete_backup(backup_id: str, svc:
+BackupServiceDep, who: Admin)``. ``Viewer``, ``Operator`` and ``Admin`` are the
+caller (a `Principal`) after checking that its role suffices: 401 without a
+valid token, 403 ``forbidden`` naming the role needed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
 
 from sendense.auth import token_matches
-from sendense.core.errors import Unauthorized
+from sendense.catalog.models import ApiToken
+from sendense.core.access import ADMIN, Principal, Role, Scope
+from sendense.core.errors import Forbidden, Unauthorized
 from sendense.hub.state import HubState
 
 
@@ -21,18 +32,62 @@ HubDep = Annotated[HubState, Depends(get_hub)]
 
 
 # auto_error=False: a missing token is answered by our own 401 body.
-_bearer = HTTPBearer(auto_error=False, description="The token in <data-dir>/admin.token")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The bootstrap token in <data-dir>/admin.token, or one from POST /api/v1/tokens",
+)
 
 
-def current_user(
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def principal_of(st: HubState, given: str | None) -> Principal:
+    """The caller behind a bearer token; `Unauthorized` when there is none.
+
+    The bootstrap token is compared in constant time; API tokens are looked up
+    by the SHA-256 of the whole secret (a prefix or an extension of a token
+    hashes to something else).
+    """
+    if not given:
+        raise Unauthorized("missing bearer token (see <data-dir>/admin.token)")
+    if token_matches(given, st.admin_token):
+        return ADMIN
+    with st.db.session() as s:
+        row = s.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(given)))
+        if row is None or row.revoked_at is not None:
+            raise Unauthorized("invalid or revoked bearer token")
+        if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
+            raise Unauthorized(f"token {row.name} expired at {row.expires_at.isoformat()}")
+        scope = Scope.parse(row.scope) if row.scope is not None else None
+        return Principal(name=row.name, role=Role(row.role), token_id=row.id, scope=scope)
+
+
+def current_principal(
+    request: Request,
     st: HubDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
-) -> str:
-    """The caller's identity from the bearer token (roles: a later issue)."""
-    given = credentials.credentials if credentials else None
-    if not token_matches(given, st.admin_token):
-        raise Unauthorized("missing or invalid bearer token (see <data-dir>/admin.token)")
-    return "admin"
+) -> Principal:
+    who = principal_of(st, credentials.credentials if credentials else None)
+    request.state.principal = who  # for the audit log
+    return who
 
 
-User = Annotated[str, Depends(current_user)]
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def require_role(needed: Role):  # type: ignore[no-untyped-def]
+    def check(who: CurrentUser) -> Principal:
+        if not who.role.allows(needed):
+            raise Forbidden(
+                f"this needs the {needed.value} role; token {who.name} has {who.role.value}",
+                role_needed=needed.value,
+            )
+        return who
+
+    return check
+
+
+Viewer = Annotated[Principal, Depends(require_role(Role.viewer))]
+Operator = Annotated[Principal, Depends(require_role(Role.operator))]
+Admin = Annotated[Principal, Depends(require_role(Role.admin))]

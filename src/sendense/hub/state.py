@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sendense.auth import ensure_token
 from sendense.catalog.db import Database
 from sendense.engine.backup import BackupEngine
 from sendense.engine.inventory import ensure_default_repository
+from sendense.engine.lifecycle import JobLifecycle, LocalJob
 from sendense.nbd.ports import PortAllocator
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
 
 log = logging.getLogger(__name__)
+
+# Factories of the job kinds the hub runs itself (engine/<kind>.py), given the
+# hub's state: each returns a `LocalJob`. Filled as kinds land.
+JOB_KINDS: list[Callable[[HubState], LocalJob]] = []
 
 
 @dataclass
@@ -24,6 +30,7 @@ class HubState:
     ports: PortAllocator
     engine: BackupEngine
     admin_token: str
+    lifecycle: JobLifecycle
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -37,13 +44,18 @@ class HubState:
         db.upgrade()
         secrets = SecretBox(data_dir / "secret.key")
         ports = PortAllocator(settings.nbd_port_first, settings.nbd_port_last, settings.nbd_bind)
-        engine = BackupEngine(db, settings, ports, secrets)
+        lifecycle = JobLifecycle(db, lease_seconds=settings.job_lease)
+        engine = BackupEngine(db, settings, ports, secrets, lifecycle)
+        state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
-        resolved = engine.recover()
+        for register in JOB_KINDS:
+            lifecycle.register(register(state))
+        resolved = engine.recover() + lifecycle.recover_local()
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)
-        return cls(settings, db, secrets, ports, engine, token)
+        lifecycle.start_renewing()
+        return state
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -44,6 +44,7 @@ def vm_view(vm: Vm, last_backup: Backup | None = None) -> dict[str, Any]:
         "name": vm.name,
         "source_id": vm.source_id,
         "path": vm.path,
+        "tags": vm.tags or {},
         "discovered_at": _t(vm.discovered_at),
         "disks": [
             {
@@ -68,6 +69,7 @@ def repository_view(repo: Repository, capacity: dict[str, Any]) -> dict[str, Any
         "path": repo.path,
         "immutable": repo.immutable,
         "retention_days": repo.retention_days,
+        "config": repo.config or {},
         "created_at": _t(repo.created_at),
         **capacity,
     }
@@ -95,6 +97,10 @@ def backup_view(b: Backup) -> dict[str, Any]:
         "digest": b.digest,
         "error": b.error,
         "tags": b.tags,
+        "synthetic": b.synthetic,
+        "verify_status": b.verify_status,
+        "verified_at": _t(b.verified_at),
+        "verify_error": b.verify_error,
         "created_at": _t(b.created_at),
         "started_at": _t(b.started_at),
         "finished_at": _t(b.finished_at),
@@ -104,6 +110,8 @@ def backup_view(b: Backup) -> dict[str, Any]:
 
 def job_view(job: BackupJob) -> dict[str, Any]:
     progress = job.progress or {}
+    if job.kind != "backup":
+        return _local_job_view(job, progress.get("job") or {})
     disks = []
     done_total = 0
     bytes_total = 0
@@ -162,6 +170,8 @@ def job_view(job: BackupJob) -> dict[str, Any]:
         "error": {"code": job.error_code, "message": job.error_message}
         if job.error_message
         else None,
+        "params": job.params or {},
+        "result": job.result or {},
         "created_by": job.created_by,
         "created_at": _t(job.created_at),
         "started_at": _t(job.started_at),
@@ -177,3 +187,42 @@ def _percent(done: int, total: int, status: str) -> float:
     if total <= 0:
         return 0.0
     return round(100.0 * done / total, 1)
+
+
+def _local_job_view(job: BackupJob, progress: dict[str, Any]) -> dict[str, Any]:
+    """A job the hub runs itself (consolidate, verify, rescan): one progress."""
+    done = int(progress.get("bytes_done") or 0)
+    total = int(progress.get("bytes_total") or 0)
+    elapsed = None
+    if job.started_at and job.finished_at:
+        elapsed = round((job.finished_at - job.started_at).total_seconds(), 3)
+    return {
+        "job_id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "step": job.step,
+        "vm_name": job.vm.name if job.vm else None,
+        "vm_context_id": job.vm_id,
+        "repository_id": job.repository_id,
+        "node_id": job.node_id,
+        "backup_type": job.requested_type,
+        "backups": list((job.params or {}).get("backup_ids") or []),
+        "disks": [],
+        "bytes_done": done,
+        "bytes_total": total,
+        "percent": _percent(done, total, job.status),
+        "rate": None,
+        "eta": None,
+        "messages": (job.messages or {}).get("node", []),
+        "error": {"code": job.error_code, "message": job.error_message}
+        if job.error_message
+        else None,
+        "params": job.params or {},
+        "result": job.result or {},
+        "created_by": job.created_by,
+        "created_at": _t(job.created_at),
+        "started_at": _t(job.started_at),
+        "finished_at": _t(job.finished_at),
+        "elapsed_seconds": elapsed,
+        "tags": job.tags,
+    }

@@ -17,11 +17,11 @@ from sendense import __version__
 from sendense.auth import bearer, ensure_token, token_matches
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import InvalidRequest, Unauthorized
-from sendense.hub.errors import install_error_handlers
 from sendense.mover.digest import ALGORITHMS
 from sendense.node.runner import JobRunner
 from sendense.node.worker import parse_targets
 from sendense.settings import NodeSettings
+from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 

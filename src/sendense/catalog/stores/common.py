@@ -1,0 +1,4 @@
+"""Vocabulary shared by the stores."""
+
+# Job and backup statuses of work in progress.
+ACTIVE = ("pending", "running")

@@ -1,0 +1,1 @@
+"""The backups resource: router (HTTP), service (rules), schemas."""

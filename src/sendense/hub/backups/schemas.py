@@ -1,0 +1,83 @@
+"""Backups (restore points): what the API takes and answers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MAX_INT = 2**31 - 1
+
+
+class BackupCreate(BaseModel):
+    vm_name: str = Field(min_length=1, max_length=200)
+    repository_id: str = Field(min_length=1, max_length=36)
+    backup_type: Literal["full", "incremental", "auto"] = "auto"
+    disk_id: int | None = Field(default=None, ge=0, le=MAX_INT)
+    tags: dict[str, Any] | None = None
+
+
+class BackupRead(BaseModel):
+    backup_id: str
+    job_id: str
+    vm_name: str | None
+    vm_context_id: str
+    disk_id: int
+    disk_key: int
+    repository_id: str
+    backup_type: str
+    status: str
+    parent_backup_id: str | None
+    file_path: str
+    nbd_export_name: str
+    total_bytes: int
+    bytes_transferred: int
+    size_on_disk: int
+    change_id: str | None
+    previous_change_id: str | None
+    digest: str | None
+    error: str | None
+    tags: dict[str, Any]
+    synthetic: bool
+    verify_status: Literal["ok", "failed"] | None
+    verified_at: datetime | None
+    verify_error: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    immutable_until: datetime | None
+
+
+class BackupList(BaseModel):
+    backups: list[BackupRead]
+    total: int
+
+
+class ChainLink(BaseModel):
+    backup_id: str
+    backup_type: str
+    parent_backup_id: str | None
+    file_path: str
+    size_on_disk: int
+    bytes_transferred: int
+    change_id: str | None
+    synthetic: bool
+    verify_status: str | None
+    immutable_until: datetime | None
+    created_at: datetime | None
+
+
+class DiskChain(BaseModel):
+    disk_id: int
+    disk_key: int
+    chain: list[ChainLink]
+    chain_length: int
+    total_size_bytes: int
+    restore_points: int
+
+
+class ChainRead(BaseModel):
+    vm_name: str
+    vm_context_id: str
+    disks: list[DiskChain]

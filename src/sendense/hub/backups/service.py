@@ -1,0 +1,189 @@
+"""Backups: start, list, details, chains; what a caller may see of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sendense.catalog.models import Backup, Vm
+from sendense.catalog.stores import BackupStore, JobStore, VmStore
+from sendense.core.access import Principal
+from sendense.core.errors import InvalidRequest, NotFound
+from sendense.engine.backup import BackupRequest
+from sendense.hub.state import HubState
+from sendense.hub.views import backup_view, job_view
+from sendense.hub.vms.service import visible_vm
+
+
+@dataclass
+class BackupFilter:
+    vm_name: str | None = None
+    vm_id: str | None = None
+    repository_id: str | None = None
+    backup_type: str | None = None
+    status: str | None = None
+    verify_status: str | None = None
+    disk_index: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def visible_vm_ids(s: Session, who: Principal) -> set[str] | None:
+    """Ids of the VMs a scoped caller may see; None: all of them."""
+    if who.scope is None:
+        return None
+    rows = s.execute(select(Vm.id, Vm.name, Vm.tags)).all()
+    return who.visible_vm_ids((r[0], r[1], r[2]) for r in rows)
+
+
+def visible_backup(s: Session, who: Principal, backup_id: str) -> Backup:
+    """The backup, or NotFound (also when the caller's scope hides its VM)."""
+    b = BackupStore(s).get(backup_id)
+    if b is None or (
+        who.scope is not None
+        and not (who.can_see_vm(b.vm.name, b.vm.tags) and who.can_see_repository(b.repository_id))
+    ):
+        raise NotFound(f"backup {backup_id} not found", backup_id=backup_id)
+    return b
+
+
+def start_backup(st: HubState, who: Principal, body: Any) -> dict[str, Any]:
+    with st.db.session() as s:
+        visible_vm(s, who, body.vm_name)
+        if not who.can_see_repository(body.repository_id):
+            raise InvalidRequest(
+                f"repository_id {body.repository_id} does not exist",
+                repository_id=body.repository_id,
+            )
+    job_id = st.engine.start(
+        BackupRequest(
+            vm_name=body.vm_name,
+            repository_id=body.repository_id,
+            backup_type=body.backup_type,
+            disk_id=body.disk_id,
+            tags=body.tags,
+            created_by=who.name,
+        )
+    )
+    with st.db.session() as s:
+        job = JobStore(s).get(job_id)
+        assert job is not None
+        view = job_view(job)
+        return {
+            "job_id": job_id,
+            "status": view["status"],
+            "job": view,
+            "backups": [backup_view(b) for b in job.backups],
+        }
+
+
+def list_backups(
+    st: HubState, who: Principal, f: BackupFilter, *, limit: int, offset: int
+) -> dict[str, Any]:
+    with st.db.session() as s:
+        vm_id = f.vm_id
+        if f.vm_name:
+            vm = VmStore(s).by_name(f.vm_name)
+            if vm is None or (f.vm_id and f.vm_id != vm.id):
+                return {"backups": [], "total": 0}
+            vm_id = vm.id
+        vm_ids = visible_vm_ids(s, who)
+        repositories = None if who.scope is None else sorted(who.scope.repositories)
+        rows, total = BackupStore(s).list(
+            vm_id=vm_id,
+            vm_ids=vm_ids,
+            repository_id=f.repository_id,
+            repository_ids=repositories,
+            backup_type=f.backup_type,
+            status=f.status,
+            verify_status=f.verify_status,
+            disk_index=f.disk_index,
+            since=f.since,
+            until=f.until,
+            limit=limit,
+            offset=offset,
+        )
+        return {"backups": [backup_view(b) for b in rows], "total": total}
+
+
+def get_backup(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        return backup_view(visible_backup(s, who, backup_id))
+
+
+def chain(
+    st: HubState,
+    who: Principal,
+    *,
+    vm_name: str | None = None,
+    vm_id: str | None = None,
+    disk_id: int | None = None,
+    repository_id: str | None = None,
+) -> dict[str, Any]:
+    with st.db.session() as s:
+        if vm_name is not None:
+            vm = visible_vm(s, who, vm_name)
+        else:
+            found = VmStore(s).get(vm_id or "")
+            if found is None or not who.can_see_vm(found.name, found.tags):
+                raise NotFound(f"VM context {vm_id} not found", vm_context_id=vm_id)
+            vm = found
+        if repository_id is not None and not who.can_see_repository(repository_id):
+            raise NotFound(f"repository {repository_id} not found")
+        return chain_view(s, who, vm, disk_id, repository_id)
+
+
+def chain_view(
+    s: Session, who: Principal, vm: Vm, disk_id: int | None, repository_id: str | None
+) -> dict[str, Any]:
+    disks = [d for d in vm.disks if disk_id is None or d.disk_index == disk_id]
+    if disk_id is not None and not disks:
+        raise NotFound(
+            f"disk_id {disk_id} is out of range for VM {vm.name} (disks 0..{len(vm.disks) - 1})",
+            disk_id=disk_id,
+        )
+    out = []
+    for d in disks:
+        backups = [
+            b
+            for b in BackupStore(s).chain(vm.id, d.disk_index, repository_id)
+            if who.can_see_repository(b.repository_id)
+        ]
+        # The current chain: from the newest restore point back through parents.
+        by_id = {b.id: b for b in backups}
+        links = []
+        cur = backups[-1] if backups else None
+        while cur is not None:
+            links.append(cur)
+            cur = by_id.get(cur.parent_id) if cur.parent_id else None
+        links.reverse()
+        out.append(
+            {
+                "disk_id": d.disk_index,
+                "disk_key": d.disk_key,
+                "chain": [
+                    {
+                        "backup_id": b.id,
+                        "backup_type": b.backup_type,
+                        "parent_backup_id": b.parent_id,
+                        "file_path": b.file_path,
+                        "size_on_disk": b.size_on_disk,
+                        "bytes_transferred": b.bytes_transferred,
+                        "change_id": b.change_id,
+                        "synthetic": b.synthetic,
+                        "verify_status": b.verify_status,
+                        "immutable_until": b.immutable_until,
+                        "created_at": b.created_at,
+                    }
+                    for b in links
+                ],
+                "chain_length": len(links),
+                "total_size_bytes": sum(b.size_on_disk for b in links),
+                "restore_points": len(backups),
+            }
+        )
+    return {"vm_name": vm.name, "vm_context_id": vm.id, "disks": out}

@@ -1,0 +1,1 @@
+"""The jobs resource: router (HTTP), service (rules), schemas."""

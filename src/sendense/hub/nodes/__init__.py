@@ -1,0 +1,1 @@
+"""The nodes resource: router (HTTP), service (rules), schemas."""

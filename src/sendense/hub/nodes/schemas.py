@@ -1,0 +1,55 @@
+"""Nodes: what the API takes and answers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from sendense.hub.validation import check_token_text, check_url
+
+
+class NodeCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    url: str = Field(min_length=1, max_length=500)
+    token: str = Field(min_length=1, max_length=500)
+    verify: bool = True
+
+    _url = field_validator("url")(check_url)
+    _token = field_validator("token")(check_token_text)
+
+    def __repr__(self) -> str:
+        return f"NodeCreate(name={self.name!r}, url={self.url!r})"
+
+
+class NodeUpdate(BaseModel):
+    url: str | None = Field(default=None, min_length=1, max_length=500)
+    token: str | None = Field(default=None, min_length=1, max_length=500)
+    verify: bool = True
+
+    _url = field_validator("url")(check_url)
+    _token = field_validator("token")(check_token_text)
+
+    def __repr__(self) -> str:
+        return f"NodeUpdate(url={self.url!r})"
+
+
+class NodeHealth(BaseModel):
+    status: Literal["online", "unreachable", "unknown"]
+    version: str | None = None
+    error: str | None = None
+    checked_at: datetime | None = None
+    age_seconds: float | None = None
+
+
+class NodeRead(BaseModel):
+    node_id: str
+    name: str
+    url: str
+    created_at: datetime | None
+    health: NodeHealth | None = None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeRead]

@@ -1,0 +1,1 @@
+"""The repositories resource: router (HTTP), service (rules), schemas."""

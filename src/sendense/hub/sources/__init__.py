@@ -1,0 +1,1 @@
+"""The sources resource: router (HTTP), service (rules), schemas."""

@@ -1,0 +1,38 @@
+"""Field checks shared by the hub's schemas: each raises ValueError naming
+what is wrong, which the error handler turns into a 400 naming the field."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+
+def check_url(value: str | None) -> str | None:
+    """An http(s) URL with a host and, if given, a valid port."""
+    if value is None:
+        return None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        raise ValueError(f"is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    if port == 0:
+        raise ValueError("port must be 1-65535")
+    return value.rstrip("/")
+
+
+def check_token_text(value: str | None) -> str | None:
+    """A bearer token: printable ASCII, no spaces (it goes into an HTTP header).
+
+    The message never repeats the value: it is a credential.
+    """
+    if value is None:
+        return None
+    if not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise ValueError("must be printable ASCII without spaces or control characters")
+    return value

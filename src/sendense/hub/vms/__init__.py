@@ -1,0 +1,1 @@
+"""The vms resource: router (HTTP), service (rules), schemas."""

@@ -1,0 +1,27 @@
+"""/api/v1/vms: HTTP only; rules in service.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from sendense.hub.deps import Admin, HubDep, Viewer
+from sendense.hub.openapi import errors
+from sendense.hub.vms import service
+from sendense.hub.vms.schemas import DiscoverRequest, VmList, VmRead
+
+router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
+
+
+@router.post("/discover", response_model=VmList, responses=errors(404, 409, 503))
+def discover(body: DiscoverRequest, st: HubDep, who: Admin) -> dict:
+    return {"vms": service.discover(st, body.source_id)}
+
+
+@router.get("", response_model=VmList, responses=errors())
+def list_vms(st: HubDep, who: Viewer) -> dict:
+    return {"vms": service.list_vms(st, who)}
+
+
+@router.get("/{vm_name}", response_model=VmRead, responses=errors(404))
+def get_vm(vm_name: str, st: HubDep, who: Viewer) -> dict:
+    return service.get_vm(st, who, vm_name)

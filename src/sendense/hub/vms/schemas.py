@@ -1,0 +1,38 @@
+"""VMs and their disks: what the API takes and answers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from sendense.hub.backups.schemas import BackupRead
+
+
+class DiscoverRequest(BaseModel):
+    source_id: str = Field(min_length=1, max_length=36)
+
+
+class DiskRead(BaseModel):
+    disk_id: int = Field(description="0-based index of the disk in the VM")
+    disk_key: int = Field(description="VMware-style key: 2000 + index for most sources")
+    label: str
+    capacity_bytes: int
+    size_gb: float
+    path: str
+
+
+class VmRead(BaseModel):
+    vm_id: str
+    vm_context_id: str
+    name: str
+    source_id: str
+    path: str
+    tags: dict[str, str]
+    discovered_at: datetime | None
+    disks: list[DiskRead]
+    last_backup: BackupRead | None
+
+
+class VmList(BaseModel):
+    vms: list[VmRead]

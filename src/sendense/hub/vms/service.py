@@ -1,0 +1,39 @@
+"""VMs: discovery and what a caller may see of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sendense.catalog.models import Vm
+from sendense.catalog.stores import BackupStore, VmStore
+from sendense.core.access import Principal
+from sendense.core.errors import NotFound
+from sendense.engine import inventory
+from sendense.hub.state import HubState
+from sendense.hub.views import vm_view
+
+
+def discover(st: HubState, source_id: str) -> list[dict[str, Any]]:
+    with st.db.session() as s:
+        return [vm_view(v) for v in inventory.discover(s, st.secrets, source_id)]
+
+
+def list_vms(st: HubState, who: Principal) -> list[dict[str, Any]]:
+    with st.db.session() as s:
+        vms = [v for v in VmStore(s).all() if who.can_see_vm(v.name, v.tags)]
+        latest = BackupStore(s).latest_for_vms([v.id for v in vms])
+        return [vm_view(v, latest.get(v.id)) for v in vms]
+
+
+def visible_vm(s: Any, who: Principal, vm_name: str) -> Vm:
+    """The VM by name, or NotFound (also when the caller's scope hides it)."""
+    vm = VmStore(s).by_name(vm_name)
+    if vm is None or not who.can_see_vm(vm.name, vm.tags):
+        raise NotFound(f"VM {vm_name} not found", vm_name=vm_name)
+    return vm
+
+
+def get_vm(st: HubState, who: Principal, vm_name: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        vm = visible_vm(s, who, vm_name)
+        return vm_view(vm, BackupStore(s).latest_for_vm(vm.id))

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by hub and node: the one error body."""
