@@ -585,7 +585,7 @@ class BackupEngine:
 
     # ---------------------------------------------------------------- recover
 
-    def recover(self) -> list[str]:
+    def recover(self, *, sweep_pidfiles: bool = True) -> list[str]:
         """Resolve jobs a previous hub process left running; stop orphan exports.
 
         A job whose node still runs it, with all its qemu-nbd targets alive,
@@ -646,6 +646,8 @@ class BackupEngine:
                     code="hub_restarted",
                 )
             resolved.append(job_id)
+        if not sweep_pidfiles:
+            return resolved
         with self.db.session() as s:
             # Targets of jobs that are still active are not orphans.
             live = set(

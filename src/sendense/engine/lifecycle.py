@@ -164,13 +164,16 @@ class JobLifecycle:
         """Columns of a new job row this process owns."""
         return {"owner": self.owner, "lease_until": self.lease_until()}
 
-    def start_renewing(self) -> None:
-        """Renew this process's leases every third of the lease."""
+    def start_renewing(self, on_tick: Callable[[], Any] | None = None) -> None:
+        """Renew this process's leases every third of the lease, then call
+        ``on_tick`` (the hub takes over jobs whose owner died meanwhile)."""
 
         def loop() -> None:
             while not self._stopping.wait(self.lease.total_seconds() / 3):
                 try:
                     self.renew()
+                    if on_tick is not None:
+                        on_tick()
                 except Exception:
                     log.exception("lease renewal failed")
 

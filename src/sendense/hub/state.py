@@ -54,8 +54,15 @@ class HubState:
         resolved = engine.recover() + lifecycle.recover_local()
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)
-        lifecycle.start_renewing()
+        lifecycle.start_renewing(state.take_over_orphans)
         return state
+
+    def take_over_orphans(self) -> None:
+        """Jobs whose hub process died while this one runs (several hubs on
+        one catalog): adopt, finish or fail them as at start."""
+        resolved = self.engine.recover(sweep_pidfiles=False) + self.lifecycle.recover_local()
+        if resolved:
+            log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
         self.engine.shutdown()
