@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 
 import nbd
@@ -12,7 +14,7 @@ from fixtures.cluster import port_range
 from sendense.core.errors import QemuImgError, QemuNbdError, QmpError
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
-from sendense.qemu.qmp import QmpClient
+from sendense.qemu.qmp import MAX_MESSAGE, QmpClient
 
 
 def test_create_with_relative_backing_and_info(tmp_path: Path) -> None:
@@ -90,3 +92,49 @@ def test_qmp_client(make_vm) -> None:
 def test_qmp_unreachable_socket(tmp_path: Path) -> None:
     with pytest.raises(QmpError, match="cannot connect"):
         QmpClient(str(tmp_path / "none.qmp")).connect()
+
+
+def qmp_peer(path: Path, payload: bytes, *, repeat: int = 1) -> tuple[threading.Thread, list[int]]:
+    """A unix socket whose peer sends ``payload`` ``repeat`` times, or until
+    the client hangs up; ``sent[0]`` counts the bytes that went out."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    sent = [0]
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    for _ in range(repeat):
+                        conn.sendall(payload)
+                        sent[0] += len(payload)
+                except OSError:
+                    pass  # the client hung up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, sent
+
+
+def test_qmp_refuses_a_message_without_end_of_line(tmp_path: Path) -> None:
+    """A peer that streams without a newline cannot grow the client's buffer
+    past MAX_MESSAGE (plus one read): the client gives up and hangs up."""
+    path = tmp_path / "flood.qmp"
+    thread, sent = qmp_peer(path, b"x" * 65536, repeat=(3 * MAX_MESSAGE) // 65536)
+    client = QmpClient(str(path), timeout=10)
+    with pytest.raises(QmpError, match=f"exceeded {MAX_MESSAGE} bytes"):
+        client.connect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert sent[0] < 2 * MAX_MESSAGE  # it stopped reading: the rest never went out
+    assert client._sock is None and not client._buf  # closed, buffer freed
+
+
+def test_qmp_garbage_is_a_qmp_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.qmp"
+    thread, _ = qmp_peer(path, b"<html>not qmp</html>\n")
+    with pytest.raises(QmpError, match="not a JSON message"):
+        QmpClient(str(path), timeout=10).connect()
+    thread.join(timeout=10)
