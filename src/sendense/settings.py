@@ -30,6 +30,9 @@ class HubSettings(BaseSettings):
     # A job's owner renews its lease every third of this; a lease this old
     # means its hub process is gone (engine/lifecycle.py).
     job_lease: float = 30.0
+    # Bytes/s a consolidation's merge (qemu-img commit) may write; 0: no
+    # limit. Recovery after a crash rolls forward at full speed.
+    merge_rate: int = 0
     log_level: str = "INFO"
 
     @property

@@ -96,3 +96,27 @@ class DiskBusy(Conflict):
 
 class NoParent(Conflict):
     code = "no_parent"
+
+
+class BackupLocked(Conflict):
+    """A restore point under an immutable lock (``details.immutable_until``)."""
+
+    code = "immutable"
+
+
+class HasDependents(Conflict):
+    """Newer restore points read through this one (``details.dependents``)."""
+
+    code = "has_dependents"
+
+
+class BackupInUse(Conflict):
+    """A job or a restore session holds the restore point."""
+
+    code = "in_use"
+
+
+class BackupNotRestorable(Conflict):
+    """The backup is not a completed restore point (failed, being deleted, ...)."""
+
+    code = "not_completed"

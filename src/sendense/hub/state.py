@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from sendense.auth import ensure_token
 from sendense.catalog.db import Database
 from sendense.engine.backup import BackupEngine
+from sendense.engine.consolidate import ConsolidateJob
+from sendense.engine.delete import recover_deletes
 from sendense.engine.inventory import ensure_default_repository
 from sendense.engine.lifecycle import JobLifecycle, LocalJob
+from sendense.engine.verify import VerifyJob
 from sendense.nbd.ports import PortAllocator
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
@@ -19,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Factories of the job kinds the hub runs itself (engine/<kind>.py), given the
 # hub's state: each returns a `LocalJob`. Filled as kinds land.
-JOB_KINDS: list[Callable[[HubState], LocalJob]] = []
+JOB_KINDS: list[Callable[[HubState], LocalJob]] = [ConsolidateJob, VerifyJob]
 
 
 @dataclass
@@ -51,6 +54,7 @@ class HubState:
             ensure_default_repository(s, data_dir / "repositories" / "default")
         for register in JOB_KINDS:
             lifecycle.register(register(state))
+        recover_deletes(db)  # deletes a dead hub left half done: files, then rows
         resolved = engine.recover() + lifecycle.recover_local()
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)

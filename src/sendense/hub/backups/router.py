@@ -7,13 +7,23 @@ Order matters: ``/chain`` and ``/{vm_name}/chain`` are declared before
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 
 from sendense.hub.backups import service
-from sendense.hub.backups.schemas import MAX_INT, BackupCreate, BackupList, BackupRead, ChainRead
-from sendense.hub.deps import HubDep, Operator, Viewer
+from sendense.hub.backups.schemas import (
+    MAX_INT,
+    BackupCreate,
+    BackupDeleted,
+    BackupList,
+    BackupRead,
+    ChainRead,
+    ConsolidatePlan,
+    ConsolidateRequest,
+)
+from sendense.hub.deps import Admin, HubDep, Operator, Viewer
 from sendense.hub.jobs.schemas import JobStarted
 from sendense.hub.openapi import errors
 
@@ -90,3 +100,62 @@ def chain_by_name(
 @router.get("/{backup_id}", response_model=BackupRead, responses=errors(404))
 def get_backup(backup_id: str, st: HubDep, who: Viewer) -> dict:
     return service.get_backup(st, who, backup_id)
+
+
+# ------------------------------------------------- delete, consolidate, verify
+
+
+@router.delete("/{backup_id}", response_model=BackupDeleted, responses=errors(404, 409))
+def delete_backup(
+    backup_id: str,
+    st: HubDep,
+    who: Admin,
+    cascade: bool = Query(
+        default=False, description="also delete every newer restore point that depends on it"
+    ),
+) -> dict:
+    """Delete a restore point: its QCOW2, sidecar and record go together.
+
+    409 ``has_dependents`` (``details.dependents``) unless ``cascade``;
+    409 ``immutable`` (``details.immutable_until``); 409 ``in_use`` while a
+    job or restore session holds it (or any backup of the cascade).
+    """
+    return service.delete_backup(st, who, backup_id, cascade=cascade)
+
+
+@router.post(
+    "/consolidate",
+    status_code=202,
+    response_model=JobStarted,
+    responses={
+        **errors(404, 409),
+        200: {"model": ConsolidatePlan, "description": "``dry_run``: the plan, nothing done"},
+    },
+)
+def consolidate(
+    body: ConsolidateRequest,
+    st: HubDep,
+    who: Admin,
+    dry_run: bool = Query(default=False, description="answer the plan (200) without running it"),
+) -> Any:
+    """Merge the oldest restore points of each disk's chain so that at most
+    ``keep`` remain; the oldest remaining one becomes a synthetic full that
+    keeps its ``backup_id``. Every remaining restore point reads as before."""
+    result = service.consolidate(st, who, body, dry_run=dry_run)
+    if dry_run:
+        plan = ConsolidatePlan.model_validate(result)
+        return JSONResponse(status_code=200, content=plan.model_dump(mode="json"))
+    return result
+
+
+@router.post(
+    "/{backup_id}/verify",
+    status_code=202,
+    response_model=JobStarted,
+    responses=errors(404, 409),
+)
+def verify_backup(backup_id: str, st: HubDep, who: Operator) -> dict:
+    """Check a restore point: ``qemu-img check`` of its chain, then its digest
+    recomputed through the chain. The outcome lands on the backup
+    (``verify_status``, ``verified_at``, ``verify_error``)."""
+    return service.verify_backup(st, who, backup_id)

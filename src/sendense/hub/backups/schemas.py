@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 MAX_INT = 2**31 - 1
 
@@ -81,3 +81,61 @@ class ChainRead(BaseModel):
     vm_name: str
     vm_context_id: str
     disks: list[DiskChain]
+
+
+# ------------------------------------------------- delete, consolidate, verify
+
+
+class BackupDeleted(BaseModel):
+    """What a delete removed: the backups (newest first) and the bytes freed."""
+
+    deleted: list[str]
+    freed_bytes: int
+
+
+class ConsolidateRequest(BaseModel):
+    """Merge the oldest restore points so that at most ``keep`` remain:
+    of each disk of ``vm_name`` (or of ``disk_id`` only), or of the chain
+    that ``chain_id`` (the backup id of any of its restore points) is in."""
+
+    vm_name: str | None = Field(default=None, min_length=1, max_length=200)
+    disk_id: int | None = Field(default=None, ge=0, le=MAX_INT)
+    chain_id: str | None = Field(default=None, min_length=1, max_length=36)
+    keep: int = Field(ge=1, le=MAX_INT)
+
+    @model_validator(mode="after")
+    def one_target(self) -> ConsolidateRequest:
+        if (self.vm_name is None) == (self.chain_id is None):
+            raise ValueError("give either vm_name or chain_id")
+        if self.chain_id is not None and self.disk_id is not None:
+            raise ValueError("disk_id goes with vm_name (a chain is one disk's already)")
+        return self
+
+
+class PlanLink(BaseModel):
+    backup_id: str
+    file_path: str
+    status: str
+
+
+class DiskPlan(BaseModel):
+    disk_id: int
+    disk_key: int
+    repository_id: str
+    base: PlanLink
+    new_base: PlanLink
+    remove: list[PlanLink]
+    kept: list[str]
+    chain_length_before: int
+    chain_length_after: int
+    merge_bytes: int
+
+
+class ConsolidatePlan(BaseModel):
+    """A dry run's answer: what the job would do, per disk (none: nothing to merge)."""
+
+    dry_run: bool
+    vm_name: str
+    keep: int
+    disks: list[DiskPlan]
+    backup_ids: list[str]

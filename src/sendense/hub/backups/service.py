@@ -13,6 +13,9 @@ from sendense.catalog.models import Backup, Vm
 from sendense.catalog.stores import BackupStore, JobStore, VmStore
 from sendense.core.access import Principal
 from sendense.core.errors import InvalidRequest, NotFound
+from sendense.engine import consolidate as consolidation
+from sendense.engine import delete
+from sendense.engine import verify as verification
 from sendense.engine.backup import BackupRequest
 from sendense.hub.state import HubState
 from sendense.hub.views import backup_view, job_view
@@ -187,3 +190,78 @@ def chain_view(
             }
         )
     return {"vm_name": vm.name, "vm_context_id": vm.id, "disks": out}
+
+
+# ------------------------------------------------- delete, consolidate, verify
+
+
+def delete_backup(st: HubState, who: Principal, backup_id: str, *, cascade: bool) -> dict[str, Any]:
+    """Delete a restore point (engine/delete.py: check, mark, files, rows)."""
+    with st.db.session() as s:
+        visible_backup(s, who, backup_id)
+    return delete.delete_backup(st.db, backup_id, cascade=cascade)
+
+
+def _started(st: HubState, job_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        job = JobStore(s).get(job_id)
+        assert job is not None
+        view = job_view(job)
+        return {"job_id": job_id, "status": view["status"], "job": view, "backups": []}
+
+
+def consolidate(st: HubState, who: Principal, body: Any, *, dry_run: bool) -> dict[str, Any]:
+    """Plan a consolidation and start it as a job (or only answer the plan)."""
+    with st.db.session() as s:
+        if body.chain_id is not None:
+            vm_id = visible_backup(s, who, body.chain_id).vm_id
+        else:
+            vm_id = visible_vm(s, who, body.vm_name).id
+    with st.db.session() as s:
+        delete.lock_vm(s, vm_id)
+        vm = VmStore(s).get(vm_id)
+        member = BackupStore(s).get(body.chain_id) if body.chain_id else None
+        if vm is None or (body.chain_id and member is None):
+            raise NotFound("the VM or backup went away", vm_name=body.vm_name)
+        plan = consolidation.plan_consolidation(
+            s, vm, body.keep, disk_index=body.disk_id, member=member
+        )
+        if dry_run:
+            return {"dry_run": True, **plan}
+        consolidation.mark_merging(s, plan)
+        job = st.lifecycle.new_local_job(
+            s,
+            consolidation.KIND,
+            plan,
+            vm_id=vm.id,
+            repository_id=plan["disks"][0]["repository_id"] if plan["disks"] else None,
+            created_by=who.name,
+            holds=plan["backup_ids"],
+        )
+        job_id = job.id
+    st.lifecycle.launch(job_id)
+    return _started(st, job_id)
+
+
+def verify_backup(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
+    """Start a verify job of a restore point (engine/verify.py)."""
+    with st.db.session() as s:
+        vm_id = visible_backup(s, who, backup_id).vm_id
+    with st.db.session() as s:
+        delete.lock_vm(s, vm_id)  # not while a delete or merge of the chain is being planned
+        b = BackupStore(s).get(backup_id)
+        if b is None:
+            raise NotFound(f"backup {backup_id} not found", backup_id=backup_id)
+        params = verification.plan_verify(s, b)
+        job = st.lifecycle.new_local_job(
+            s,
+            verification.KIND,
+            params,
+            vm_id=b.vm_id,
+            repository_id=b.repository_id,
+            created_by=who.name,
+            holds=params["backup_ids"],
+        )
+        job_id = job.id
+    st.lifecycle.launch(job_id)
+    return _started(st, job_id)
