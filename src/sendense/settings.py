@@ -60,4 +60,7 @@ class NodeSettings(BaseSettings):
     parallel_disks: int = 2
     # Digest algorithm of restore points (mover/digest.py): x3-64k or b3-64k.
     digest: str = "x3-64k"
+    # Seconds an ended job's folder (<data_dir>/jobs/<id>: status, log) is
+    # kept after its last change; 0 keeps them all.
+    job_retention: float = 7 * 86400.0
     log_level: str = "INFO"

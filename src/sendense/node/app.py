@@ -8,10 +8,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Header
-from pydantic import BaseModel, Field, field_validator
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from sendense import __version__
 from sendense.auth import bearer, ensure_token, token_matches
@@ -19,41 +20,20 @@ from sendense.connectors.registry import make_connector
 from sendense.core.errors import InvalidRequest, Unauthorized
 from sendense.mover.digest import ALGORITHMS
 from sendense.node.runner import JobRunner
-from sendense.node.worker import parse_targets
+from sendense.protocol.node import (
+    BackupStartAnswer,
+    BackupStartRequest,
+    DiscoverAnswer,
+    DiscoverRequest,
+    JobLog,
+    JobStatusReport,
+    NodeHealth,
+    WorkerJob,
+)
 from sendense.settings import NodeSettings
 from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
-
-
-class SourceSpec(BaseModel):
-    type: str = Field(min_length=1)
-    config: dict[str, Any]
-
-
-class BackupStart(BaseModel):
-    job_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    vm_name: str = Field(min_length=1)
-    source: SourceSpec
-    vm_path: str = ""
-    nbd_targets: str = Field(min_length=1)
-    backup_type: Literal["full", "incremental"]
-    previous_change_ids: dict[str, str] = Field(default_factory=dict)
-    in_flight: int | None = Field(default=None, ge=1, le=64)
-    request_size: int | None = Field(default=None, ge=65536, le=32 << 20)
-
-    @field_validator("nbd_targets")
-    @classmethod
-    def _targets(cls, v: str) -> str:
-        parse_targets(v)
-        return v
-
-    def __repr__(self) -> str:  # never show the source's credentials
-        return f"BackupStart(job_id={self.job_id!r}, vm_name={self.vm_name!r})"
-
-
-class Discover(BaseModel):
-    source: SourceSpec
 
 
 def create_app(settings: NodeSettings) -> FastAPI:
@@ -76,52 +56,81 @@ def create_app(settings: NodeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.prune(settings.job_retention)
         runner.refill()
         yield
         runner.close()
 
-    app = FastAPI(title="Sendense node", version=__version__, lifespan=lifespan)
+    # The API documents the node: like every route but health, it needs the
+    # token (FastAPI's own /docs, /redoc and /openapi.json would not).
+    app = FastAPI(
+        title="Sendense node",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     install_error_handlers(app)
     app.state.runner = runner
 
+    @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[Auth], include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    @app.get("/redoc", dependencies=[Auth], include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
     @app.get("/api/v1/health")
-    def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "version": __version__,
-            "uptime": round(time.time() - started, 1),
-            "pid": os.getpid(),
-        }
+    def health() -> NodeHealth:
+        return NodeHealth(
+            version=__version__, uptime=round(time.time() - started, 1), pid=os.getpid()
+        )
 
     @app.post("/api/v1/backup/start", dependencies=[Auth])
-    def start_backup(body: BackupStart, background: BackgroundTasks) -> dict[str, Any]:
-        request = body.model_dump()
-        request["in_flight"] = body.in_flight or settings.in_flight
-        request["request_size"] = body.request_size or settings.request_size
-        request["max_rate"] = settings.max_rate
-        request["digest"] = settings.digest
-        request["parallel_disks"] = settings.parallel_disks
-        runner.reap()
-        answer = runner.start(request)
+    def start_backup(body: BackupStartRequest, background: BackgroundTasks) -> BackupStartAnswer:
+        job_dir = runner.job_dir(body.job_id)
+        # A source this node cannot serve, or its config, is a 400 now rather
+        # than a failed job later (building a connector checks, does no I/O).
+        make_connector(body.source.model_dump(), workdir=str(job_dir / "work"))
+        runner.prune(settings.job_retention)
+        job = WorkerJob.from_request(
+            body,
+            job_dir=job_dir,
+            in_flight=settings.in_flight,
+            request_size=settings.request_size,
+            max_rate=settings.max_rate,
+            digest=settings.digest,
+            parallel_disks=settings.parallel_disks,
+        )
+        answer = runner.start(job)
         background.add_task(runner.refill)
         return answer
 
-    @app.get("/api/v1/status/{job_id}", dependencies=[Auth])
-    def status(job_id: str) -> dict[str, Any]:
+    # exclude_unset: the report as the worker wrote it, no keys added.
+    @app.get("/api/v1/status/{job_id}", dependencies=[Auth], response_model_exclude_unset=True)
+    def status(job_id: str) -> JobStatusReport:
         return runner.status(job_id)
 
-    @app.post("/api/v1/jobs/{job_id}/cancel", dependencies=[Auth])
-    def cancel(job_id: str) -> dict[str, Any]:
+    @app.post(
+        "/api/v1/jobs/{job_id}/cancel", dependencies=[Auth], response_model_exclude_unset=True
+    )
+    def cancel(job_id: str) -> JobStatusReport:
         return runner.cancel(job_id)
 
     @app.get("/api/v1/jobs/{job_id}/log", dependencies=[Auth])
-    def job_log(job_id: str) -> dict[str, Any]:
+    def job_log(job_id: str) -> JobLog:
         path: Path = runner.job_dir(job_id) / "job.log"
-        return {"job_id": job_id, "log": path.read_text() if path.exists() else ""}
+        return JobLog(job_id=job_id, log=path.read_text() if path.exists() else "")
 
     @app.post("/api/v1/discover", dependencies=[Auth])
-    def discover(body: Discover) -> dict[str, Any]:
+    def discover(body: DiscoverRequest) -> DiscoverAnswer:
         connector = make_connector(body.source.model_dump(), workdir=str(data_dir / "discover"))
-        return {"vms": [vm.as_dict() for vm in connector.discover()]}
+        return DiscoverAnswer.model_validate({"vms": [vm.as_dict() for vm in connector.discover()]})
 
     return app

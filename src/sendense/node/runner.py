@@ -1,24 +1,57 @@
-"""Starts, watches and cancels job worker processes on the node."""
+"""Starts, watches, cancels and prunes job worker processes on the node.
+
+Each job has a folder ``<data-dir>/jobs/<job_id>/``: ``pid``, ``status.json``
+(the worker's `JobStatusReport`), ``job.log``, ``worker.stderr``. Folders of
+ended jobs are removed once nothing changed in them for the retention time
+(`prune`).
+
+The registry (`_jobs`) holds the jobs this process started, by id, with their
+VM and worker process: one job per VM at a time. Requests run in parallel
+threads, so the busy check, the job folder's creation and the job's entry
+are one step under `_jobs_lock`; the job's entry then "reserves" the VM
+(no process yet) while a worker takes the job, which happens outside the
+lock.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound
+from sendense.core.errors import Conflict, Error, NotFound
+from sendense.protocol.node import (
+    JOB_ID,
+    BackupStartAnswer,
+    JobError,
+    JobStatusReport,
+    WorkerJob,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A job folder being removed: renamed first (a name no job id can have), so
+# that a job of the same id never finds half a folder.
+PRUNING = ".pruning-"
+
+
+@dataclass
+class _Job:
+    vm_name: str
+    # None while the job is being handed to a worker (the VM is reserved).
+    proc: subprocess.Popen[bytes] | None = None
+    cancel_requested: bool = False
+
+    def running(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
 
 
 class JobRunner:
@@ -26,15 +59,18 @@ class JobRunner:
         self.data_dir = data_dir
         self.jobs_dir = data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.vms: dict[str, str] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_lock = threading.Lock()
         self._spare: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
+        self._spare_lock = threading.Lock()
+        self._prune_lock = threading.Lock()
 
     def job_dir(self, job_id: str) -> Path:
         if not JOB_ID.match(job_id):
             raise NotFound(f"job {job_id} not found")
         return self.jobs_dir / job_id
+
+    # -- spare worker ------------------------------------------------------
 
     def _spawn_worker(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -47,7 +83,7 @@ class JobRunner:
         )
 
     def _take_spare(self) -> subprocess.Popen[bytes]:
-        with self._lock:
+        with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None and spare.poll() is None:
             return spare
@@ -55,110 +91,203 @@ class JobRunner:
 
     def refill(self) -> None:
         """Start the next spare worker (imports done before a job needs it)."""
-        with self._lock:
+        with self._spare_lock:
             if self._spare is None or self._spare.poll() is not None:
                 self._spare = self._spawn_worker()
 
     def close(self) -> None:
-        with self._lock:
+        with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None and spare.poll() is None:
             assert spare.stdin is not None
             spare.stdin.close()  # end of input: the spare exits
             spare.wait(timeout=10)
 
-    def start(self, request: dict[str, Any]) -> dict[str, Any]:
-        job_id = request["job_id"]
-        if not JOB_ID.match(job_id):
-            raise InvalidRequest("job_id may only hold letters, digits, '.', '_' and '-'")
-        vm_name = request["vm_name"]
-        for other, proc in self.procs.items():
-            if proc.poll() is None and self.vms.get(other) == vm_name:
-                raise Conflict(
-                    f"job {other} of VM {vm_name} is still running (or releasing the VM) "
-                    "on this node",
-                    job_id=other,
-                )
-        job_dir = self.jobs_dir / job_id
-        if job_dir.exists():
-            raise Conflict(f"job {job_id} already exists on this node", job_id=job_id)
-        job_dir.mkdir(parents=True)
-        started = datetime.now(UTC).isoformat()
+    # -- jobs --------------------------------------------------------------
+
+    def start(self, job: WorkerJob) -> BackupStartAnswer:
+        job_id, vm_name = job.job_id, job.vm_name
+        job_dir = self.job_dir(job_id)
+        with self._jobs_lock:
+            self._reap()
+            for other, entry in self._jobs.items():
+                if entry.vm_name == vm_name and entry.running():
+                    raise Conflict(
+                        f"job {other} of VM {vm_name} is still running (or releasing the VM) "
+                        "on this node",
+                        job_id=other,
+                    )
+            try:
+                job_dir.mkdir()
+            except FileExistsError:
+                raise Conflict(f"job {job_id} already exists on this node", job_id=job_id) from None
+            self._jobs[job_id] = _Job(vm_name)
+        started = datetime.now(UTC)
+        try:
+            proc = self._hand_over(job)
+        except BaseException:
+            with self._jobs_lock:
+                del self._jobs[job_id]
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        (job_dir / "pid").write_text(str(proc.pid))
+        with self._jobs_lock:
+            entry = self._jobs[job_id]
+            entry.proc = proc
+            cancel = entry.cancel_requested
+        if cancel:
+            proc.send_signal(signal.SIGTERM)
+        log.info("job=%s started pid=%d", job_id, proc.pid)
+        return BackupStartAnswer(
+            job_id=job_id,
+            message=f"backup of {vm_name} started",
+            started_at=started,
+            pid=proc.pid,
+        )
+
+    def _hand_over(self, job: WorkerJob) -> subprocess.Popen[bytes]:
         proc = self._take_spare()
         assert proc.stdin is not None
         try:
-            proc.stdin.write(json.dumps({"job_dir": str(job_dir), "request": request}).encode())
+            proc.stdin.write(job.model_dump_json().encode())
             proc.stdin.close()
         except OSError as e:
+            proc.kill()
+            proc.wait()
             raise Error(f"could not hand the job to a worker process: {e}") from e
-        self.procs[job_id] = proc
-        self.vms[job_id] = vm_name
-        (job_dir / "pid").write_text(str(proc.pid))
-        log.info("job=%s started pid=%d", job_id, proc.pid)
-        return {
-            "job_id": job_id,
-            "status": "started",
-            "message": f"backup of {vm_name} started",
-            "started_at": started,
-            "pid": proc.pid,
-        }
+        return proc
 
     def _alive(self, job_id: str, pid: int) -> bool:
-        proc = self.procs.get(job_id)
-        if proc is not None:
-            return proc.poll() is None
+        with self._jobs_lock:
+            entry = self._jobs.get(job_id)
+            if entry is not None:
+                return entry.running()
+        if not pid:
+            return False
+        # Started by an earlier node process: is that pid still a worker?
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
         return b"sendense.node.worker" in cmdline
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        job_dir = self.job_dir(job_id)
-        if not job_dir.exists():
-            raise NotFound(f"job {job_id} not found on this node", job_id=job_id)
-        path = job_dir / "status.json"
-        pid = int((job_dir / "pid").read_text()) if (job_dir / "pid").exists() else 0
+    def _read_report(self, job_dir: Path) -> JobStatusReport | None:
         try:
-            data: dict[str, Any] = json.loads(path.read_text())
+            return JobStatusReport.model_validate_json((job_dir / "status.json").read_bytes())
+        except (OSError, ValueError):  # not written yet (ValidationError is a ValueError)
+            return None
+
+    def status(self, job_id: str) -> JobStatusReport:
+        job_dir = self.job_dir(job_id)
+        if not job_dir.is_dir():
+            raise NotFound(f"job {job_id} not found on this node", job_id=job_id)
+        pid_file = job_dir / "pid"
+        try:
+            pid = int(pid_file.read_text())
         except (OSError, ValueError):
-            data = {
-                "job_id": job_id,
-                "status": "running",
-                "step": "starting",
-                "disks": {},
-                "pid": pid,
-                "error": None,
-            }
-        if data["status"] in ("running", "pending") and not self._alive(job_id, pid):
+            pid = 0
+        report = self._read_report(job_dir) or JobStatusReport(
+            job_id=job_id, status="running", step="starting", disks={}, pid=pid, error=None
+        )
+        if not report.ended and not self._alive(job_id, pid):
             # Re-read: the worker may have finished between the two reads.
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                pass
-            if data["status"] in ("running", "pending"):
-                stderr = (job_dir / "worker.stderr").read_text(errors="replace")[-500:]
-                data["status"] = "failed"
-                data["error"] = {
-                    "code": "worker_died",
-                    "message": f"the job's worker process (pid {pid}) ended without a result"
+            report = self._read_report(job_dir) or report
+            if not report.ended:
+                try:
+                    stderr = (job_dir / "worker.stderr").read_text(errors="replace")[-500:]
+                except OSError:
+                    stderr = ""
+                report.status = "failed"
+                report.error = JobError(
+                    code="worker_died",
+                    message=f"the job's worker process (pid {pid}) ended without a result"
                     + (f": {stderr.strip()}" if stderr.strip() else ""),
-                }
-        return data
+                )
+        return report
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        data = self.status(job_id)
-        if data["status"] not in ("running", "pending"):
-            return data
-        pid = int(data.get("pid") or 0)
-        if pid and self._alive(job_id, pid):
-            os.kill(pid, signal.SIGTERM)
-            log.info("job=%s cancel requested pid=%d", job_id, pid)
-        data["step"] = "cancelling"
-        return data
+    def cancel(self, job_id: str) -> JobStatusReport:
+        report = self.status(job_id)
+        if report.ended:
+            return report
+        with self._jobs_lock:
+            entry = self._jobs.get(job_id)
+            if entry is not None:
+                entry.cancel_requested = True  # `start` signals it once a worker has the job
+                proc = entry.proc
+        if entry is None:  # started by an earlier node process
+            pid = report.pid
+            if pid and self._alive(job_id, pid):
+                os.kill(pid, signal.SIGTERM)
+                log.info("job=%s cancel requested pid=%d", job_id, pid)
+        elif proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            log.info("job=%s cancel requested pid=%d", job_id, proc.pid)
+        report.step = "cancelling"
+        return report
 
-    def reap(self) -> None:
-        for job_id, proc in list(self.procs.items()):
-            if proc.poll() is not None:
-                del self.procs[job_id]
-                self.vms.pop(job_id, None)
+    def _reap(self) -> None:
+        """Forget jobs whose worker has ended (caller holds `_jobs_lock`)."""
+        for job_id, entry in list(self._jobs.items()):
+            if not entry.running():
+                del self._jobs[job_id]
+
+    # -- retention ---------------------------------------------------------
+
+    def prune(self, retention: float) -> list[str]:
+        """Remove the folders of ended jobs in which nothing changed for
+        ``retention`` seconds; never a running job's. 0 or less keeps all.
+
+        Returns the ids removed. Another prune under way makes this one a no-op.
+        """
+        if retention <= 0 or not self._prune_lock.acquire(blocking=False):
+            return []
+        try:
+            return self._prune(time.time() - retention)
+        finally:
+            self._prune_lock.release()
+
+    def _prune(self, cutoff: float) -> list[str]:
+        removed = []
+        for path in list(self.jobs_dir.iterdir()):
+            if path.name.startswith(PRUNING):  # left by a node that died while pruning
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            if not JOB_ID.match(path.name) or not path.is_dir():
+                continue
+            # The status file is replaced at each write, which also changes the
+            # folder's mtime: a job that still moves is never "old".
+            if _last_change(path) > cutoff:
+                continue
+            if not self.status(path.name).ended:
+                continue  # running (or a worker still releasing the VM)
+            trash = self.jobs_dir / f"{PRUNING}{path.name}"
+            with self._jobs_lock:
+                entry = self._jobs.get(path.name)
+                if entry is not None and entry.running():
+                    continue
+                self._jobs.pop(path.name, None)
+                shutil.rmtree(trash, ignore_errors=True)
+                try:
+                    path.rename(trash)
+                except OSError as e:
+                    log.warning("job=%s prune failed error=%s", path.name, e)
+                    continue
+            shutil.rmtree(trash, ignore_errors=True)
+            log.info("job=%s pruned unchanged_since_before=%s", path.name, _iso(cutoff))
+            removed.append(path.name)
+        return removed
+
+
+def _last_change(job_dir: Path) -> float:
+    """The newest mtime of the job folder and the files in it."""
+    times = []
+    try:
+        for path in (job_dir, *job_dir.iterdir()):
+            times.append(path.stat().st_mtime)
+    except FileNotFoundError:  # removed meanwhile: nothing to prune
+        return float("inf")
+    return max(times)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

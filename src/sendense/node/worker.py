@@ -1,11 +1,12 @@
 """One backup job on the node, as its own process.
 
-``python -m sendense.node.worker JOB_DIR`` reads the start request (JSON,
-with the source's credentials) on stdin, never from a file, freezes the VM,
-runs the data mover for each disk into the hub's NBD targets, releases the
-VM, and keeps ``JOB_DIR/status.json`` current (written atomically) for the
-node's status endpoint. SIGTERM asks for a cancel. Its log is
-``JOB_DIR/job.log``; it never contains a credential.
+``python -m sendense.node.worker --serve DATA_DIR`` reads its job (a
+`WorkerJob` as JSON, with the source's credentials) on stdin, never from a
+file, freezes the VM, runs the data mover for each disk into the hub's NBD
+targets, releases the VM, and keeps ``JOB_DIR/status.json`` (a
+`JobStatusReport`, written atomically) current for the node's status
+endpoint. SIGTERM asks for a cancel. Its log is ``JOB_DIR/job.log``; it
+never contains a credential.
 
 A process per job isolates the mover's memory (its peak RSS is reported) and
 lets a job finish its cleanup even when the node agent itself dies.
@@ -25,32 +26,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nbd
+from pydantic import ValidationError
 
-from sendense.connectors.base import DiskView
+from sendense.connectors.base import Connector, DiskView
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import Cancelled, Error
 from sendense.mover import digest as dg
 from sendense.mover.copy import Mover, Progress
+from sendense.protocol.node import DiskStatus, JobError, JobStatusReport, WorkerJob
+from sendense.protocol.node import parse_targets as parse_targets  # re-exported: was here
 
 log = logging.getLogger("sendense.node.worker")
 
 KEEP_HASH_LISTS = 3
-
-
-def parse_targets(spec: str) -> dict[int, str]:
-    """``"2000:nbd://h:10100/e1,2001:nbd://h:10101/e2"`` -> {2000: url, ...}."""
-    out: dict[int, str] = {}
-    for part in spec.split(","):
-        key, sep, url = part.strip().partition(":")
-        if not sep or not key.isdigit() or not url.startswith(("nbd://", "nbd+unix://", "nbds://")):
-            raise ValueError(f"bad NBD target {part!r}: expected <disk key>:nbd://host:port/export")
-        out[int(key)] = url
-    if not out:
-        raise ValueError("nbd_targets is empty")
-    return out
 
 
 def peak_rss() -> int:
@@ -67,30 +58,50 @@ def peak_rss() -> int:
 
 
 class StatusFile:
+    """``JOB_DIR/status.json``: the job's `JobStatusReport`, rewritten whole
+    (atomically) at every change; the disks' threads update it under `lock`."""
+
     def __init__(self, job_dir: Path, job_id: str) -> None:
         self.path = job_dir / "status.json"
-        self.data: dict[str, Any] = {
-            "job_id": job_id,
-            "status": "running",
-            "step": "starting",
-            "pid": os.getpid(),
-            "started_at": datetime.now(UTC).isoformat(),
-            "finished_at": None,
-            "disks": {},
-            "error": None,
-            "messages": [],
-        }
+        # Every field set explicitly: the file has had these keys since the
+        # first release, and it is written with exclude_unset.
+        self.report = JobStatusReport(
+            job_id=job_id,
+            status="running",
+            step="starting",
+            pid=os.getpid(),
+            started_at=datetime.now(UTC),
+            finished_at=None,
+            disks={},
+            error=None,
+            messages=[],
+        )
         self.lock = threading.Lock()
         self.write()
 
-    def write(self) -> None:
+    def message(self, text: str) -> None:
         with self.lock:
-            self.data["mover_peak_rss_bytes"] = (
+            self.report.messages.append(text)
+
+    def update_disk(self, key: int, **fields: Any) -> None:
+        """Set fields of a disk's `DiskStatus` and write the file."""
+        with self.lock:
+            entry = self.report.disks[str(key)]
+            for name, value in fields.items():
+                setattr(entry, name, value)
+        self.write()
+
+    def write(self, **fields: Any) -> None:
+        """Set fields of the report, then write the file."""
+        with self.lock:
+            for name, value in fields.items():
+                setattr(self.report, name, value)
+            self.report.mover_peak_rss_bytes = (
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
-            self.data["updated_at"] = datetime.now(UTC).isoformat()
+            self.report.updated_at = datetime.now(UTC)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data))
+            tmp.write_text(self.report.model_dump_json(exclude_unset=True))
             os.replace(tmp, self.path)
 
 
@@ -107,110 +118,93 @@ def _hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
     return data_dir / "blockhash" / vm_name.replace("/", "_") / str(key)
 
 
-def run(job_dir: Path, request: dict[str, Any], data_dir: Path, cancel: threading.Event) -> int:
-    job_id = request["job_id"]
-    status = StatusFile(job_dir, job_id)
-    targets = parse_targets(request["nbd_targets"])
-    incremental = request.get("backup_type") == "incremental"
-    previous = {int(k): v for k, v in (request.get("previous_change_ids") or {}).items()}
-    if not incremental:
-        previous = {}
-    in_flight = int(request.get("in_flight", 8))
-    request_size = int(request.get("request_size", 4 << 20))
-    connector = make_connector(request["source"], workdir=str(job_dir / "work"))
+def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
+    job_id = job.job_id
+    status = StatusFile(job.job_dir, job_id)
+    targets = job.targets()
+    previous = job.change_ids()
+    connector: Connector | None = None
     success = False
-    final: str = "failed"
-    error: dict[str, Any] | None = None
+    final: Literal["completed", "failed", "cancelled"] = "failed"
+    error: JobError | None = None
     try:
-        status.data["step"] = "freezing"
-        status.write()
-        pit = connector.freeze(request["vm_name"], sorted(targets), previous)
+        connector = make_connector(job.source.model_dump(), workdir=str(job.job_dir / "work"))
+        status.write(step="freezing")
+        pit = connector.freeze(job.vm_name, sorted(targets), previous)
         log.info("job=%s frozen disks=%s", job_id, [v.disk.key for v in pit.views])
         for view in pit.views:
             key = view.disk.key
-            status.data["disks"][str(key)] = {
-                "disk_key": key,
-                "mode": "incremental" if view.dirty_context else "full",
-                "bytes_done": 0,
-                "bytes_total": 0,
-                "status": "pending",
-                "fallback_reason": view.fallback_reason,
-                "change_id": None,
-                "digest": None,
-            }
+            status.report.disks[str(key)] = DiskStatus(
+                disk_key=key,
+                mode="incremental" if view.dirty_context else "full",
+                bytes_done=0,
+                bytes_total=0,
+                status="pending",
+                fallback_reason=view.fallback_reason,
+                change_id=None,
+                digest=None,
+            )
             if view.fallback_reason:
                 msg = f"disk {key}: full read instead of incremental: {view.fallback_reason}"
-                status.data["messages"].append(msg)
+                status.message(msg)
                 log.warning("job=%s %s", job_id, msg)
         status.write()
-        _copy_disks(
-            pit.views,
-            targets,
-            request,
-            data_dir,
-            status,
-            cancel,
-            in_flight=in_flight,
-            request_size=request_size,
-            previous=previous,
-        )
+        _copy_disks(pit.views, targets, job, data_dir, status, cancel, previous=previous)
         success = True
     except Cancelled as e:
-        final, error = "cancelled", {"code": "cancelled", "message": str(e)}
+        final, error = "cancelled", JobError(code="cancelled", message=str(e))
     except Exception as e:
         code = e.code if isinstance(e, Error) else "node_error"
         message = e.message if isinstance(e, Error) else f"{type(e).__name__}: {e}"
         log.exception("job=%s failed", job_id)
-        final, error = "failed", {"code": code, "message": message}
+        final, error = "failed", JobError(code=code, message=message)
     finally:
         # The job stays "running" until the VM is released: the hub stops the
         # targets as soon as it sees an end state, and the next job of this VM
         # must find it clean.
-        status.data["step"] = "releasing"
-        status.write()
+        status.write(step="releasing")
         try:
-            connector.release(success)
+            if connector is not None:
+                connector.release(success)
         except Exception as e:  # never hide the first error
             log.exception("job=%s release failed", job_id)
             if success:
                 success = False
-                final, error = "failed", {"code": "release_failed", "message": str(e)}
+                final, error = "failed", JobError(code="release_failed", message=str(e))
     if success:
         final, error = "completed", None
-        _prune_hash_lists(data_dir, request["vm_name"], status)
+        _prune_hash_lists(data_dir, job.vm_name, status)
     else:
-        for disk in status.data["disks"].values():
-            if disk["status"] != "completed":
-                disk["status"] = final
-    status.data["status"] = final
-    status.data["error"] = error
-    status.data["step"] = status.data["status"]
-    status.data["finished_at"] = datetime.now(UTC).isoformat()
-    status.write()
-    log.info("job=%s status=%s", job_id, status.data["status"])
+        with status.lock:
+            for disk in status.report.disks.values():
+                if disk.status != "completed":
+                    disk.status = final
+    status.write(status=final, error=error, step=final, finished_at=datetime.now(UTC))
+    log.info("job=%s status=%s", job_id, final)
     return 0 if success else 1
 
 
 def _copy_disks(
     views: list[DiskView],
     targets: dict[int, str],
-    request: dict[str, Any],
+    job: WorkerJob,
     data_dir: Path,
     status: StatusFile,
     cancel: threading.Event,
-    **kwargs: Any,
+    *,
+    previous: dict[int, str],
 ) -> None:
     """Copy the disks, up to ``parallel_disks`` at a time (separate NBD
     connections and a mover each). The first failure stops the others and is
     the job's error; a user's cancel makes it ``Cancelled``."""
-    parallel = max(1, min(int(request.get("parallel_disks") or 1), len(views)))
+    parallel = max(1, min(job.parallel_disks, len(views)))
     failures: list[BaseException] = []
 
     def one(view: DiskView) -> None:
         if cancel.is_set():
             return
         try:
-            _copy_disk(view, targets[view.disk.key], request, data_dir, status, cancel, **kwargs)
+            _copy_disk(view, targets[view.disk.key], job, data_dir, status, cancel, previous)
         except BaseException as e:
             if not isinstance(e, Cancelled):
                 failures.append(e)
@@ -230,23 +224,19 @@ def _copy_disks(
 def _copy_disk(
     view: DiskView,
     target_url: str,
-    request: dict[str, Any],
+    job: WorkerJob,
     data_dir: Path,
     status: StatusFile,
     cancel: threading.Event,
-    *,
-    in_flight: int,
-    request_size: int,
     previous: dict[int, str],
 ) -> None:
     key = view.disk.key
     size = view.disk.capacity_bytes
-    algorithm = request.get("digest") or dg.DEFAULT_ALGORITHM
-    entry = status.data["disks"][str(key)]
-    entry["status"] = "running"
-    status.data["step"] = f"copying disk {key}"
-    job_id = request["job_id"]
-    hdir = _hash_list_dir(data_dir, request["vm_name"], key)
+    algorithm = job.digest or dg.DEFAULT_ALGORITHM
+    job_id = job.job_id
+    status.write(step=f"copying disk {key}")
+    status.update_disk(key, status="running")
+    hdir = _hash_list_dir(data_dir, job.vm_name, key)
     hdir.mkdir(parents=True, exist_ok=True)
     base = None
     src = _open_source(view)
@@ -269,7 +259,7 @@ def _copy_disk(
             # No block hash list of the previous restore point on this node:
             # the digest needs every block, so read the unchanged ones too.
             msg = f"disk {key}: no block hash list for {previous[key]}; digest needs a full read"
-            status.data["messages"].append(msg)
+            status.message(msg)
             log.warning("job=%s %s", job_id, msg)
             try:
                 Mover(
@@ -280,8 +270,7 @@ def _copy_disk(
                 raise
 
         def on_progress(p: Progress) -> None:
-            entry.update(p.as_dict())
-            status.write()
+            status.update_disk(key, **p.as_dict())
 
         mover = Mover(
             src,
@@ -292,11 +281,11 @@ def _copy_disk(
             # (even when the change id was unusable): zero runs must be written.
             target_is_zero=key not in previous,
             hashes=hashes,
-            in_flight=in_flight,
-            request_size=request_size,
+            in_flight=job.in_flight,
+            request_size=job.request_size,
             on_progress=on_progress,
             cancel_event=cancel,
-            max_rate=float(request.get("max_rate") or 0) or None,
+            max_rate=float(job.max_rate) or None,
         )
         result = mover.run()
     except nbd.Error as e:
@@ -305,7 +294,8 @@ def _copy_disk(
         for h in (src, dst):
             with contextlib.suppress(Exception):
                 h.shutdown()
-    entry.update(
+    status.update_disk(
+        key,
         status="completed",
         change_id=view.new_change_id,
         digest=result.digest,
@@ -319,12 +309,11 @@ def _copy_disk(
         "job=%s disk=%s mode=%s data_bytes=%d zero_bytes=%d seconds=%.3f",
         job_id,
         key,
-        entry["mode"],
+        status.report.disks[str(key)].mode,
         result.data_bytes,
         result.zero_bytes,
         result.seconds,
     )
-    status.write()
 
 
 def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
@@ -350,7 +339,7 @@ def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
 
 
 def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
-    for key in status.data["disks"]:
+    for key in status.report.disks:
         hdir = _hash_list_dir(data_dir, vm_name, int(key))
         lists = sorted(hdir.glob("sendense-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in lists[KEEP_HASH_LISTS:]:
@@ -377,7 +366,7 @@ def _cancel_on_signals(cancel: threading.Event) -> None:
 
 
 def main() -> int:
-    """``worker --serve DATA_DIR``: wait on stdin for ``{"job_dir", "request"}``.
+    """``worker --serve DATA_DIR``: wait on stdin for a `WorkerJob` (JSON).
 
     The node keeps one such worker started ahead of time, with its imports
     done, so a job does not pay for interpreter start-up (about 0.1-0.3 s).
@@ -394,21 +383,26 @@ def main() -> int:
         return 0
     message = json.loads(raw)
     job_dir = Path(message["job_dir"])
-    request = message["request"]
-    # From here on, stray output goes to the job's own files.
+    # From here on, stray output goes to the job's own files (the node shows
+    # worker.stderr when a worker ends without a result).
     fd = os.open(job_dir / "worker.stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)
     os.close(fd)
+    try:
+        job = WorkerJob.model_validate(message)
+    except ValidationError as e:  # a node of another version; the errors quote no input
+        print(f"the node's job does not validate: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         filename=job_dir / "job.log",
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     if cancel.is_set():
-        log.info("job=%s cancelled before it started", request.get("job_id"))
+        log.info("job=%s cancelled before it started", job.job_id)
     t0 = time.monotonic()
-    rc = run(job_dir, request, data_dir, cancel)
-    log.info("job=%s worker_seconds=%.3f", request.get("job_id"), time.monotonic() - t0)
+    rc = run(job, data_dir, cancel)
+    log.info("job=%s worker_seconds=%.3f", job.job_id, time.monotonic() - t0)
     return rc
 
 
