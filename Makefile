@@ -2,15 +2,20 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv postgresql
+APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv \
+                postgresql e2fsprogs ca-certificates
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-fast check fmt bench clean
 
 setup: system-packages venv
 
-# Debian packages: qemu-img/qemu-nbd, qemu-storage-daemon, nbdkit/nbdcopy,
-# libnbd's Python binding, venv, and PostgreSQL for the catalog tests.
+# Debian packages: qemu-img/qemu-nbd (qemu-utils), qemu-storage-daemon
+# (qemu-system-common), nbdkit, nbdcopy (libnbd-bin), libnbd's Python binding,
+# venv, PostgreSQL server binaries for the catalog tests, chattr/lsattr and
+# mkfs.ext4 (e2fsprogs) for the repository tests, and CA certificates for
+# HTTPS (pip). Without recommends: Debian 12 with them pulls ~355 packages
+# (systemd, mesa, ffmpeg libraries); without, ~100.
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -18,7 +23,7 @@ system-packages:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 # The venv comes from Debian's python3 with system site packages, so that
