@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from sendense.catalog.db import Database
@@ -60,6 +61,7 @@ from sendense.catalog.stores import BackupStore, JobStore, RepositoryStore, VmSt
 from sendense.core.errors import (
     DiskBusy,
     Error,
+    InsufficientSpace,
     InvalidRequest,
     NoParent,
     NotFound,
@@ -67,11 +69,18 @@ from sendense.core.errors import (
 from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd.ports import PortAllocator
+from sendense.protocol.node import (
+    BackupStartRequest,
+    DiskStatus,
+    JobError,
+    JobStatusReport,
+    SourceSpec,
+)
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer, is_qemu_nbd, stop_pid
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
-from sendense.storage import layout
+from sendense.storage import backends, immutability, layout
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,39 @@ class BackupRequest:
 
 class JobFailed(Error):
     code = "job_failed"
+
+
+def report_of(answer: dict[str, Any]) -> JobStatusReport:
+    """The node's status answer, checked against the contract."""
+    try:
+        return JobStatusReport.model_validate(answer)
+    except ValidationError as e:
+        raise JobFailed(f"node sent a status the hub cannot read: {e}") from e
+
+
+def progress_of(st: JobStatusReport) -> dict[str, Any]:
+    """Per-disk progress as the job row keeps it (JSON)."""
+    return {key: disk.model_dump(mode="json") for key, disk in st.disks.items()}
+
+
+# An incremental's estimate (its dirty bytes are unknown before it starts).
+MIN_FREE = 1 << 20
+
+
+def estimate_bytes(backup_type: str, capacity: int, cluster_size: int) -> int:
+    """Upper bound of a restore point's size: data plus QCOW2 metadata
+    (an 8-byte L2 entry and a 2-byte refcount per cluster, header, L1)."""
+    if backup_type != "full":
+        return MIN_FREE
+    clusters = -(-capacity // cluster_size)
+    return capacity + clusters * 10 + 4 * cluster_size
+
+
+def lock_end(repo: Repository | None, created_at: datetime) -> datetime | None:
+    """When a new restore point's immutable lock ends (None: not immutable)."""
+    if repo is None or not repo.immutable or repo.retention_days <= 0:
+        return None
+    return created_at + timedelta(days=repo.retention_days)
 
 
 def node_client(node: Node, secrets: SecretBox) -> NodeClient:
@@ -139,6 +181,8 @@ class BackupEngine:
     def start(self, req: BackupRequest) -> str:
         if req.backup_type not in ("full", "incremental", "auto"):
             raise InvalidRequest("backup_type must be one of full, incremental, auto")
+        # statvfs with no lock held and no session open (a share may be slow).
+        available = self._available_bytes(req.repository_id)
         with self._plan_lock, self.db.session() as s:
             vm = VmStore(s).by_name(req.vm_name)
             if vm is None:
@@ -165,6 +209,8 @@ class BackupEngine:
                     job_id=busy[0].job_id,
                 )
             plans = [self._plan_disk(s, vm, repo, d, req.backup_type) for d in disks]
+            # Before the job row: a backup that cannot fit writes nothing.
+            self._check_space(vm, repo, disks, plans, available)
             now = datetime.now(UTC)
             source = vm.source
             job = BackupJob(
@@ -216,6 +262,54 @@ class BackupEngine:
                 e.details["job_id"] = job_id  # the failed job is on record
             raise
         return job_id
+
+    def _available_bytes(self, repository_id: str) -> int | None:
+        if not self.settings.space_check:
+            return None
+        with self.db.session() as s:
+            repo = RepositoryStore(s).get(repository_id)
+            path = repo.path if repo else None
+        cap = backends.capacity(path) if path else None
+        return cap.available_bytes if cap else None
+
+    def _check_space(
+        self,
+        vm: Vm,
+        repo: Repository,
+        disks: list[VmDisk],
+        plans: list[tuple[str, Backup | None]],
+        available: int | None,
+    ) -> None:
+        """409 ``insufficient_space`` when the estimate exceeds the free space.
+
+        The estimate: a full needs its disk's capacity (the node cannot say
+        how much of a disk is allocated before it reads it, so this is an
+        upper bound: QCOW2 stores only allocated, non-zero data) plus QCOW2
+        metadata. An incremental's dirty bytes are not known before the
+        point in time is taken: it needs only ``MIN_FREE`` (so a full
+        repository refuses it), and a repository that fills up during its
+        copy fails the job cleanly (ENOSPC). Other running jobs' remaining
+        writes are not reserved. ``SENDENSE_SPACE_CHECK=false`` turns the
+        check off.
+        """
+        if available is None:
+            return
+        cluster = self.settings.cluster_size
+        needed = 0
+        for disk, (btype, _parent) in zip(disks, plans, strict=True):
+            needed += estimate_bytes(btype, disk.capacity_bytes, cluster)
+        if needed > available:
+            raise InsufficientSpace(
+                f"repository {repo.name} has {available} bytes available; the backup of VM "
+                f"{vm.name} may need up to {needed} bytes ("
+                + ", ".join(
+                    f"disk {d.disk_index} {b}" for d, (b, _) in zip(disks, plans, strict=True)
+                )
+                + "); free space or use another repository",
+                needed_bytes=needed,
+                available_bytes=available,
+                repository_id=repo.id,
+            )
 
     def _disks(self, vm: Vm, disk_id: int | None) -> list[VmDisk]:
         if not vm.disks:
@@ -302,20 +396,20 @@ class BackupEngine:
                 server.start()
                 b.nbd_pid = server.pid
                 targets.append(f"{b.disk_key}:nbd://{self.settings.advertise_host}:{port}/{export}")
-            request = {
-                "job_id": job.id,
-                "vm_name": vm.name,
-                "source": source_spec(source, self.secrets),
-                "vm_path": vm.path,
-                "nbd_targets": ",".join(targets),
+            request = BackupStartRequest(
+                job_id=job.id,
+                vm_name=vm.name,
+                source=SourceSpec.model_validate(source_spec(source, self.secrets)),
+                vm_path=vm.path,
+                nbd_targets=",".join(targets),
                 # Per disk the plan may differ (auto); the node reads
                 # previous_change_ids for the incremental ones only.
-                "backup_type": "incremental" if any_incremental else "full",
-                "previous_change_ids": prev_ids,
-            }
+                backup_type="incremental" if any_incremental else "full",
+                previous_change_ids=prev_ids,
+            )
             job.step = "starting on node"
             client = node_client(node, self.secrets)
-        client.start_backup(request)
+        client.start_backup(request.model_dump(mode="json"))
         if not self.lifecycle.transition(job_id, "running", allowed_from=("pending",)):
             # Cancelled while the targets came up: the node stops, we clean up.
             self._follow(job_id, client)
@@ -363,7 +457,7 @@ class BackupEngine:
                         )
                         return
                 try:
-                    st = client.status(job_id)
+                    st = report_of(client.status(job_id))
                     last_ok = time.monotonic()
                 except NodeUnreachable as e:
                     if time.monotonic() - last_ok > self.settings.node_timeout:
@@ -385,15 +479,21 @@ class BackupEngine:
                         job_id, None, "failed", f"node status failed: {e.message}", code=e.code
                     )
                     return
-                status = st.get("status")
+                status: str = st.status
                 if status == "failed" and cancel_sent:
                     # Stopped on our request (user cancel or timeout): what
                     # the node saw while stopping is not the job's reason.
                     status = "cancelled"
-                    st = {**st, "error": {"code": "cancelled", "message": "cancelled by user"}}
+                    st.error = JobError(code="cancelled", message="cancelled by user")
                 if status in TERMINAL:
-                    err = st.get("error") or {}
-                    self._finish(job_id, st, status, err.get("message"), code=err.get("code"))
+                    err = st.error
+                    self._finish(
+                        job_id,
+                        st,
+                        status,
+                        err.message if err else None,
+                        code=err.code if err else None,
+                    )
                     return
                 now = time.monotonic()
                 if now - last_write >= 0.5:
@@ -406,15 +506,15 @@ class BackupEngine:
             log.exception("job=%s monitor crashed", job_id)
             self._finish(job_id, None, "failed", f"internal error: {e}", code="internal_error")
 
-    def _update_progress(self, job_id: str, st: dict[str, Any]) -> bool:
+    def _update_progress(self, job_id: str, st: JobStatusReport) -> bool:
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             if job is None or job.status != "running":
                 return False
-            job.step = st.get("step") or job.step
-            job.progress = st.get("disks") or {}
-            if st.get("messages"):
-                job.messages = {"node": st["messages"]}
+            job.step = st.step or job.step
+            job.progress = progress_of(st)
+            if st.messages:
+                job.messages = {"node": st.messages}
             timeout_at = job.timeout_at
             if timeout_at and datetime.now(UTC) > timeout_at:
                 job.error_code = "timeout"
@@ -433,7 +533,7 @@ class BackupEngine:
     def _finish(
         self,
         job_id: str,
-        st: dict[str, Any] | None,
+        st: JobStatusReport | None,
         status: str,
         message: str | None,
         *,
@@ -457,7 +557,7 @@ class BackupEngine:
     def _finish_locked(
         self,
         job_id: str,
-        st: dict[str, Any] | None,
+        st: JobStatusReport | None,
         status: str,
         message: str | None,
         code: str | None,
@@ -473,11 +573,11 @@ class BackupEngine:
             targets = [_Target.of(b, BackupStore(s)) for b in job.backups]
         for t in targets:
             self._stop_target(t.backup_id, t.nbd_pid, t.nbd_port)
-        disks = (st or {}).get("disks") or {}
+        disks = st.disks if st else {}
         if status == "completed":
             try:
                 for t in targets:
-                    self._record_files(job_id, vm_name, t, disks.get(str(t.disk_key)) or {})
+                    self._record_files(job_id, vm_name, t, disks.get(str(t.disk_key)))
             except Exception as e:
                 log.exception("job=%s finishing failed", job_id)
                 status = "failed"
@@ -490,10 +590,10 @@ class BackupEngine:
         values: dict[str, Any] = {"finished_at": now, "step": status}
         if status != "completed":
             values.update(error_code=code or status, error_message=message or status)
-        if disks:
-            values["progress"] = disks
-        if st and st.get("messages"):
-            values["messages"] = {"node": st["messages"]}
+        if st and disks:
+            values["progress"] = progress_of(st)
+        if st and st.messages:
+            values["messages"] = {"node": st.messages}
         with self.db.session() as s:
             for t in targets:
                 b = BackupStore(s).get(t.backup_id)
@@ -506,6 +606,12 @@ class BackupEngine:
                     b.finished_at = now
                     b.change_id = None
                     b.digest = None
+        if status == "completed":
+            # The lock is in the catalog; now the files (where the filesystem
+            # allows). A crash before this: the lock sweeper sets them.
+            for t in targets:
+                if t.immutable_until is not None:
+                    immutability.lock_point(t.file_path)
         # After the backup rows: a waiter woken by the job's end reads them.
         if not self.lifecycle.transition(job_id, status, **values):
             log.warning("job=%s was finished elsewhere; status %s not written", job_id, status)
@@ -513,12 +619,12 @@ class BackupEngine:
         self._cancel.pop(job_id, None)
         self._threads.pop(job_id, None)
 
-    def _record_files(self, job_id: str, vm_name: str, t: _Target, disk: dict[str, Any]) -> None:
+    def _record_files(self, job_id: str, vm_name: str, t: _Target, disk: DiskStatus | None) -> None:
         """Check one finished target and write its sidecar; fills ``t``'s outcome."""
         path = Path(t.file_path)
-        if not disk.get("change_id") or not disk.get("digest"):
+        if disk is None or not disk.change_id or not disk.digest:
             raise JobFailed(f"node reported no change id/digest for disk {t.disk_key}")
-        if t.backup_type == "incremental" and disk.get("mode") == "full":
+        if t.backup_type == "incremental" and disk.mode == "full":
             # The node could not use the change id and read the whole disk into
             # this target: every cluster is written (data or zero), so it no
             # longer needs its backing file. Make it a full.
@@ -537,9 +643,9 @@ class BackupEngine:
                 path = full_path
                 t.file_path = str(full_path)
         img.check(str(path))
-        t.change_id = disk["change_id"]
-        t.digest = disk["digest"]
-        t.bytes_transferred = int(disk.get("data_bytes") or disk.get("bytes_done") or 0)
+        t.change_id = disk.change_id
+        t.digest = disk.digest
+        t.bytes_transferred = int(disk.data_bytes or disk.bytes_done or 0)
         t.finished_at = datetime.now(UTC)
         layout.write_sidecar(path, t.sidecar(job_id, vm_name))
         t.size_on_disk = img.disk_usage(str(path))
@@ -613,11 +719,11 @@ class BackupEngine:
         for job_id, node, targets in todo:
             client = node_client(node, self.secrets)
             try:
-                st: dict[str, Any] | None = client.status(job_id)
+                st: JobStatusReport | None = report_of(client.status(job_id))
             except Error as e:
                 log.warning("job=%s node status after restart failed: %s", job_id, e.message)
                 st = None
-            state = (st or {}).get("status")
+            state = st.status if st else None
             alive = bool(targets) and all(
                 pid and port and is_qemu_nbd(pid) for _, pid, port in targets
             )
@@ -696,6 +802,8 @@ class _Target:
     bytes_transferred: int = 0
     size_on_disk: int = 0
     finished_at: datetime | None = None
+    # Immutable repositories: created_at + retention_days (engine/locks.py).
+    immutable_until: datetime | None = None
 
     @classmethod
     def of(cls, b: Backup, backups: BackupStore) -> _Target:
@@ -716,6 +824,7 @@ class _Target:
             created_at=b.created_at,
             nbd_pid=b.nbd_pid,
             nbd_port=b.nbd_port,
+            immutable_until=lock_end(b.repository, b.created_at),
         )
 
     def sidecar(self, job_id: str, vm_name: str) -> dict[str, Any]:
@@ -738,6 +847,7 @@ class _Target:
             "bytes_transferred": self.bytes_transferred,
             "created_at": self.created_at.isoformat(),
             "finished_at": self.finished_at.isoformat(),
+            "immutable_until": self.immutable_until.isoformat() if self.immutable_until else None,
             "tags": self.tags,
         }
 
@@ -752,3 +862,4 @@ class _Target:
         b.bytes_transferred = self.bytes_transferred
         b.size_on_disk = self.size_on_disk
         b.finished_at = self.finished_at
+        b.immutable_until = self.immutable_until

@@ -63,6 +63,9 @@ class JobRunner:
         self._jobs_lock = threading.Lock()
         self._spare: subprocess.Popen[bytes] | None = None
         self._spare_lock = threading.Lock()
+        # Set at shutdown: a refill that runs after close (a start request's
+        # background task) must not leave a new spare behind.
+        self._closed = False
         self._prune_lock = threading.Lock()
 
     def job_dir(self, job_id: str) -> Path:
@@ -92,16 +95,23 @@ class JobRunner:
     def refill(self) -> None:
         """Start the next spare worker (imports done before a job needs it)."""
         with self._spare_lock:
+            if self._closed:
+                return
             if self._spare is None or self._spare.poll() is not None:
                 self._spare = self._spawn_worker()
 
     def close(self) -> None:
         with self._spare_lock:
+            self._closed = True
             spare, self._spare = self._spare, None
         if spare is not None and spare.poll() is None:
             assert spare.stdin is not None
             spare.stdin.close()  # end of input: the spare exits
-            spare.wait(timeout=10)
+            try:
+                spare.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                spare.kill()
+                spare.wait()
 
     # -- jobs --------------------------------------------------------------
 
