@@ -31,7 +31,7 @@ system-packages:
 venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade 'pip>=24.2,<27'
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -c "import nbd" || { echo "python3-libnbd is not visible in $(VENV)"; exit 1; }
 	@touch $(STAMP)
