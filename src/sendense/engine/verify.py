@@ -185,6 +185,16 @@ def describe_ranges(
     return f"in blocks at byte offsets {shown}{more}", ranges
 
 
+def summarize(output: str, lines: int = 3) -> str:
+    """The first ``lines`` lines of a tool's output, and how many there were
+    (a corrupt image makes ``qemu-img check`` print a line per cluster)."""
+    all_lines = [x.strip() for x in output.splitlines() if x.strip()]
+    shown = "; ".join(all_lines[:lines])
+    if len(all_lines) > lines:
+        shown += f"; ... ({len(all_lines)} lines in all)"
+    return shown
+
+
 class VerifyJob:
     """The ``verify`` job kind (a `LocalJob`)."""
 
@@ -215,7 +225,8 @@ class VerifyJob:
             except QemuImgError as e:
                 problems.append(
                     f"qemu-img check of backup {m['backup_id']} "
-                    f"({os.path.basename(m['file_path'])}) failed: {e.stderr or e.message}"
+                    f"({os.path.basename(m['file_path'])}) failed with exit code {e.rc}: "
+                    + summarize(e.stderr or e.message)
                 )
         if not problems:
             problem, ranges = self._check_data(job_id, top, members, recorded, size, ctx)
