@@ -33,6 +33,10 @@ class HubSettings(BaseSettings):
     # Bytes/s a consolidation's merge (qemu-img commit) may write; 0: no
     # limit. Recovery after a crash rolls forward at full speed.
     merge_rate: int = 0
+    # Seconds between two passes of the immutable-lock sweeper (engine/locks.py).
+    lock_sweep_interval: float = 600.0
+    # Refuse a backup that cannot fit in its repository (engine/backup.py).
+    space_check: bool = True
     log_level: str = "INFO"
 
     @property

@@ -120,3 +120,33 @@ class BackupNotRestorable(Conflict):
     """The backup is not a completed restore point (failed, being deleted, ...)."""
 
     code = "not_completed"
+
+
+class InsufficientSpace(Conflict):
+    """A backup would not fit (``details.needed_bytes``, ``details.available_bytes``)."""
+
+    code = "insufficient_space"
+
+
+class RepositoryNotEmpty(Conflict):
+    """The repository holds backup records (``details.backups``)."""
+
+    code = "not_empty"
+
+
+class LocksLive(Conflict):
+    """Immutable locks have not expired (``details.count``, ``details.latest``)."""
+
+    code = "locks_live"
+
+
+class RepositoryInUse(Conflict):
+    """A job runs on the repository."""
+
+    code = "in_use"
+
+
+class PathInUse(Conflict):
+    """Another repository already uses this folder, or one inside or around it."""
+
+    code = "path_in_use"

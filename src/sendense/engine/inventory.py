@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
-import shutil
-from datetime import UTC, datetime
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sendense.catalog.models import Node, Repository, Source, Vm, VmDisk
+from sendense.catalog.db import Database
+from sendense.catalog.models import Backup, Node, Repository, Source, Vm, VmDisk
 from sendense.catalog.stores import NodeStore, RepositoryStore, SourceStore, VmStore
-from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound
+from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, PathInUse
 from sendense.engine.backup import node_client, source_spec
 from sendense.engine.node_client import NodeClient
 from sendense.secretbox import SecretBox, split_secrets
+from sendense.storage import backends, immutability
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +130,184 @@ def discover(s: Session, secrets: SecretBox, source_id: str) -> list[Vm]:
     return found
 
 
-def ensure_default_repository(s: Session, path: Path) -> Repository:
+def ensure_default_repository(s: Session, path: Path) -> Repository | None:
+    """The ``default`` local repository, created on a catalog that has none at all.
+
+    Only then: an administrator who deleted ``default`` (it was empty, and
+    other repositories exist) does not get it back at the next start.
+    """
     repo = RepositoryStore(s).get(DEFAULT_REPOSITORY_ID)
-    if repo is None:
-        path.mkdir(parents=True, exist_ok=True)
+    if repo is None and not RepositoryStore(s).all():
+        backends.prepare_local(path)
         repo = Repository(id=DEFAULT_REPOSITORY_ID, name="default", type="local", path=str(path))
         s.add(repo)
         s.flush()
     return repo
 
 
-def repository_capacity(repo: Repository) -> dict[str, int | None]:
+# ------------------------------------------------------------ repositories
+#
+# Rules of repositories (SPEC 5). Slow I/O (mount, umount, the write probe,
+# statvfs of a share) runs with no session open: the callers in
+# hub/repositories/service.py read in one short session, call these, then
+# write in another.
+
+
+@dataclass
+class RepositorySpec:
+    """A repository as asked for, checked: what gets stored."""
+
+    name: str
+    kind: str
+    path: Path
+    immutable: bool
+    retention_days: int
+    config: dict[str, Any]  # no secrets
+    password: str | None  # cifs only; stored encrypted
+
+
+def check_name(name: str) -> str:
+    if not name.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidRequest("name must be printable and not blank", fields=["name"])
+    return name
+
+
+def check_retention(immutable: bool, retention_days: int) -> None:
+    if immutable and retention_days < 1:
+        raise InvalidRequest(
+            "retention_days must be at least 1 for an immutable repository (a restore point "
+            "is locked until created_at + retention_days)",
+            fields=["retention_days"],
+        )
+
+
+def check_path_free(s: Session, path: Path, data_dir: Path, *, exclude: str | None = None) -> None:
+    """No two repositories share a folder or nest; never the hub's own data."""
+    real = Path(os.path.realpath(path))
+    data = Path(os.path.realpath(data_dir))
+    if real == data or data.is_relative_to(real):
+        raise InvalidRequest(
+            f"path {path} would hold the hub's data directory {data_dir}", fields=["path"]
+        )
+    if real.is_relative_to(data) and not real.is_relative_to(data / "repositories"):
+        raise InvalidRequest(
+            f"path {path} is inside the hub's data directory; use {data / 'repositories'}/<name>",
+            fields=["path"],
+        )
+    for other in RepositoryStore(s).all():
+        if other.id == exclude:
+            continue
+        theirs = Path(os.path.realpath(other.path))
+        if real == theirs or real.is_relative_to(theirs) or theirs.is_relative_to(real):
+            raise PathInUse(
+                f"path {path} overlaps repository {other.name} ({other.path})",
+                repository_id=other.id,
+            )
+
+
+def prepare_folder(spec: RepositorySpec, run_dir: Path) -> bool:
+    """Make ``spec.path`` usable now; True when the hub mounted a share for it.
+
+    local: created (0700) if missing. nfs/cifs with a server in config: the
+    hub mounts the share (unmounted again if the folder then fails the write
+    probe). nfs/cifs without: must already be a mount of that type.
+    """
+    mounted = False
+    if backends.hub_mounted(spec.kind, spec.config):
+        was = backends.mount_at(spec.path)
+        backends.mount(spec.kind, spec.path, spec.config, spec.password, run_dir=run_dir)
+        mounted = was is None
     try:
-        usage = shutil.disk_usage(repo.path)
-    except OSError:
+        backends.check(spec.kind, spec.path, spec.config)
+    except Error:
+        if mounted:
+            backends.unmount(spec.path)
+        raise
+    return mounted
+
+
+def release_folder(repo: Repository) -> None:
+    """Unmount a share the hub mounted for ``repo`` (the folder stays)."""
+    if backends.hub_mounted(repo.type, repo.config or {}):
+        backends.unmount(Path(repo.path))
+
+
+def repository_password(repo: Repository, secrets: SecretBox) -> str | None:
+    if not repo.secret_encrypted:
+        return None
+    value = secrets.decrypt(repo.secret_encrypted).get("password")
+    return str(value) if value is not None else None
+
+
+def mount_repositories(db: Database, secrets: SecretBox, run_dir: Path) -> None:
+    """At hub start: mount the shares the hub manages (failures are logged;
+    such a repository shows ``online: false`` and backups into it fail)."""
+    with db.session() as s:
+        todo = [
+            (r.name, r.type, Path(r.path), dict(r.config or {}), repository_password(r, secrets))
+            for r in RepositoryStore(s).all()
+            if backends.hub_mounted(r.type, r.config or {})
+        ]
+    for name, kind, path, config, password in todo:
+        try:
+            backends.mount(kind, path, config, password, run_dir=run_dir)
+        except Error as e:
+            log.error("repository=%s mount failed: %s", name, e.message)
+
+
+def extend_locks(s: Session, repo: Repository, retention_days: int, now: datetime) -> int:
+    """Live locks of ``repo`` end no earlier than created_at + retention_days.
+
+    Locks are only ever extended: a smaller retention applies to new backups.
+    """
+    extended = 0
+    rows = s.scalars(
+        select(Backup).where(Backup.repository_id == repo.id, Backup.immutable_until > now)
+    ).all()
+    for b in rows:
+        until = b.created_at + timedelta(days=retention_days)
+        if b.immutable_until is not None and until > b.immutable_until:
+            b.immutable_until = until
+            extended += 1
+    return extended
+
+
+def repository_capacity(repo: Repository) -> dict[str, int | None]:
+    cap = backends.capacity(repo.path)
+    if cap is None:
         return {"total_bytes": None, "used_bytes": None, "available_bytes": None}
     return {
-        "total_bytes": usage.total,
-        "used_bytes": usage.used,
-        "available_bytes": usage.free,
+        "total_bytes": cap.total_bytes,
+        "used_bytes": cap.used_bytes,
+        "available_bytes": cap.available_bytes,
     }
+
+
+def repository_status(repo: Repository) -> tuple[bool, str | None]:
+    """(online, why not): the folder is there and, for a share, mounted."""
+    path = Path(repo.path)
+    if repo.type in backends.FSTYPES:
+        entry = backends.mount_at(path)
+        if entry is None or entry.fstype not in backends.FSTYPES[repo.type]:
+            return False, f"{path} is not an {repo.type} mount"
+    if not path.is_dir():
+        return False, f"{path} is not a directory"
+    return True, None
+
+
+_PROBES: dict[tuple[str, str], tuple[float, bool]] = {}
+_PROBE_TTL = 600.0
+
+
+def immutable_attribute(repo: Repository) -> bool | None:
+    """Whether files in ``repo`` can carry the immutable attribute (probed,
+    cached ten minutes); None when the folder cannot be reached."""
+    key = (repo.id, repo.path)
+    hit = _PROBES.get(key)
+    if hit is not None and time.monotonic() - hit[0] < _PROBE_TTL:
+        return hit[1]
+    if not Path(repo.path).is_dir():
+        return None
+    supported = immutability.probe(repo.path).supported
+    _PROBES[key] = (time.monotonic(), supported)
+    return supported

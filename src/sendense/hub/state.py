@@ -11,8 +11,10 @@ from sendense.catalog.db import Database
 from sendense.engine.backup import BackupEngine
 from sendense.engine.consolidate import ConsolidateJob
 from sendense.engine.delete import recover_deletes
-from sendense.engine.inventory import ensure_default_repository
+from sendense.engine.inventory import ensure_default_repository, mount_repositories
 from sendense.engine.lifecycle import JobLifecycle, LocalJob
+from sendense.engine.locks import LockSweeper
+from sendense.engine.rescan import RescanJob
 from sendense.engine.verify import VerifyJob
 from sendense.nbd.ports import PortAllocator
 from sendense.secretbox import SecretBox
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Factories of the job kinds the hub runs itself (engine/<kind>.py), given the
 # hub's state: each returns a `LocalJob`. Filled as kinds land.
-JOB_KINDS: list[Callable[[HubState], LocalJob]] = [ConsolidateJob, VerifyJob]
+JOB_KINDS: list[Callable[[HubState], LocalJob]] = [ConsolidateJob, VerifyJob, RescanJob]
 
 
 @dataclass
@@ -34,6 +36,7 @@ class HubState:
     engine: BackupEngine
     admin_token: str
     lifecycle: JobLifecycle
+    locks: LockSweeper | None = None
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -52,6 +55,7 @@ class HubState:
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
+        mount_repositories(db, secrets, data_dir / "run")  # shares the hub mounts itself
         for register in JOB_KINDS:
             lifecycle.register(register(state))
         recover_deletes(db)  # deletes a dead hub left half done: files, then rows
@@ -59,6 +63,9 @@ class HubState:
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)
         lifecycle.start_renewing(state.take_over_orphans)
+        # Immutable attributes follow the catalog's locks (now, then periodically).
+        state.locks = LockSweeper(db, settings.lock_sweep_interval)
+        state.locks.start()
         return state
 
     def take_over_orphans(self) -> None:
@@ -69,5 +76,7 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.locks is not None:
+            self.locks.stop()
         self.engine.shutdown()
         self.db.dispose()
