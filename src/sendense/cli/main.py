@@ -22,7 +22,6 @@ hub_app = typer.Typer(help="The hub: API, catalog, repositories.", no_args_is_he
 node_app = typer.Typer(help="Nodes: agents next to the hypervisors.", no_args_is_help=True)
 source_app = typer.Typer(help="Sources: hypervisor endpoints.", no_args_is_help=True)
 vm_app = typer.Typer(help="VMs and their disks.", no_args_is_help=True)
-repo_app = typer.Typer(help="Repositories.", no_args_is_help=True)
 backup_app = typer.Typer(help="Backups (restore points).", no_args_is_help=True)
 job_app = typer.Typer(help="Jobs and their progress.", no_args_is_help=True)
 for sub, name in [
@@ -30,7 +29,6 @@ for sub, name in [
     (node_app, "node"),
     (source_app, "source"),
     (vm_app, "vm"),
-    (repo_app, "repo"),
     (backup_app, "backup"),
     (job_app, "job"),
 ]:
@@ -294,18 +292,6 @@ def _vm_table(vms: list[dict[str, Any]]) -> Table:
     return t
 
 
-# ------------------------------------------------------------ repositories
-
-
-@repo_app.command("ls")
-def repo_ls() -> None:
-    data = call(client().get, "/api/v1/repositories")
-    t = Table("repository_id", "name", "type", "path", "available")
-    for r in data["repositories"]:
-        t.add_row(r["repository_id"], r["name"], r["type"], r["path"], human(r["available_bytes"]))
-    out(data, t)
-
-
 # ---------------------------------------------------------------- backups
 
 
@@ -453,6 +439,13 @@ def job_watch(job_id: str) -> None:
 def job_cancel(job_id: str) -> None:
     data = call(client().post, f"/api/v1/jobs/{job_id}/cancel")
     out(data) if ctx.json else console.print(f"job {job_id}: cancel requested ({data['status']})")
+
+
+# Command groups in cli/commands/ (imported last: they use the helpers above).
+from sendense.cli.commands import repos  # noqa: E402
+
+repos.bind(sys.modules[__name__])
+app.add_typer(repos.app, name="repo")
 
 
 def main() -> None:

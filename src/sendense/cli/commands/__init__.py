@@ -1,0 +1,2 @@
+"""CLI commands by resource: each module defines a ``typer.Typer()`` that
+``cli/main.py`` registers."""
