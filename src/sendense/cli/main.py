@@ -447,6 +447,11 @@ from sendense.cli.commands import repos  # noqa: E402
 repos.bind(sys.modules[__name__])
 app.add_typer(repos.app, name="repo")
 
+# backup rm / consolidate / verify join the backup group.
+from sendense.cli.commands import backups as backup_commands  # noqa: E402
+
+backup_commands.bind(sys.modules[__name__])
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
