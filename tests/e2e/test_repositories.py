@@ -31,7 +31,7 @@ from sqlalchemy import update
 from fixtures.cluster import Cluster
 from fixtures.processes import busy_ports, processes_under
 from sendense.catalog.db import Database, sqlite_url
-from sendense.catalog.models import Backup
+from sendense.catalog.models import Backup, Repository
 from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
@@ -359,11 +359,19 @@ def test_local_repository_create_show_edit_delete(
     # The job that wrote into it keeps its history.
     assert cluster.client.get(f"/api/v1/jobs/{job['job_id']}")["repository_id"] is None
 
+    # default is no exception when empty; it comes back only on a catalog
+    # without any repository.
+    add_repo(cluster, name="other", path=str(tmp_path / "other"))
+    ok(cluster.http("DELETE", f"{REPOS}/default"))
+    cluster.kill("hub", signal.SIGTERM)
+    cluster.start_hub()
+    assert [r["name"] for r in ok(cluster.http("GET", REPOS))["repositories"]] == ["other"]
+
 
 # ------------------------------------------------------------------- shares
 
 
-def test_share_repositories_are_validated(cluster: Cluster, tmp_path: Path) -> None:
+def test_share_repositories_are_validated(cluster: Cluster, make_vm, tmp_path: Path) -> None:
     plain = tmp_path / "not-a-mount"
     plain.mkdir()
 
@@ -420,6 +428,27 @@ def test_share_repositories_are_validated(cluster: Cluster, tmp_path: Path) -> N
         assert field in b["message"], (config, b)
         assert secret not in r.text, "a password never comes back in an error"
     assert not (tmp_path / "mnt").exists(), "nothing was mounted or created"
+
+    # A share repository whose mount went away (its row made directly): shown
+    # offline, and no backup lands in the bare mount point on the hub's disk.
+    vm = make_vm("sh1", [4 * MiB])
+    cluster.register(vm)
+    db = catalog(cluster)
+    try:
+        with db.session() as s:
+            s.add(Repository(id="gone-nfs", name="gone", type="nfs", path=str(plain)))
+    finally:
+        db.dispose()
+    gone = ok(cluster.http("GET", f"{REPOS}/gone-nfs"))
+    assert gone["online"] is False and "not an nfs mount" in gone["status_message"]
+    assert gone["available_bytes"] is None and gone["immutable_attribute"] is None
+    r = cluster.http(
+        "POST", "/api/v1/backups", json={"vm_name": "sh1", "repository_id": "gone-nfs"}
+    )
+    assert "not an nfs mount" in error_body(r, 503, "repository_offline")["message"]
+    error_body(cluster.http("POST", f"{REPOS}/gone-nfs/rescan"), 503, "repository_offline")
+    assert list(plain.iterdir()) == []
+    assert cluster.client.get("/api/v1/jobs")["total"] == 0
 
     if os.geteuid() != 0:
         pytest.skip("MOUNT TYPE CHECK SKIPPED: mounting a tmpfs needs root")

@@ -65,6 +65,7 @@ from sendense.core.errors import (
     InvalidRequest,
     NoParent,
     NotFound,
+    Unavailable,
 )
 from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
@@ -182,7 +183,7 @@ class BackupEngine:
         if req.backup_type not in ("full", "incremental", "auto"):
             raise InvalidRequest("backup_type must be one of full, incremental, auto")
         # statvfs with no lock held and no session open (a share may be slow).
-        available = self._available_bytes(req.repository_id)
+        available = self._repository_space(req.repository_id)
         with self._plan_lock, self.db.session() as s:
             vm = VmStore(s).by_name(req.vm_name)
             if vm is None:
@@ -263,13 +264,28 @@ class BackupEngine:
             raise
         return job_id
 
-    def _available_bytes(self, repository_id: str) -> int | None:
-        if not self.settings.space_check:
-            return None
+    def _repository_space(self, repository_id: str) -> int | None:
+        """Bytes available in the repository (None: unknown or not checked).
+
+        A share that is not mounted is refused (503 ``repository_offline``):
+        its mount point is then a plain folder on the hub's own disk, and
+        restore points written there would land on the wrong filesystem.
+        """
         with self.db.session() as s:
             repo = RepositoryStore(s).get(repository_id)
-            path = repo.path if repo else None
-        cap = backends.capacity(path) if path else None
+            where = (repo.name, repo.type, repo.path) if repo else None
+        if where is None:
+            return None  # refused below, with the other checks
+        name, kind, path = where
+        if kind in backends.FSTYPES and not backends.is_mounted(kind, path):
+            raise Unavailable(
+                f"repository {name} is offline: {path} is not an {kind} mount",
+                code="repository_offline",
+                repository_id=repository_id,
+            )
+        if not self.settings.space_check:
+            return None
+        cap = backends.capacity(path)
         return cap.available_bytes if cap else None
 
     def _check_space(

@@ -147,6 +147,12 @@ def mount_at(path: str | Path, mountinfo: str | Path = "/proc/self/mountinfo") -
     return found
 
 
+def is_mounted(kind: str, path: str | Path) -> bool:
+    """``path`` is a mount point of ``kind``'s filesystem type."""
+    entry = mount_at(path)
+    return entry is not None and entry.fstype in FSTYPES[kind]
+
+
 def check_mounted(kind: str, path: Path) -> MountEntry:
     """``path`` must be a mount point of ``kind``'s filesystem type."""
     entry = mount_at(path)
