@@ -6,12 +6,20 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from fixtures.cluster import Cluster
 
 
 def cli(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SENDENSE_URL": cluster.hub_url, "SENDENSE_TOKEN": cluster.admin_token}
+    """``sendense <args>`` with stdout and stderr to pipes (not a terminal),
+    with COLUMNS=80 as a narrow terminal would have: output must not wrap."""
+    env = {
+        **os.environ,
+        "SENDENSE_URL": cluster.hub_url,
+        "SENDENSE_TOKEN": cluster.admin_token,
+        "COLUMNS": "80",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "sendense.cli.main", *args],
         capture_output=True,
@@ -52,6 +60,49 @@ def test_cli_register_backup_and_list(cluster: Cluster, make_vm) -> None:
     assert jobs["total"] == 2
 
 
+def test_cli_output_not_a_terminal_keeps_digests_and_paths_whole(cluster: Cluster, make_vm) -> None:
+    """Piped output (not a TTY) is not folded at 80 columns: a digest and a
+    file path each appear whole on one line; disks are named by index and key;
+    progress shows no ``?`` for figures not known yet."""
+    vm = make_vm("cli-wide", [16 << 20, 8 << 20])
+    g = vm.guest(0)
+    g.pwrite(os.urandom(1 << 20), 0)
+    g.flush()
+    token_file = cluster.node_dir / "node.token"
+    cli(cluster, "node", "add", "n1", cluster.node_url, "--token-file", str(token_file))
+    cli(cluster, "source", "add-qemu", "lab", "--node", "n1", "--vm", f"{vm.name}={vm.qmp_socket}")
+
+    discovered = cli(cluster, "vm", "discover", "lab").stdout
+    assert "0 (key 2000)" in discovered and "1 (key 2001)" in discovered, discovered
+    assert "0-based index" in discovered  # the key is explained
+
+    started = cli(cluster, "backup", "start", vm.name, "--type", "full", "--wait").stdout
+    assert "disk 0 (key 2000) full" in started and "disk 1 (key 2001) full" in started, started
+    assert "?" not in started, started
+
+    listed = json.loads(cli(cluster, "--json", "backup", "ls", "--vm", vm.name).stdout)
+    b = next(b for b in listed["backups"] if b["disk_id"] == 0)
+    assert b["digest"] and len(b["file_path"]) > 80, b
+
+    shown = cli(cluster, "backup", "show", b["backup_id"]).stdout
+    lines = shown.splitlines()
+    assert any(b["digest"] in line for line in lines), shown
+    assert any(b["file_path"] in line for line in lines), shown
+    assert any("disk 0 (key 2000)" in line for line in lines), shown
+
+    table = cli(cluster, "backup", "ls", "--vm", vm.name).stdout
+    assert any(b["backup_id"] in line and "0 (key 2000)" in line for line in table.splitlines())
+    assert "0-based index" in table
+
+    chain = cli(cluster, "backup", "chain", vm.name).stdout
+    assert "1 (key 2001)" in chain, chain
+    job = cli(cluster, "job", "show", b["job_id"]).stdout
+    assert "0 (key 2000)" in job and "completed" in job, job
+    shown_vm = cli(cluster, "vm", "show", vm.name).stdout
+    disk0 = str(vm.disks[0])
+    assert any(disk0 in line and "0 (key 2000)" in line for line in shown_vm.splitlines()), shown_vm
+
+
 def test_cli_errors_are_clear(cluster: Cluster) -> None:
     proc = cli(cluster, "backup", "start", "no-such-vm", check=False)
     assert proc.returncode == 1
@@ -65,3 +116,34 @@ def test_cli_errors_are_clear(cluster: Cluster) -> None:
         timeout=60,
     )
     assert proc.returncode == 1 and "401" in proc.stderr
+
+
+def test_demo_passes_and_every_check_counts(tmp_path: Path, monkeypatch) -> None:
+    """``sendense demo`` exits 0 with every check passed; a check that fails
+    (here: the full restore point no longer reading as recorded) makes it 1."""
+    argv = ["demo", "--workdir", str(tmp_path / "ok"), "--disk-mib", "32"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sendense.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every check passed" in proc.stdout and "FAILED" not in proc.stdout, proc.stdout
+    assert "True" not in proc.stdout and "False" not in proc.stdout, proc.stdout
+
+    from sendense.cli import demo
+
+    real = demo.digest_of_image
+    fulls: set[str] = set()
+
+    def digest_of_image(path: str, algorithm: str) -> str:
+        digest = real(path, algorithm=algorithm)
+        if path.endswith("-full.qcow2"):
+            fulls.add(path)
+            return digest[:-4] + ("0000" if digest[-4:] != "0000" else "1111")
+        return digest
+
+    monkeypatch.setattr(demo, "digest_of_image", digest_of_image)
+    assert demo.run_demo(tmp_path / "bad", 32) == 1
+    assert len(fulls) == 2  # both disks' full restore points were checked

@@ -20,13 +20,16 @@ from typing import Any
 from rich.console import Console
 
 from sendense.cli.client import HubClient
+from sendense.cli.main import DISK_NOTE, disk_name, watch_job
 from sendense.cli.services import free_port, start_service, stop_service, wait_healthy
 from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
 
-console = Console()
+# Long lines (paths, digests) stay whole: the terminal wraps them, rich does not
+# break them, and a log or a pipe gets them on one line.
+console = Console(soft_wrap=True)
 
 
 def guest_writes(vm: QsdVm, rng: random.Random, count: int) -> int:
@@ -102,51 +105,53 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         for v in found["vms"]:
             for d in v["disks"]:
                 console.print(
-                    f"discovered {v['name']} disk {d['disk_id']} key {d['disk_key']} "
-                    f"{d['capacity_bytes'] >> 20} MiB"
+                    f"discovered {v['name']} {disk_name(d)}: {d['capacity_bytes'] >> 20} MiB"
                 )
+        console.print(f"[dim]{DISK_NOTE}[/dim]")
+        disks_found = sum(len(v["disks"]) for v in found["vms"] if v["name"] == "demo-vm")
+        ok = check(disks_found == len(vm.disks), f"discovery found {disks_found} disks")
 
         step("3. full backup")
-        full = backup(c, "full")
+        full, good = backup(c, "full")
+        ok &= good
         step("4. the guest writes, then an incremental backup")
         wrote = guest_writes(vm, rng, 10)
         console.print(f"guest wrote {wrote >> 10} KiB")
-        incr = backup(c, "incremental")
+        incr, good = backup(c, "incremental")
+        ok &= good
 
         step("5. the chain")
         chain = c.get("/api/v1/backups/demo-vm/chain")
         for d in chain["disks"]:
             parts = [f"{b['backup_type']} ({b['size_on_disk'] >> 10} KiB)" for b in d["chain"]]
-            console.print(f"disk {d['disk_key']}: " + " -> ".join(parts))
+            console.print(f"{disk_name(d)}: " + " -> ".join(parts))
+            ok &= check(
+                len(d["chain"]) == 2, f"{disk_name(d)}: chain of {len(d['chain'])}", quiet=True
+            )
 
         step("6. proof: the newest restore point reads exactly as the disks")
-        ok = True
         for b in incr["backups"]:
             bk = c.get(f"/api/v1/backups/{b['backup_id']}")
             disk = vm.disks[bk["disk_id"]]
             same = img.compare(bk["file_path"], str(disk))
-            digest = digest_of_image(bk["file_path"], algorithm=algorithm_of(bk["digest"]))
-            good = same and digest == bk["digest"]
-            ok &= good
-            console.print(
-                f"disk {bk['disk_key']}: qemu-img compare "
-                f"{'[green]identical' if same else '[red]DIFFERENT'}[/], digest "
-                f"{'[green]matches' if digest == bk['digest'] else '[red]MISMATCH'}[/] "
-                f"({bk['digest'][:23]}...)"
-            )
-        first = c.get(f"/api/v1/backups/{full['backups'][0]['backup_id']}")
-        again = digest_of_image(first["file_path"], algorithm=algorithm_of(first["digest"]))
-        console.print(f"full restore point still reads as recorded: {again == first['digest']}")
-        step("done" if ok else "FAILED")
+            ok &= check(same, f"{disk_name(bk)}: newest restore point and disk are identical")
+            ok &= check_digest(bk, "newest restore point")
+        step("7. proof: the full restore points still read as recorded")
+        for b in full["backups"]:
+            ok &= check_digest(c.get(f"/api/v1/backups/{b['backup_id']}"), "full restore point")
+        step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
         console.print(f"  catalog         {hub_dir / 'catalog.db'}")
         console.print(f"  logs            {workdir}/hub.log, node.log, {node_dir}/jobs/*/job.log")
         console.print("Run it again: make demo   (or .venv/bin/sendense demo)")
         console.print(
-            f"Explore the catalog: .venv/bin/sendense hub serve --data-dir {hub_dir}"
-            f" then .venv/bin/sendense --data-dir {hub_dir} backup ls"
+            "Explore the catalog: start the hub again; it stays in the foreground, so run it"
+            " in another terminal or append & (stop it with Ctrl-C, or kill %1):"
         )
+        console.print(f"  .venv/bin/sendense hub serve --data-dir {hub_dir} &")
+        console.print(f"  .venv/bin/sendense --data-dir {hub_dir} backup ls")
+        console.print(f"  .venv/bin/sendense --data-dir {hub_dir} backup chain demo-vm")
         return 0 if ok else 1
     finally:
         vm.stop()
@@ -155,20 +160,46 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         (workdir / "pids").unlink(missing_ok=True)
 
 
-def backup(c: HubClient, kind: str) -> dict[str, Any]:
-    from sendense.cli.main import watch_job
+def check(good: bool, text: str, *, quiet: bool = False) -> bool:
+    """One of the demo's checks: printed as passed or FAILED (``quiet``: only
+    when it fails); any failed check makes the demo's exit status 1."""
+    if not good:
+        console.print(f"[red]FAILED[/red] {text}")
+    elif not quiet:
+        console.print(f"[green]ok[/green]     {text}")
+    return good
 
+
+def check_digest(bk: dict[str, Any], what: str) -> bool:
+    """Read a restore point through its chain and compare with the digest
+    recorded at backup time."""
+    recorded = bk["digest"]
+    if not recorded:
+        return check(False, f"{disk_name(bk)}: {what} has no recorded digest")
+    digest = digest_of_image(bk["file_path"], algorithm=algorithm_of(recorded))
+    return check(
+        digest == recorded,
+        f"{disk_name(bk)}: {what} reads as recorded, digest {recorded}"
+        + ("" if digest == recorded else f" (read back: {digest})"),
+    )
+
+
+def backup(c: HubClient, kind: str) -> tuple[dict[str, Any], bool]:
+    """Run a backup of ``kind`` and follow it; true if it completed as asked."""
     started = c.post(
         "/api/v1/backups", {"vm_name": "demo-vm", "repository_id": "default", "backup_type": kind}
     )
     final = watch_job(c, started["job_id"])
     if final["status"] != "completed":
         raise SystemExit(f"{kind} backup {final['status']}: {final.get('error')}")
+    good = True
     for d in final["disks"]:
-        console.print(
-            f"disk {d['disk_key']}: {d['backup_type']}, {d['bytes_done'] >> 10} KiB moved"
+        note = f" ({d['fallback_reason']})" if d.get("fallback_reason") else ""
+        good &= check(
+            d["backup_type"] == kind,
+            f"{disk_name(d)}: {d['backup_type']}{note}, {d['bytes_done'] >> 10} KiB moved",
         )
-    return started
+    return started, good
 
 
 def _stop_leftovers(workdir: Path) -> None:

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from sendense.cli.client import ApiError, HubClient
 
@@ -34,8 +35,27 @@ for sub, name in [
 ]:
     app.add_typer(sub, name=name)
 
-console = Console()
-err = Console(stderr=True)
+# When the output is not a terminal (a pipe, a file, a script), rich would fold
+# lines and table cells at 80 columns and break digests, paths and ids over
+# lines: there, print everything at its natural width instead.
+NOT_A_TTY_WIDTH = 100_000
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=NOT_A_TTY_WIDTH, soft_wrap=True)
+
+
+console = make_console()
+err = make_console(stderr=True)
+
+DISK_NOTE = (
+    "disk N is the disk's 0-based index in the VM (--disk, disk_id in the API); "
+    "key is its VMware-style key (2000 + N for QEMU), which names its folder "
+    "in the repository and its NBD export"
+)
 
 
 class Ctx:
@@ -88,11 +108,43 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(1) from e
 
 
-def out(data: Any, table: Table | None = None) -> None:
+def out(data: Any, table: Table | None = None, *, disk_note: bool = False) -> None:
     if ctx.json or table is None:
         print(json.dumps(data, indent=2))
     else:
         console.print(table)
+        if disk_note:
+            console.print(f"[dim]{DISK_NOTE}[/dim]")
+
+
+def disk_name(d: dict[str, Any]) -> str:
+    """One name for a disk everywhere: index and key, ``disk 0 (key 2000)``."""
+    return f"disk {d['disk_id']} (key {d['disk_key']})"
+
+
+def disk_cell(d: dict[str, Any]) -> str:
+    """The same in a table's ``disk`` column: ``0 (key 2000)``."""
+    return f"{d['disk_id']} (key {d['disk_key']})"
+
+
+def print_details(rows: list[tuple[str, Any]]) -> None:
+    """``name  value`` lines, values whole (ids, paths, digests) and taken
+    literally (no rich markup); ``-`` for no value."""
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        text = "-" if value is None or value == "" else str(value)
+        console.print(f"{name:<{width}}  {text}", markup=False, soft_wrap=True)
+
+
+def seconds(value: float | None) -> str:
+    """A duration: ``4.2s`` under a minute, else ``h:mm:ss``; ``-`` if unknown."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    s = round(value)
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def human(n: int | float | None) -> str:
@@ -264,31 +316,48 @@ def vm_discover(source: Annotated[str, typer.Argument(help="source_id or source 
         if source in (s["source_id"], s["name"]):
             sid = s["source_id"]
     data = call(c.post, "/api/v1/vms/discover", {"source_id": sid})
-    out(data, _vm_table(data["vms"]))
+    out(data, _vm_table(data["vms"]), disk_note=True)
 
 
 @vm_app.command("ls")
 def vm_ls() -> None:
     data = call(client().get, "/api/v1/vms")
-    out(data, _vm_table(data["vms"]))
+    out(data, _vm_table(data["vms"]), disk_note=True)
 
 
 @vm_app.command("show")
 def vm_show(name: str) -> None:
-    out(call(client().get, f"/api/v1/vms/{name}"))
+    data = call(client().get, f"/api/v1/vms/{name}")
+    if ctx.json:
+        out(data)
+        return
+    last = data.get("last_backup")
+    print_details(
+        [
+            ("vm", data["name"]),
+            ("vm_context_id", data["vm_context_id"]),
+            ("source_id", data["source_id"]),
+            ("path", data["path"]),
+            ("discovered", (data.get("discovered_at") or "")[:19]),
+            (
+                "last backup",
+                last
+                and f"{last['backup_id']} {disk_name(last)} {last['backup_type']} "
+                f"{last['status']} {(last.get('created_at') or '')[:19]}",
+            ),
+        ]
+    )
+    t = Table("disk", "label", "capacity", "path")
+    for d in data["disks"]:
+        t.add_row(disk_cell(d), d["label"], human(d["capacity_bytes"]), d["path"])
+    out(data, t, disk_note=True)
 
 
 def _vm_table(vms: list[dict[str, Any]]) -> Table:
-    t = Table("vm", "disk", "key", "label", "capacity")
+    t = Table("vm", "disk", "label", "capacity")
     for v in vms:
         for d in v["disks"]:
-            t.add_row(
-                v["name"],
-                str(d["disk_id"]),
-                str(d["disk_key"]),
-                d["label"],
-                human(d["capacity_bytes"]),
-            )
+            t.add_row(v["name"], disk_cell(d), d["label"], human(d["capacity_bytes"]))
     return t
 
 
@@ -320,39 +389,91 @@ def backup_start(
         raise typer.Exit(1)
 
 
+class _PercentColumn(ProgressColumn):
+    """``42.0%``; ``-`` while the total is not known yet (rich would say 0.0%)."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("    -", style="progress.percentage")
+        return Text(f"{task.percentage:>5.1f}%", style="progress.percentage")
+
+
+class _BytesColumn(ProgressColumn):
+    """``12.0 MiB / 256.0 MiB`` as the hub reports them; ``-`` for a total not
+    known yet."""
+
+    def render(self, task: Task) -> Text:
+        done, total = task.fields.get("bytes_done", 0), task.fields.get("bytes_total")
+        size = human(total) if total or task.finished else "-"
+        return Text(f"{human(done)} / {size}", style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    """The node's measured rate; ``-`` until it has one (rich would show ``?``)."""
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        return Text(f"{human(rate)}/s" if rate else "-", style="progress.data.speed")
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left as the node estimates it; ``done`` at the end, else ``-``."""
+
+    def render(self, task: Task) -> Text:
+        status = task.fields.get("status")
+        if status in ("completed", "failed", "cancelled"):
+            return Text(str(status), style="progress.elapsed")
+        eta = task.fields.get("eta")
+        return Text(f"eta {seconds(eta)}" if eta is not None else "-", style="progress.remaining")
+
+
 def watch_job(c: HubClient, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
     final: dict[str, Any] = {}
     show = not ctx.json and not quiet
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        _PercentColumn(),
+        _BytesColumn(),
+        _RateColumn(),
+        _EtaColumn(),
         console=console,
         disable=not show,
     ) as bar:
-        tasks: dict[int, Any] = {}
+        tasks: dict[int | None, Any] = {}
         for view in call(c.events, job_id):
             final = view
-            for d in view["disks"]:
-                key = d["disk_key"]
+            # A backup job has one bar per disk; a job the hub runs itself
+            # (consolidate, verify) has one for the whole job.
+            rows = [
+                (d["disk_key"], f"{disk_name(d)} {d['backup_type']}", d) for d in view["disks"]
+            ] or [(None, f"{view['kind']} {view.get('vm_name') or ''}".strip(), view)]
+            for key, label, d in rows:
                 if key not in tasks:
-                    tasks[key] = bar.add_task(f"disk {key} ({d['backup_type']})", total=None)
+                    tasks[key] = bar.add_task(label, total=None)
                 total = d["bytes_total"] or None
+                fields = {
+                    "rate": d.get("rate"),
+                    "eta": d.get("eta"),
+                    "status": d["status"],
+                    "bytes_done": d["bytes_done"],
+                    "bytes_total": d["bytes_total"],
+                }
                 if d["status"] == "completed":
                     # A disk with nothing to move is still done: a full bar.
-                    total = total or 1
-                    bar.update(tasks[key], completed=total, total=total)
+                    total = total or d["bytes_done"] or 1
+                    done = total
                 else:
-                    bar.update(tasks[key], completed=d["bytes_done"], total=total)
+                    done = d["bytes_done"]
+                bar.update(tasks[key], description=label, completed=done, total=total, **fields)
     if show:
         colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(
             final.get("status", ""), "white"
         )
+        elapsed = final.get("elapsed_seconds")
         console.print(
             f"job {job_id}: [{colour}]{final.get('status')}[/{colour}]"
-            f" in {final.get('elapsed_seconds')}s"
+            + (f" in {elapsed:.1f}s" if elapsed is not None else "")
         )
         for m in final.get("messages") or []:
             console.print(f"  note: {m}")
@@ -372,19 +493,50 @@ def backup_ls(
         t.add_row(
             b["backup_id"],
             b["vm_name"],
-            str(b["disk_id"]),
+            disk_cell(b),
             b["backup_type"],
             b["status"],
             human(b["bytes_transferred"]),
             human(b["size_on_disk"]),
             b["created_at"][:19],
         )
-    out(data, t)
+    out(data, t, disk_note=True)
 
 
 @backup_app.command("show")
 def backup_show(backup_id: str) -> None:
-    out(call(client().get, f"/api/v1/backups/{backup_id}"))
+    b = call(client().get, f"/api/v1/backups/{backup_id}")
+    if ctx.json:
+        out(b)
+        return
+    verify = b.get("verify_status")
+    if verify:
+        verify = f"{verify} {(b.get('verified_at') or '')[:19]} {b.get('verify_error') or ''}"
+    print_details(
+        [
+            ("backup_id", b["backup_id"]),
+            ("vm", b["vm_name"]),
+            ("disk", disk_name(b)),
+            ("type", b["backup_type"] + (" (synthetic)" if b.get("synthetic") else "")),
+            ("status", b["status"]),
+            ("parent", b["parent_backup_id"]),
+            ("file", b["file_path"]),
+            ("digest", b["digest"]),
+            ("change id", b["change_id"]),
+            ("previous change id", b["previous_change_id"]),
+            ("disk size", human(b["total_bytes"])),
+            ("transferred", human(b["bytes_transferred"])),
+            ("on disk", human(b["size_on_disk"])),
+            ("job", b["job_id"]),
+            ("repository", b["repository_id"]),
+            ("created", (b.get("created_at") or "")[:19]),
+            ("finished", (b.get("finished_at") or "")[:19]),
+            ("verified", verify),
+            ("immutable until", (b.get("immutable_until") or "")[:19]),
+            ("error", b.get("error")),
+        ]
+    )
+    console.print(f"[dim]{DISK_NOTE}[/dim]")
 
 
 @backup_app.command("chain")
@@ -394,14 +546,14 @@ def backup_chain(vm: str, disk: Annotated[int | None, typer.Option()] = None) ->
     for d in data["disks"]:
         for i, b in enumerate(d["chain"]):
             t.add_row(
-                str(d["disk_key"]),
+                disk_cell(d),
                 str(i),
                 b["backup_id"],
                 b["backup_type"],
                 human(b["size_on_disk"]),
                 b["parent_backup_id"] or "-",
             )
-    out(data, t)
+    out(data, t, disk_note=True)
 
 
 # ------------------------------------------------------------------- jobs
@@ -425,7 +577,44 @@ def job_ls(status: Annotated[str | None, typer.Option()] = None) -> None:
 
 @job_app.command("show")
 def job_show(job_id: str) -> None:
-    out(call(client().get, f"/api/v1/jobs/{job_id}"))
+    j = call(client().get, f"/api/v1/jobs/{job_id}")
+    if ctx.json:
+        out(j)
+        return
+    error = j.get("error")
+    print_details(
+        [
+            ("job_id", j["job_id"]),
+            ("kind", j["kind"]),
+            ("status", j["status"]),
+            ("step", j["step"]),
+            ("vm", j["vm_name"]),
+            ("requested", j["backup_type"]),
+            ("progress", f"{j['percent']}% of {human(j['bytes_total'])}"),
+            ("rate", f"{human(j['rate'])}/s" if j.get("rate") else None),
+            ("eta", seconds(j.get("eta"))),
+            ("created", (j.get("created_at") or "")[:19]),
+            ("finished", (j.get("finished_at") or "")[:19]),
+            ("elapsed", seconds(j.get("elapsed_seconds"))),
+            ("error", error and f"{error['code']}: {error['message']}"),
+        ]
+        + [("note", m) for m in j.get("messages") or []]
+    )
+    if not j["disks"]:
+        return
+    t = Table("disk", "backup_id", "type", "status", "mode", "done", "total", "fallback")
+    for d in j["disks"]:
+        t.add_row(
+            disk_cell(d),
+            d["backup_id"],
+            d["backup_type"],
+            d["status"],
+            d.get("mode") or "-",
+            f"{d['percent']}%",
+            human(d["bytes_total"]),
+            d.get("fallback_reason") or "-",
+        )
+    out(j, t, disk_note=True)
 
 
 @job_app.command("watch")
