@@ -28,8 +28,8 @@ from typing import Any
 
 from sendense.core import errors as domain_errors
 from sendense.hub.app import create_app
-from sendense.web.errors import STATUS
 from sendense.settings import HubSettings
+from sendense.web.errors import STATUS
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -314,16 +314,37 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return text.rstrip("\n") + "\n"
 
 
+def render_all() -> dict[str, str]:
+    """File name -> content, exactly as ``make docs`` writes them."""
+    doc = build_openapi()
+    return {
+        "openapi.json": json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+        "api.md": render_markdown(doc),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="output folder")
-    args = parser.parse_args(argv)
-    doc = build_openapi()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "openapi.json").write_text(
-        json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the files in --out differ from what would be written",
     )
-    (args.out / "api.md").write_text(render_markdown(doc))
+    args = parser.parse_args(argv)
+    files = render_all()
+    if args.check:
+        stale = [
+            name
+            for name, text in files.items()
+            if not (args.out / name).exists() or (args.out / name).read_text() != text
+        ]
+        for name in stale:
+            print(f"{args.out / name} is stale: run `make docs` and commit it", file=sys.stderr)
+        return 1 if stale else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (args.out / name).write_text(text)
     print(f"wrote {args.out / 'openapi.json'} and {args.out / 'api.md'}")
     return 0
 
