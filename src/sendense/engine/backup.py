@@ -319,7 +319,8 @@ class BackupEngine:
                 f"repository {repo.name} has {available} bytes available; the backup of VM "
                 f"{vm.name} may need up to {needed} bytes ("
                 + ", ".join(
-                    f"disk {d.disk_index} {b}" for d, (b, _) in zip(disks, plans, strict=True)
+                    f"disk {d.disk_index}: {b} backup"
+                    for d, (b, _) in zip(disks, plans, strict=True)
                 )
                 + "); free space or use another repository",
                 needed_bytes=needed,
