@@ -42,7 +42,10 @@ What commit costs in return, and how it is handled:
   while a qemu-nbd (a running incremental, a restore session, a verify)
   reads the chain, and nothing can open the chain while it runs. The job
   holds every point of the chain (``in_use`` for deletes, verifies and other
-  merges) and the request is refused while anything else holds one.
+  merges) and the request is refused while anything else holds one. A
+  backup of the VM started during the merge cannot open its parent's chain
+  and fails at its start (``qemu_nbd_failed``, nothing else touched); the
+  backup engine does not refuse it up front yet.
 - recovery cannot roll a started merge back (``P1`` is already changed), so
   it rolls forward: the commit again (idempotent: it writes the same
   clusters again) at full speed, the rename, the records. A disk whose merge
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,8 +223,13 @@ def plan_consolidation(
     *,
     disk_index: int | None = None,
     member: Backup | None = None,
+    repository_visible: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """The plan (job params) for a VM's disks, or for the chain of ``member``."""
+    """The plan (job params) for a VM's disks, or for the chain of ``member``.
+
+    ``repository_visible``: a scoped caller's view; chains in other
+    repositories are left out as if they did not exist.
+    """
     if keep < 1:
         raise InvalidRequest("keep must be at least 1", keep=keep)
     if member is not None:
@@ -234,6 +243,8 @@ def plan_consolidation(
                 disk_id=disk_index,
             )
         chains = [current_chain(s, vm.id, d.disk_index) for d in disks]
+    if repository_visible is not None:
+        chains = [c for c in chains if c and repository_visible(c[-1].repository_id)]
     plans = [p for links in chains if (p := plan_disk(s, links, keep)) is not None]
     return {
         "vm_name": vm.name,

@@ -224,7 +224,12 @@ def consolidate(st: HubState, who: Principal, body: Any, *, dry_run: bool) -> di
         if vm is None or (body.chain_id and member is None):
             raise NotFound("the VM or backup went away", vm_name=body.vm_name)
         plan = consolidation.plan_consolidation(
-            s, vm, body.keep, disk_index=body.disk_id, member=member
+            s,
+            vm,
+            body.keep,
+            disk_index=body.disk_id,
+            member=member,
+            repository_visible=None if who.scope is None else who.can_see_repository,
         )
         if dry_run:
             return {"dry_run": True, **plan}
