@@ -20,23 +20,17 @@ power cut cannot bring back a removed file or lose a renamed one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sendense.qemu import img
-from sendense.storage import layout
+from sendense.storage import immutability, layout
 
 log = logging.getLogger(__name__)
-
-# linux/fs.h: FS_IOC_GETFLAGS = _IOR('f', 1, long); the kernel writes an int.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IMMUTABLE_FL = 0x00000010
 
 
 def hash_list_path(qcow2: str | Path) -> Path:
@@ -59,28 +53,9 @@ def bytes_on_disk(qcow2: str | Path) -> int:
     return total
 
 
-def has_immutable_flag(path: str | Path) -> bool:
-    """True when ``path`` carries the immutable attribute (``chattr +i``).
-
-    False when the file is missing or its filesystem has no such attribute.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))
-    except OSError:
-        return False  # ENOTTY / EOPNOTSUPP: no attributes on this filesystem
-    finally:
-        os.close(fd)
-    (flags,) = struct.unpack("i", buf[:4])
-    return bool(flags & FS_IMMUTABLE_FL)
-
-
 def immutable_files(qcow2: str | Path) -> list[Path]:
     """The restore point's files that carry the immutable attribute."""
-    return [p for p in point_files(qcow2) if has_immutable_flag(p)]
+    return [p for p in point_files(qcow2) if immutability.is_locked(p)]
 
 
 def fsync_dir(path: str | Path) -> None:
