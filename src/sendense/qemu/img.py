@@ -179,7 +179,13 @@ def run_with_progress(
         buf = (buf + chunk)[-256:]
         found = _PERCENT.findall(buf)
         if found and on_progress is not None:
-            on_progress(float(found[-1]))
+            try:
+                on_progress(float(found[-1]))
+            except Exception:
+                # Progress is a report: it must never leave qemu-img running
+                # unwatched, nor stop it half way.
+                log.exception("progress report failed cmd=%s", cmd[:2])
+                on_progress = None
     rc = proc.wait()
     reader.join()
     if rc != 0:
