@@ -304,22 +304,6 @@ def test_local_repository_create_show_edit_delete(
             finally:
                 subprocess.run(["umount", str(ro)])
 
-    # Roles: a viewer reads, only an admin changes.
-    viewer = scoped_token(cluster, "viewer", [rid])
-    if viewer is not None:
-        b = error_body(
-            cluster.http(
-                "POST", REPOS, json={"name": "v", "path": str(tmp_path / "v")}, token=viewer
-            ),
-            403,
-        )
-        assert b["details"]["role_needed"] == "admin"
-        assert [
-            r["repository_id"] for r in ok(cluster.http("GET", REPOS, token=viewer))["repositories"]
-        ] == [rid]
-        error_body(cluster.http("GET", f"{REPOS}/default", token=viewer), 404, "not_found")
-        error_body(cluster.http("PATCH", f"{REPOS}/{rid}", json={"name": "z"}, token=viewer), 403)
-
     # A backup into it: capacity and the bytes Sendense uses.
     job = backup_into(cluster, "rp1", rid, "full")
     assert job["status"] == "completed", job
@@ -366,6 +350,33 @@ def test_local_repository_create_show_edit_delete(
     cluster.kill("hub", signal.SIGTERM)
     cluster.start_hub()
     assert [r["name"] for r in ok(cluster.http("GET", REPOS))["repositories"]] == ["other"]
+
+
+def test_scoped_tokens_see_only_their_repositories(cluster: Cluster, tmp_path: Path) -> None:
+    rid = add_repo(cluster, name="tenant-a", path=str(tmp_path / "a"))["repository_id"]
+    add_repo(cluster, name="tenant-b", path=str(tmp_path / "b"))
+    viewer = scoped_token(cluster, "viewer", [rid])
+    admin = scoped_token(cluster, "admin", [rid])
+    if viewer is None or admin is None:
+        pytest.skip("SCOPE TEST SKIPPED: POST /api/v1/tokens is not built in this tree yet")
+    listed = ok(cluster.http("GET", REPOS, token=viewer))["repositories"]
+    assert [r["repository_id"] for r in listed] == [rid]
+    assert ok(cluster.http("GET", f"{REPOS}/{rid}", token=viewer))["name"] == "tenant-a"
+    b = error_body(cluster.http("PATCH", f"{REPOS}/{rid}", json={"name": "z"}, token=viewer), 403)
+    assert b["details"]["role_needed"] == "admin"
+    body = {"name": "v", "path": str(tmp_path / "v")}
+    error_body(cluster.http("POST", REPOS, json=body, token=viewer), 403, "forbidden")
+    # Another tenant's repository does not exist for them, whatever the method.
+    for method, path in [
+        ("GET", f"{REPOS}/default"),
+        ("PATCH", f"{REPOS}/default"),
+        ("DELETE", f"{REPOS}/default"),
+        ("POST", f"{REPOS}/default/rescan"),
+    ]:
+        r = cluster.http(method, path, json={} if method != "GET" else None, token=admin)
+        b = error_body(r, 404, "not_found")
+        assert "default" in b["message"]
+    assert ok(cluster.http("GET", f"{REPOS}/default"))["name"] == "default"
 
 
 # ------------------------------------------------------------------- shares

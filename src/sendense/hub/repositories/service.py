@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
 from sendense.catalog.models import BackupJob, Repository
 from sendense.catalog.stores import JobStore, RepositoryStore
@@ -138,12 +139,16 @@ def create_repository(st: HubState, who: Principal, body: RepositoryCreate) -> d
             )
             s.add(repo)
             s.flush()
-            repository_id = repo.id
+    except IntegrityError as e:  # a concurrent create took the name
+        if mounted:
+            backends.unmount(spec.path)
+        raise Conflict(f"a repository named {spec.name} already exists") from e
     except Exception:
         if mounted:
             backends.unmount(spec.path)
         raise
-    return get_repository(st, who, repository_id)
+    # Shown even to a scoped admin, whose scope cannot name the new id yet.
+    return _view(st, repo, (0, 0), (0, None))
 
 
 def _check_name_free(s: Any, name: str, exclude: str | None = None) -> None:
