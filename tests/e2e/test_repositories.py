@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -555,6 +556,7 @@ def test_repository_filling_up_during_the_copy_fails_the_job_cleanly(
     deadline = datetime.now(UTC) + timedelta(seconds=30)
     while not moving():
         assert datetime.now(UTC) < deadline, "the copy did not start"
+        time.sleep(0.05)
     filler = where / "filler"
     with open(filler, "wb") as f:
         for chunk in (MiB, 64 << 10, 4096):
@@ -666,6 +668,7 @@ def test_immutable_repository_locks_each_backup(cluster: Cluster, make_vm, tmp_p
         deadline = datetime.now(UTC) + timedelta(seconds=15)
         while immutability.locked_files([target["file_path"]]):
             assert datetime.now(UTC) < deadline, "the sweeper did not lift the attribute"
+            time.sleep(0.1)
         ok(cluster.http("DELETE", f"/api/v1/backups/{n['backup_id']}"))
         ok(cluster.http("DELETE", f"/api/v1/backups/{target['backup_id']}"))
         assert not Path(target["file_path"]).exists()
@@ -701,6 +704,7 @@ def test_immutable_attribute_follows_the_lock(cluster: Cluster, make_vm, tmp_pat
         deadline = datetime.now(UTC) + timedelta(seconds=15)
         while not lsattr_immutable(image):
             assert datetime.now(UTC) < deadline, "the sweeper did not restore the attribute"
+            time.sleep(0.1)
 
         # The lock expires: the sweeper lifts the attribute, delete works.
         db = catalog(cluster)
@@ -716,6 +720,7 @@ def test_immutable_attribute_follows_the_lock(cluster: Cluster, make_vm, tmp_pat
         deadline = datetime.now(UTC) + timedelta(seconds=15)
         while lsattr_immutable(image) or lsattr_immutable(sidecar):
             assert datetime.now(UTC) < deadline, "the sweeper did not lift the attribute"
+            time.sleep(0.1)
         ok(cluster.http("DELETE", f"/api/v1/backups/{b['backup_id']}"))
         assert not image.exists() and not sidecar.exists()
     finally:
