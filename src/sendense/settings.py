@@ -37,6 +37,11 @@ class HubSettings(BaseSettings):
     lock_sweep_interval: float = 600.0
     # Refuse a backup that cannot fit in its repository (engine/backup.py).
     space_check: bool = True
+    # Seconds between two health probes of every node (GET /nodes shows the
+    # last result and its age; hub/nodes/health.py).
+    node_health_interval: float = 10.0
+    # Largest request body the API reads (413 beyond; hub/limits.py).
+    max_body_bytes: int = 1 << 20
     log_level: str = "INFO"
 
     @property

@@ -150,3 +150,22 @@ class PathInUse(Conflict):
     """Another repository already uses this folder, or one inside or around it."""
 
     code = "path_in_use"
+
+
+class InventoryInUse(Conflict):
+    """Jobs run on the node or on the source's VMs (``details.jobs``)."""
+
+    code = "in_use"
+
+
+class HasBackups(Conflict):
+    """VMs of the source have restore points (``details.vms``: name and count)."""
+
+    code = "has_backups"
+
+
+class HasSources(Conflict):
+    """The node still serves sources (``details.sources``); ``?cascade=true``
+    removes them with it."""
+
+    code = "has_sources"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,10 +17,20 @@ from sqlalchemy.orm import Session
 from sendense.catalog.db import Database
 from sendense.catalog.models import Backup, Node, Repository, Source, Vm, VmDisk
 from sendense.catalog.stores import NodeStore, RepositoryStore, SourceStore, VmStore
-from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, PathInUse
+from sendense.core.errors import (
+    Conflict,
+    Error,
+    HasBackups,
+    HasSources,
+    InvalidRequest,
+    InventoryInUse,
+    NotFound,
+    PathInUse,
+)
 from sendense.engine.backup import node_client, source_spec
+from sendense.engine.delete import lock_vm
 from sendense.engine.node_client import NodeClient
-from sendense.secretbox import SecretBox, split_secrets
+from sendense.secretbox import SecretBox, merge_secrets, redact, split_secrets
 from sendense.storage import backends, immutability
 
 log = logging.getLogger(__name__)
@@ -29,42 +40,145 @@ SUPPORTED_SOURCE_TYPES = ("qemu",)
 DEFAULT_REPOSITORY_ID = "default"
 
 
+# ------------------------------------------------------------------ nodes
+#
+# Slow I/O (talking to a node) runs with no session open: the services in
+# hub/nodes/ call `check_node` first, then the writes below in a short session.
+
+
+def check_node(url: str, token: str) -> str | None:
+    """Reach the node and check its token; its version. Messages never hold
+    the token (NodeClient scrubs it)."""
+    client = NodeClient(url, token)
+    try:
+        version = client.health().get("version")
+        client.check_token()
+    except Error as e:
+        raise InvalidRequest(f"cannot use node at {url}: {e.message}", code=e.code) from None
+    finally:
+        client.close()
+    return str(version) if version else None
+
+
 def register_node(
-    s: Session, secrets: SecretBox, name: str, url: str, token: str, *, verify: bool = True
+    s: Session, secrets: SecretBox, name: str, url: str, token: str, *, verified: bool
 ) -> Node:
     if NodeStore(s).by_name(name) is not None:
-        raise Conflict(f"a node named {name} already exists")
-    if not url.startswith(("http://", "https://")):
-        raise InvalidRequest("url must start with http:// or https://")
-    if verify:
-        client = NodeClient(url, token)
-        try:
-            client.health()
-            client.check_token()
-        except Error as e:
-            raise InvalidRequest(f"cannot register node {name}: {e.message}", code=e.code) from e
-        finally:
-            client.close()
+        raise Conflict(f"a node named {name} already exists", name=name)
     node = Node(name=name, url=url.rstrip("/"), token_encrypted=secrets.encrypt(token))
-    node.last_seen_at = datetime.now(UTC) if verify else None
+    node.last_seen_at = datetime.now(UTC) if verified else None
     s.add(node)
     s.flush()
     return node
 
 
-def node_health(node: Node, secrets: SecretBox) -> dict[str, Any]:
-    try:
-        h = node_client(node, secrets).health()
-        return {"status": "online", "version": h.get("version"), "error": None}
-    except Error as e:
-        return {"status": "unreachable", "version": None, "error": e.message}
+def node_secret(s: Session, secrets: SecretBox, node_id: str) -> tuple[str, str]:
+    """(url, token) of a node; NotFound when absent."""
+    node = NodeStore(s).get(node_id)
+    if node is None:
+        raise NotFound(f"node {node_id} not found", node_id=node_id)
+    return node.url, str(secrets.decrypt(node.token_encrypted))
+
+
+def update_node(
+    s: Session,
+    secrets: SecretBox,
+    node_id: str,
+    *,
+    url: str | None,
+    token: str | None,
+    verified: bool,
+) -> Node:
+    node = NodeStore(s).get(node_id)
+    if node is None:
+        raise NotFound(f"node {node_id} not found", node_id=node_id)
+    if url is not None:
+        node.url = url.rstrip("/")
+    if token is not None:
+        node.token_encrypted = secrets.encrypt(token)
+    if verified:
+        node.last_seen_at = datetime.now(UTC)
+        node.last_error = None
+    s.flush()
+    return node
+
+
+def _vm_usage(s: Session, vms: Sequence[Vm], node_id: str | None = None) -> None:
+    """409 while a VM has restore points or a job runs (on the VMs or the node)."""
+    vm_ids = [vm.id for vm in vms]
+    store = SourceStore(s)
+    jobs = store.active_jobs(vm_ids, node_id)
+    if jobs:
+        raise InventoryInUse(
+            f"{len(jobs)} job(s) are running: {', '.join(j.id for j in jobs[:10])}; "
+            "wait for them or cancel them",
+            jobs=[j.id for j in jobs],
+        )
+    points = store.restore_points_per_vm(vm_ids)
+    if points:
+        names = {vm.id: vm.name for vm in vms}
+        listed = [
+            {"vm_name": names[vm_id], "backups": n}
+            for vm_id, n in sorted(points.items(), key=lambda x: names[x[0]])
+        ]
+        shown = ", ".join(f"{x['vm_name']} ({x['backups']})" for x in listed[:10])
+        raise HasBackups(
+            f"{len(listed)} VM(s) have restore points: {shown}; delete them first "
+            "(DELETE /api/v1/backups/{backup_id}), the catalog keeps a restore point's VM",
+            vms=listed,
+        )
+
+
+def remove_sources(
+    s: Session, sources: Sequence[Source], node_id: str | None = None
+) -> dict[str, Any]:
+    """Remove sources and their VMs, all or nothing (see `_vm_usage`)."""
+    vms = SourceStore(s).vms([x.id for x in sources])
+    for vm in vms:
+        lock_vm(s, vm.id)  # serialize with a backup being planned for it
+    _vm_usage(s, vms, node_id)
+    records = SourceStore(s).drop_vms([vm.id for vm in vms])
+    for source in sources:
+        SourceStore(s).drop(source)
+    s.flush()
+    return {
+        "sources": [x.id for x in sources],
+        "vms": [vm.name for vm in vms],
+        "backup_records": records,
+    }
+
+
+def remove_source(s: Session, source_id: str) -> dict[str, Any]:
+    source = SourceStore(s).get(source_id)
+    if source is None:
+        raise NotFound(f"source {source_id} not found", source_id=source_id)
+    removed = remove_sources(s, [source])
+    return {"source_id": source_id, "name": source.name, **removed}
+
+
+def remove_node(s: Session, node_id: str, *, cascade: bool) -> dict[str, Any]:
+    node = NodeStore(s).get(node_id)
+    if node is None:
+        raise NotFound(f"node {node_id} not found", node_id=node_id)
+    sources = SourceStore(s).of_node(node_id)
+    if sources and not cascade:
+        raise HasSources(
+            f"node {node.name} serves {len(sources)} source(s): "
+            f"{', '.join(x.name for x in sources[:10])}; remove them first "
+            "(DELETE /api/v1/sources/{source_id}) or pass ?cascade=true",
+            sources=[{"source_id": x.id, "name": x.name} for x in sources],
+        )
+    removed = remove_sources(s, sources, node_id)
+    NodeStore(s).drop(node)
+    s.flush()
+    return {"node_id": node_id, "name": node.name, **removed}
 
 
 def register_source(
     s: Session, secrets: SecretBox, name: str, node_id: str, kind: str, config: dict[str, Any]
 ) -> Source:
     if SourceStore(s).by_name(name) is not None:
-        raise Conflict(f"a source named {name} already exists")
+        raise Conflict(f"a source named {name} already exists", name=name)
     if NodeStore(s).get(node_id) is None:
         raise InvalidRequest(f"node_id {node_id} does not exist", node_id=node_id)
     if kind not in SOURCE_TYPES:
@@ -89,6 +203,28 @@ def register_source(
     s.add(source)
     s.flush()
     return source
+
+
+def seal_source_secrets(db: Database, secrets: SecretBox) -> int:
+    """At hub start: move credentials a source's stored config still holds in
+    clear (sources registered when only top-level keys were recognised, e.g.
+    ``vms[].password``) into its encrypted part. Returns how many changed."""
+    changed = 0
+    with db.session() as s:
+        for src in SourceStore(s).all():
+            config = dict(src.config or {})
+            if redact(config) == config:
+                continue
+            given = merge_secrets(
+                config, secrets.decrypt(src.secret_encrypted) if src.secret_encrypted else None
+            )
+            public, secret = split_secrets(given)
+            src.config = public
+            src.secret_encrypted = secrets.encrypt(secret) if secret else None
+            changed += 1
+    if changed:
+        log.warning("moved credentials of %d source(s) out of their stored config", changed)
+    return changed
 
 
 def discover(s: Session, secrets: SecretBox, source_id: str) -> list[Vm]:

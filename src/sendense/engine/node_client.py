@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, Unavailable
+from sendense.secretbox import scrub, secret_values
 
 
 class NodeUnreachable(Unavailable):
@@ -18,35 +19,59 @@ class NodeUnreachable(Unavailable):
 class NodeClient:
     """One per node, kept for the hub's lifetime: a new httpx client per call
     costs ~50 ms of CPU (an SSL context is built each time), which the job
-    monitor's polling turned into a quarter of a backup's CPU (measured)."""
+    monitor's polling turned into a quarter of a backup's CPU (measured).
+
+    Credentials never reach an error message: the node's token and the
+    credentials of the source a request carries are replaced by ``***`` in
+    whatever the transport or the node says (an httpx error may quote the
+    Authorization header; a node may echo its input).
+    """
 
     def __init__(self, url: str, token: str, *, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self._token = token
+        self._http = httpx.Client(timeout=timeout)
+        self._auth = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, json: Any = None, timeout: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        timeout: float | None = None,
+        *,
+        hide: list[str] | None = None,
+    ) -> Any:
+        hidden = [self._token, f"Bearer {self._token}", *(hide or [])]
         try:
+            # The header goes per request: a token httpx refuses (a newline)
+            # fails here, inside the try, not when the client is made.
             r = self._http.request(
                 method,
                 f"{self.url}{path}",
                 json=json,
+                headers=self._auth,
                 timeout=timeout or self.timeout,
             )
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+            # InvalidURL and ValueError (a header httpx cannot encode) are not
+            # HTTPErrors; uncaught they would be a 500 wherever a node is used.
             raise NodeUnreachable(
-                f"node at {self.url} is unreachable: {type(e).__name__}: {e}", url=self.url
-            ) from e
+                scrub(f"node at {self.url} is unreachable: {type(e).__name__}: {e}", hidden),
+                url=self.url,
+            ) from None
         if r.status_code >= 400:
             try:
                 body = r.json()
-                message = body.get("message") or r.text
-                code = body.get("error") or "node_error"
-            except ValueError:
+                message = str(body.get("message") or r.text)
+                code = str(body.get("error") or "node_error")
+            except (ValueError, AttributeError):
                 message, code = r.text, "node_error"
+            message = scrub(message[:2000], hidden)
             if r.status_code == 401:
                 raise InvalidRequest(f"node at {self.url} rejected the token", code="node_auth")
             if r.status_code == 404:
@@ -60,8 +85,8 @@ class NodeClient:
             raise Error(f"node answered {r.status_code}: {message}", code=code)
         return r.json()
 
-    def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/api/v1/health", timeout=3)
+    def health(self, timeout: float = 3.0) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/v1/health", timeout=timeout)
         return result
 
     def check_token(self) -> None:
@@ -72,7 +97,9 @@ class NodeClient:
             return
 
     def start_backup(self, request: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/api/v1/backup/start", json=request)
+        source = request.get("source") or {}
+        hide = secret_values(source.get("config") if isinstance(source, dict) else None)
+        result: dict[str, Any] = self._call("POST", "/api/v1/backup/start", json=request, hide=hide)
         return result
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -85,7 +112,11 @@ class NodeClient:
 
     def discover(self, source: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call(
-            "POST", "/api/v1/discover", json={"source": source}, timeout=60
+            "POST",
+            "/api/v1/discover",
+            json={"source": source},
+            timeout=60,
+            hide=secret_values(source.get("config")),
         )
         return result
 
@@ -95,10 +126,20 @@ _clients_lock = threading.Lock()
 
 
 def cached_client(node_id: str, url: str, token: str) -> NodeClient:
-    """The shared client of a node (a new one when its URL or token changed)."""
+    """The shared client of a node (a new one when its URL or token changed:
+    the old one is dropped from the cache, left to whoever still holds it)."""
     key = (node_id, hashlib.sha256(f"{url}\0{token}".encode()).hexdigest())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
+            for old in [k for k in _clients if k[0] == node_id]:
+                del _clients[old]
             client = _clients[key] = NodeClient(url, token)
         return client
+
+
+def forget_client(node_id: str) -> None:
+    """Drop a removed node's client."""
+    with _clients_lock:
+        for old in [k for k in _clients if k[0] == node_id]:
+            del _clients[old]

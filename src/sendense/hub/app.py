@@ -17,7 +17,9 @@ from fastapi.responses import JSONResponse
 
 from sendense import __version__
 from sendense.hub.backups.router import router as backups
+from sendense.hub.deps import principal_of
 from sendense.hub.jobs.router import router as jobs
+from sendense.hub.limits import RequestGuard
 from sendense.hub.nodes.router import router as nodes
 from sendense.hub.openapi import install_openapi
 from sendense.hub.repositories.router import router as repositories
@@ -48,6 +50,8 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_openapi(app)
+    # Token, body size, UTF-8 and depth, before FastAPI reads a body (hub/limits.py).
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, authenticate=principal_of)
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict[str, Any]:

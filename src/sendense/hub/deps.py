@@ -68,7 +68,10 @@ def current_principal(
     st: HubDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> Principal:
-    who = principal_of(st, credentials.credentials if credentials else None)
+    # hub/limits.py already checked the token (before the body was read).
+    who = getattr(request.state, "principal", None)
+    if not isinstance(who, Principal):
+        who = principal_of(st, credentials.credentials if credentials else None)
     request.state.principal = who  # for the audit log
     return who
 

@@ -11,11 +11,16 @@ from sendense.catalog.db import Database
 from sendense.engine.backup import BackupEngine
 from sendense.engine.consolidate import ConsolidateJob
 from sendense.engine.delete import recover_deletes
-from sendense.engine.inventory import ensure_default_repository, mount_repositories
+from sendense.engine.inventory import (
+    ensure_default_repository,
+    mount_repositories,
+    seal_source_secrets,
+)
 from sendense.engine.lifecycle import JobLifecycle, LocalJob
 from sendense.engine.locks import LockSweeper
 from sendense.engine.rescan import RescanJob
 from sendense.engine.verify import VerifyJob
+from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
@@ -37,6 +42,7 @@ class HubState:
     admin_token: str
     lifecycle: JobLifecycle
     locks: LockSweeper | None = None
+    node_health: NodeHealthMonitor | None = None
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -55,6 +61,7 @@ class HubState:
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
+        seal_source_secrets(db, secrets)  # credentials only ever encrypted at rest
         mount_repositories(db, secrets, data_dir / "run")  # shares the hub mounts itself
         for register in JOB_KINDS:
             lifecycle.register(register(state))
@@ -66,6 +73,9 @@ class HubState:
         # Immutable attributes follow the catalog's locks (now, then periodically).
         state.locks = LockSweeper(db, settings.lock_sweep_interval)
         state.locks.start()
+        # GET /nodes reads node health from this cache, refreshed in the background.
+        state.node_health = NodeHealthMonitor(db, secrets, interval=settings.node_health_interval)
+        state.node_health.start()
         return state
 
     def take_over_orphans(self) -> None:
@@ -76,6 +86,8 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.node_health is not None:
+            self.node_health.stop()
         if self.locks is not None:
             self.locks.stop()
         self.engine.shutdown()

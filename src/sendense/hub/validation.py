@@ -21,6 +21,11 @@ def check_url(value: str | None) -> str | None:
         raise ValueError("must start with http:// or https://")
     if not parts.hostname:
         raise ValueError("has no host")
+    if parts.username is not None or parts.password is not None:
+        # GET /nodes shows the URL: a password in it would be shown to all.
+        raise ValueError("must not hold credentials (user:password@); the token is separate")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
     if port == 0:
         raise ValueError("port must be 1-65535")
     return value.rstrip("/")

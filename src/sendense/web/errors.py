@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from sendense.core import errors as e
 
@@ -40,6 +41,13 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _fields(err: dict[str, Any]) -> str:
+    # A JSON syntax error's loc is (body, <character offset>): the field is the body.
+    if err.get("type") == "json_invalid":
+        return "body"
+    return _field(tuple(err.get("loc", ())))
+
+
 def validation_message(errors: list[dict[str, Any]]) -> str:
     msgs = []
     for err in errors:
@@ -49,8 +57,23 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
         elif err.get("type") == "json_invalid":
             msgs.append("request body is not valid JSON")
         else:
-            msgs.append(f"{field}: {err.get('msg', 'invalid')}")
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            msgs.append(f"{field}: {msg}")
     return "; ".join(msgs)
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts on the request's path (asked of the
+    routes themselves, whatever the nesting of included routers)."""
+    routes = request.app.router.routes
+    return [
+        m
+        for m in METHODS
+        if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
+    ]
 
 
 def error_response(status: int, code: str, message: str, **details: Any) -> JSONResponse:
@@ -72,7 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = list(exc.errors())
-        fields = [_field(tuple(x.get("loc", ()))) for x in errs]
+        fields = [_fields(x) for x in errs]
         return error_response(
             400, "invalid_request", validation_message(errs), fields=sorted(set(fields))
         )
@@ -80,7 +103,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        if exc.status_code == 400:
+            # FastAPI's "There was an error parsing the body" (a body it could
+            # not decode): the client's fault, in the one validation shape.
+            code = "invalid_request"
+        resp = error_response(exc.status_code, code, str(exc.detail))
+        # e.g. Allow on a 405 (RFC 9110 15.5.6), WWW-Authenticate on a 401.
+        for name, value in (exc.headers or {}).items():
+            resp.headers[name] = value
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only;
+            # GET and POST /x are two routes.
+            resp.headers["Allow"] = ", ".join(allowed_methods(request)) or resp.headers.get(
+                "Allow", ""
+            )
+        return resp
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

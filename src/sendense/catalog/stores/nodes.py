@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from sendense.catalog.models import Node
+from sendense.catalog.models import BackupJob, Node
 
 
 class NodeStore:
@@ -22,3 +22,9 @@ class NodeStore:
 
     def all(self) -> Sequence[Node]:
         return self.s.scalars(select(Node).order_by(Node.name)).all()
+
+    def drop(self, node: Node) -> None:
+        """Remove a node (its sources first); ended jobs keep their history
+        without it."""
+        self.s.execute(update(BackupJob).where(BackupJob.node_id == node.id).values(node_id=None))
+        self.s.delete(node)

@@ -24,6 +24,8 @@ class NodeCreate(BaseModel):
 
 
 class NodeUpdate(BaseModel):
+    """Fix a node's URL or token; checked against the node unless ``verify`` is false."""
+
     url: str | None = Field(default=None, min_length=1, max_length=500)
     token: str | None = Field(default=None, min_length=1, max_length=500)
     verify: bool = True
@@ -36,11 +38,14 @@ class NodeUpdate(BaseModel):
 
 
 class NodeHealth(BaseModel):
+    """The last background probe of the node (every SENDENSE_NODE_HEALTH_INTERVAL
+    seconds); ``unknown`` before the first one."""
+
     status: Literal["online", "unreachable", "unknown"]
     version: str | None = None
     error: str | None = None
     checked_at: datetime | None = None
-    age_seconds: float | None = None
+    age_seconds: float | None = Field(default=None, description="Seconds since checked_at")
 
 
 class NodeRead(BaseModel):
@@ -53,3 +58,13 @@ class NodeRead(BaseModel):
 
 class NodeList(BaseModel):
     nodes: list[NodeRead]
+
+
+class NodeRemoved(BaseModel):
+    node_id: str
+    name: str
+    sources: list[str] = Field(description="Ids of the sources removed with the node (cascade)")
+    vms: list[str] = Field(description="Names of the VMs removed with them")
+    backup_records: int = Field(
+        description="Records of failed or cancelled backups (no files) removed with the VMs"
+    )
