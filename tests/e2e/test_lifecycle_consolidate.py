@@ -314,3 +314,34 @@ def test_hub_killed_mid_merge_rolls_forward_at_restart(
     assert {f.name for f in repo_files(cluster)} == {
         f.name for f in point_files(points[4]["file_path"])[:2]
     }
+
+
+@cluster_env(hub={"SENDENSE_MERGE_RATE": str(2 * MiB)})
+def test_backup_while_its_vm_is_being_consolidated_is_refused(
+    cluster: Cluster, make_vm, tmp_path: Path
+) -> None:
+    """The merge holds QEMU's write lock on the chain: a backup started then is
+    a clean 409 ``disk_busy`` naming the merge, not a failed job."""
+    _, chains, raws = five_points(cluster, make_vm, tmp_path, "cons6", [32 * MiB], change=6 * MiB)
+    started = cluster.client.post("/api/v1/backups/consolidate", {"vm_name": "cons6", "keep": 1})
+    job_id = started["job_id"]
+    wait_for(
+        "the merge to be under way",
+        lambda: cluster.client.get(f"/api/v1/jobs/{job_id}")["result"].get("started_disks"),
+    )
+    jobs_before = cluster.client.get("/api/v1/jobs", limit=1000)["total"]
+    body = error_body(
+        cluster.http(
+            "POST",
+            "/api/v1/backups",
+            json={"vm_name": "cons6", "repository_id": "default", "backup_type": "auto"},
+        ),
+        409,
+        "disk_busy",
+    )
+    assert body["details"]["job_id"] == job_id
+    assert cluster.client.get("/api/v1/jobs", limit=1000)["total"] == jobs_before
+    assert cluster.wait_job(job_id, timeout=120)["status"] == "completed"
+    assert_reads_as_before(cluster, chains[0][4], raws)
+    # afterwards the next backup goes on from the synthetic base
+    assert cluster.backup("cons6", "incremental")["status"] == "completed"

@@ -209,6 +209,15 @@ class BackupEngine:
                     f"backed up by job {busy[0].job_id}; one job per VM at a time",
                     job_id=busy[0].job_id,
                 )
+            merging = JobStore(s).active_of_kind(vm.id, "consolidate")
+            if merging is not None:
+                # The merge holds QEMU's write lock on the chain: a target
+                # backed by it could not be opened.
+                raise DiskBusy(
+                    f"VM {vm.name} is being consolidated by job {merging.id}; "
+                    "start the backup when it has ended",
+                    job_id=merging.id,
+                )
             plans = [self._plan_disk(s, vm, repo, d, req.backup_type) for d in disks]
             # Before the job row: a backup that cannot fit writes nothing.
             self._check_space(vm, repo, disks, plans, available)

@@ -192,7 +192,9 @@ def plan_disk(s: Session, links: list[Backup], keep: int) -> dict[str, Any] | No
         )
     # The base's image is rewritten, the new base's replaced, the rest removed.
     refuse_locked([*remove, new_base], "merged")
-    refuse_immutable_files([(b.id, b.file_path) for b in [*remove, new_base]], "merged")
+    refuse_immutable_files(
+        [(b.id, b.file_path, b.immutable_until) for b in [*remove, new_base]], "merged"
+    )
     folder = Path(new_base.file_path).parent
     for b in (base, new_base):
         if Path(b.file_path).parent != folder or not Path(b.file_path).exists():

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from sendense.catalog.db import Database
 from sendense.catalog.models import Backup, BackupHold, Vm
 from sendense.core.errors import BackupInUse, BackupLocked, Conflict, HasDependents, NotFound
-from sendense.storage import chain
+from sendense.storage import chain, immutability
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,19 @@ def refuse_locked(backups: Sequence[Backup], what: str, now: datetime | None = N
             )
 
 
-def refuse_immutable_files(paths: Iterable[tuple[str, str]], what: str) -> None:
-    """409 ``immutable`` for a file with the immutable attribute ((id, path) pairs)."""
-    for backup_id, path in paths:
+def refuse_immutable_files(paths: Iterable[tuple[str, str, datetime | None]], what: str) -> None:
+    """409 ``immutable`` for a file with the immutable attribute
+    ((id, path, immutable_until) triples).
+
+    A file whose catalog lock has already expired is unlocked here, as the
+    sweeper would do on its next round: the lock ended, the delete may go on.
+    """
+    now = datetime.now(UTC)
+    for backup_id, path, until in paths:
         locked = chain.immutable_files(path)
+        if locked and until is not None and until <= now:
+            immutability.unlock_point(path)
+            locked = chain.immutable_files(path)
         if locked:
             raise BackupLocked(
                 f"backup {backup_id}: file {locked[0]} has the immutable attribute; "
@@ -209,7 +218,7 @@ def delete_backup(db: Database, backup_id: str, *, cascade: bool = False) -> dic
         # per file; on NFS a round trip). The catalog's locks are checked
         # below, inside the transaction that marks.
         targets = [b, *descendants(s, b.id)] if cascade else [b]
-        files = [(x.id, x.file_path) for x in targets]
+        files = [(x.id, x.file_path, x.immutable_until) for x in targets]
     refuse_immutable_files(files, "deleted")
     with db.session() as s:
         lock_vm(s, vm_id)

@@ -29,6 +29,14 @@ class JobStore:
             .options(selectinload(BackupJob.backups))
         ).all()
 
+    def active_of_kind(self, vm_id: str, kind: str) -> BackupJob | None:
+        """A pending or running job of ``kind`` on the VM, if any."""
+        return self.s.scalar(
+            select(BackupJob)
+            .where(BackupJob.vm_id == vm_id, BackupJob.kind == kind, BackupJob.status.in_(ACTIVE))
+            .limit(1)
+        )
+
     def list(
         self,
         *,
