@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -406,3 +408,43 @@ def test_sources_stored_with_clear_nested_credentials_are_sealed_at_start(
     write_random(vm, 0, 0, MiB)
     cluster.backup("old1", "full")  # the node still gets everything it needs
     assert os.path.exists(cluster.hub_dir / "catalog.db")
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def cli(c: Cluster, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SENDENSE_URL": c.hub_url, "SENDENSE_TOKEN": c.admin_token}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sendense.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cli_node_edit_and_rm_source_rm(cluster: Cluster, make_vm) -> None:
+    vm = make_vm("clin1", [4 * MiB])
+    cluster.register(vm)
+    token_file = cluster.node_dir / "node.token"
+    # edit: by name, checked against the node; JSON for scripts.
+    out = cli(cluster, "--json", "node", "edit", "node1", "--url", cluster.node_url + "/")
+    assert json.loads(out.stdout)["url"] == cluster.node_url
+    out = cli(cluster, "node", "edit", "node1", "--token-file", str(token_file))
+    assert "node node1 updated" in out.stdout and "online" in out.stdout
+    out = cli(cluster, "--json", "node", "edit", "node1", "--token", "wrong-token", ok=False)
+    assert json.loads(out.stdout)["error"] == "node_auth"
+    assert "wrong-token" not in out.stdout + out.stderr
+    # rm: refusals say why, exit 1.
+    out = cli(cluster, "node", "rm", "node1", ok=False)
+    assert "has_sources" in out.stderr and "qemu1" in out.stderr
+    out = cli(cluster, "--json", "source", "rm", "qemu1")
+    assert json.loads(out.stdout)["vms"] == ["clin1"]
+    out = cli(cluster, "node", "rm", "node1")
+    assert "node node1 removed" in out.stdout
+    assert cluster.client.get("/api/v1/nodes")["nodes"] == []
+    out = cli(cluster, "--json", "source", "rm", "qemu1", ok=False)
+    assert json.loads(out.stdout)["status"] == 404

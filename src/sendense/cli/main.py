@@ -641,6 +641,11 @@ from sendense.cli.commands import backups as backup_commands  # noqa: E402
 
 backup_commands.bind(sys.modules[__name__])
 
+# node rm / edit and source rm join the node and source groups.
+from sendense.cli.commands import nodes as node_commands  # noqa: E402
+
+node_commands.bind(sys.modules[__name__])
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
