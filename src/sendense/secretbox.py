@@ -109,8 +109,25 @@ def secret_values(value: Any) -> list[str]:
     return found
 
 
+def _spellings(value: str) -> set[str]:
+    """How a secret may appear in a message: as is, and escaped the way a
+    repr or JSON writes it (an HTTP library quotes a bad header as bytes:
+    ``Illegal header value b'Bearer abc\\ndef'``)."""
+    forms = {value, repr(value)[1:-1], json.dumps(value)[1:-1]}
+    try:
+        forms.add(repr(value.encode())[2:-1])
+    except UnicodeEncodeError:  # pragma: no cover - surrogates
+        pass
+    return {f for f in forms if f}
+
+
 def scrub(text: str, secrets: list[str] | tuple[str, ...]) -> str:
-    """``text`` with each of ``secrets`` replaced by ``***`` (longest first)."""
-    for value in sorted({v for v in secrets if v}, key=len, reverse=True):
-        text = text.replace(value, "***")
+    """``text`` with each of ``secrets`` (in any of its spellings) replaced by
+    ``***``, longest first."""
+    forms: set[str] = set()
+    for value in secrets:
+        if value:
+            forms |= _spellings(value)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
     return text

@@ -34,6 +34,7 @@ from fixtures.lifecycle import (
 )
 from sendense.cli.services import free_port
 from sendense.qemu import img
+from sendense.secretbox import SecretBox
 
 
 @pytest.fixture
@@ -194,6 +195,40 @@ def test_get_nodes_answers_at_once_while_a_node_hangs(cluster: Cluster) -> None:
         assert h["age_seconds"] is not None and h["age_seconds"] < 15
     finally:
         hang.close()
+
+
+@cluster_env(hub={"SENDENSE_NODE_HEALTH_INTERVAL": "1"})
+def test_a_stored_token_httpx_refuses_never_shows(cluster: Cluster, make_vm) -> None:
+    """A node token with a newline, stored before registration checked it:
+    the transport refuses the header and quotes it; neither GET /nodes nor a
+    discovery's 503 may show it (it came back in the message once)."""
+    vm = make_vm("nl1", [4 * MiB])
+    reg = cluster.register(vm)
+    bad = "abc\ndef-" + "s" * 30
+    box = SecretBox(cluster.hub_dir / "secret.key")
+    catalog_exec(
+        cluster,
+        "UPDATE nodes SET token_encrypted = :t WHERE id = :i",
+        t=box.encrypt(bad),
+        i=reg["node"]["node_id"],
+    )
+    r = cluster.http("POST", "/api/v1/vms/discover", json={"source_id": reg["source"]["source_id"]})
+    body = error_body(r, 503, "node_unreachable")
+    assert "sss" not in r.text and "***" in body["message"], body
+    r = cluster.http("POST", "/api/v1/backups", json={"vm_name": "nl1", "repository_id": "default"})
+    assert "sss" not in r.text
+    if r.status_code == 202:
+        job = cluster.wait_job(r.json()["job_id"])
+        assert job["status"] == "failed" and "sss" not in json.dumps(job)
+    health = wait_for(
+        "the probe with the bad token",
+        lambda: (
+            nodes(cluster)["node1"]["health"]["status"] == "unreachable"
+            and nodes(cluster)["node1"]["health"]
+        ),
+    )
+    assert "sss" not in json.dumps(health)
+    assert "s" * 30 not in cluster.log("hub")
 
 
 # ------------------------------------------------------------------- edits
