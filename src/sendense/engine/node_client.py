@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, Unavailable
 from sendense.secretbox import scrub, secret_values
+
+log = logging.getLogger(__name__)
 
 
 class NodeUnreachable(Unavailable):
@@ -27,8 +31,12 @@ class NodeClient:
     Authorization header; a node may echo its input).
     """
 
-    def __init__(self, url: str, token: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str, *, timeout: float = 10.0, node_id: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
+        # Set for the hub's shared clients: their outcomes feed node health.
+        self.node_id = node_id
         self.timeout = timeout
         self._token = token
         self._http = httpx.Client(timeout=timeout)
@@ -60,10 +68,14 @@ class NodeClient:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             # InvalidURL and ValueError (a header httpx cannot encode) are not
             # HTTPErrors; uncaught they would be a 500 wherever a node is used.
-            raise NodeUnreachable(
+            err = NodeUnreachable(
                 scrub(f"node at {self.url} is unreachable: {type(e).__name__}: {e}", hidden),
                 url=self.url,
-            ) from None
+            )
+            _observe(self.node_id, False, err.message)
+            raise err from None
+        if r.status_code < 400:
+            _observe(self.node_id, True, None)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -121,6 +133,32 @@ class NodeClient:
         return result
 
 
+# Who hears how calls to a node went (node_id, answered, error): the hub's
+# node health cache (hub/nodes/health.py), so that GET /nodes shows what a
+# job just found out and not only the last periodic probe.
+Observer = Callable[[str, bool, str | None], None]
+_observers: list[Observer] = []
+
+
+def add_observer(fn: Observer) -> None:
+    _observers.append(fn)
+
+
+def remove_observer(fn: Observer) -> None:
+    if fn in _observers:
+        _observers.remove(fn)
+
+
+def _observe(node_id: str | None, ok: bool, error: str | None) -> None:
+    if node_id is None:
+        return
+    for fn in list(_observers):
+        try:
+            fn(node_id, ok, error)
+        except Exception:  # an observer never breaks a call
+            log.exception("node observer failed")
+
+
 _clients: dict[tuple[str, str], NodeClient] = {}
 _clients_lock = threading.Lock()
 
@@ -134,7 +172,7 @@ def cached_client(node_id: str, url: str, token: str) -> NodeClient:
         if client is None:
             for old in [k for k in _clients if k[0] == node_id]:
                 del _clients[old]
-            client = _clients[key] = NodeClient(url, token)
+            client = _clients[key] = NodeClient(url, token, node_id=node_id)
         return client
 
 

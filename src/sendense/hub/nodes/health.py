@@ -1,6 +1,9 @@
 """Node health, probed in the background and cached: ``GET /nodes`` never
 waits for a node.
 
+Every call the hub makes to a node counts as a check too: a job that finds
+its node unreachable marks it so at once (`NodeHealthMonitor.observe`).
+
 A thread of the hub (`NodeHealthMonitor`, started by ``HubState.open``)
 probes every node's ``/api/v1/health`` every ``SENDENSE_NODE_HEALTH_INTERVAL``
 seconds (10 by default), all nodes in parallel, each probe bounded by
@@ -24,7 +27,7 @@ from typing import Any
 from sendense.catalog.db import Database
 from sendense.catalog.stores import NodeStore
 from sendense.core.errors import Error
-from sendense.engine.node_client import cached_client
+from sendense.engine.node_client import add_observer, cached_client, remove_observer
 from sendense.secretbox import SecretBox, scrub
 
 log = logging.getLogger(__name__)
@@ -111,13 +114,27 @@ class NodeHealthMonitor:
     def refresh_soon(self) -> None:
         self._wake.set()
 
+    def observe(self, node_id: str, answered: bool, error: str | None) -> None:
+        """What any call to the node just found (engine/node_client.py):
+        a transport failure makes it unreachable now, an answer online."""
+        now, mono = datetime.now(UTC), time.monotonic()
+        with self._lock:
+            last = self._cache.get(node_id)
+            if answered:
+                version = last.version if last is not None else None
+                self._cache[node_id] = Probe("online", version, None, now, mono)
+            else:
+                self._cache[node_id] = Probe("unreachable", None, error, now, mono)
+
     # ------------------------------------------------------------- thread
 
     def start(self) -> None:
+        add_observer(self.observe)
         self._thread = threading.Thread(target=self._run, name="node-health", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        remove_observer(self.observe)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
