@@ -165,8 +165,10 @@ def test_body_limit_is_a_setting(cluster: Cluster) -> None:
         b"[" * 1000 + b"]" * 1000,  # 1000-deep arrays (RecursionError in the parser)
         b'{"a":' * 1000 + b"1" + b"}" * 1000,  # 1000-deep objects
         b'{"name": "n", "config": ' + b"[" * 100 + b"]" * 100 + b"}",  # deep inside a field
+        # over 64 KiB (checked off the event loop): strings, then deep
+        b'{"name": "' + b"[" * 100_000 + b'", "config": ' + b"[" * 100 + b"]" * 100 + b"}",
     ],
-    ids=["latin1", "broken-utf8", "deep-arrays", "deep-objects", "deep-field"],
+    ids=["latin1", "broken-utf8", "deep-arrays", "deep-objects", "deep-field", "big-deep"],
 )
 def test_undecodable_or_deep_json_is_400(cluster: Cluster, body: bytes) -> None:
     for path in ("/api/v1/nodes", "/api/v1/sources", "/api/v1/backups"):
