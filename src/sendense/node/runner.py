@@ -15,6 +15,7 @@ lock.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from sendense.core.errors import Conflict, Error, NotFound
 from sendense.protocol.node import (
+    ENDED,
     JOB_ID,
     BackupStartAnswer,
     JobError,
@@ -121,7 +123,7 @@ class JobRunner:
         with self._jobs_lock:
             self._reap()
             for other, entry in self._jobs.items():
-                if entry.vm_name == vm_name and entry.running():
+                if entry.vm_name == vm_name and entry.running() and not self._released(other):
                     raise Conflict(
                         f"job {other} of VM {vm_name} is still running (or releasing the VM) "
                         "on this node",
@@ -234,6 +236,16 @@ class JobRunner:
             log.info("job=%s cancel requested pid=%d", job_id, proc.pid)
         report.step = "cancelling"
         return report
+
+    def _released(self, job_id: str) -> bool:
+        """The job's worker wrote its end state: it does so only after the VM
+        was released, so its process may still be exiting but the VM is free
+        (without this, a start right after the hub saw "completed" was a 409)."""
+        try:
+            data = json.loads((self.jobs_dir / job_id / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("status") in ENDED
 
     def _reap(self) -> None:
         """Forget jobs whose worker has ended (caller holds `_jobs_lock`)."""
