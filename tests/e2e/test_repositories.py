@@ -357,8 +357,8 @@ def test_scoped_tokens_see_only_their_repositories(cluster: Cluster, tmp_path: P
     rid = add_repo(cluster, name="tenant-a", path=str(tmp_path / "a"))["repository_id"]
     add_repo(cluster, name="tenant-b", path=str(tmp_path / "b"))
     viewer = scoped_token(cluster, "viewer", [rid])
-    admin = scoped_token(cluster, "admin", [rid])
-    if viewer is None or admin is None:
+    operator = scoped_token(cluster, "operator", [rid])
+    if viewer is None or operator is None:
         pytest.skip("SCOPE TEST SKIPPED: POST /api/v1/tokens is not built in this tree yet")
     listed = ok(cluster.http("GET", REPOS, token=viewer))["repositories"]
     assert [r["repository_id"] for r in listed] == [rid]
@@ -367,16 +367,23 @@ def test_scoped_tokens_see_only_their_repositories(cluster: Cluster, tmp_path: P
     assert b["details"]["role_needed"] == "admin"
     body = {"name": "v", "path": str(tmp_path / "v")}
     error_body(cluster.http("POST", REPOS, json=body, token=viewer), 403, "forbidden")
-    # Another tenant's repository does not exist for them, whatever the method.
+    # Scoped tokens are never admins (they would manage everyone's repositories).
+    r = cluster.http(
+        "POST",
+        "/api/v1/tokens",
+        json={"name": "sa", "role": "admin", "scope": {"repositories": [rid]}},
+    )
+    error_body(r, 400, "invalid_request")
+    # Another tenant's repository does not exist for them; changing one needs admin.
+    b = error_body(cluster.http("GET", f"{REPOS}/default", token=operator), 404, "not_found")
+    assert "default" in b["message"]
     for method, path in [
-        ("GET", f"{REPOS}/default"),
         ("PATCH", f"{REPOS}/default"),
         ("DELETE", f"{REPOS}/default"),
         ("POST", f"{REPOS}/default/rescan"),
     ]:
-        r = cluster.http(method, path, json={} if method != "GET" else None, token=admin)
-        b = error_body(r, 404, "not_found")
-        assert "default" in b["message"]
+        r = cluster.http(method, path, json={} if method != "DELETE" else None, token=operator)
+        error_body(r, 403, "forbidden")
     assert ok(cluster.http("GET", f"{REPOS}/default"))["name"] == "default"
 
 

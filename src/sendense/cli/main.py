@@ -646,6 +646,13 @@ from sendense.cli.commands import nodes as node_commands  # noqa: E402
 
 node_commands.bind(sys.modules[__name__])
 
+# token create / ls / revoke and audit ls.
+from sendense.cli.commands import tokens as token_commands  # noqa: E402
+
+token_commands.bind(sys.modules[__name__])
+app.add_typer(token_commands.token_app, name="token")
+app.add_typer(token_commands.audit_app, name="audit")
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

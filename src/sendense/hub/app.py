@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from sendense import __version__
+from sendense.hub.audit.middleware import AuditMiddleware
+from sendense.hub.audit.router import router as audit
 from sendense.hub.backups.router import router as backups
 from sendense.hub.deps import principal_of
 from sendense.hub.jobs.router import router as jobs
@@ -25,13 +27,14 @@ from sendense.hub.openapi import install_openapi
 from sendense.hub.repositories.router import router as repositories
 from sendense.hub.sources.router import router as sources
 from sendense.hub.state import HubState
+from sendense.hub.tokens.router import router as tokens
 from sendense.hub.vms.router import router as vms
 from sendense.settings import HubSettings
 from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 
-ROUTERS = [nodes, sources, vms, repositories, backups, jobs]
+ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit]
 
 
 def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
@@ -52,6 +55,8 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
     install_openapi(app)
     # Token, body size, UTF-8 and depth, before FastAPI reads a body (hub/limits.py).
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, authenticate=principal_of)
+    # Outermost: sees the guard's 401s too (hub/audit/middleware.py).
+    app.add_middleware(AuditMiddleware)
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict[str, Any]:

@@ -9,7 +9,7 @@ valid token, 403 ``forbidden`` naming the role needed.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -38,6 +38,9 @@ _bearer = HTTPBearer(
 )
 
 
+LAST_USED_EVERY = timedelta(minutes=1)
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -59,6 +62,9 @@ def principal_of(st: HubState, given: str | None) -> Principal:
             raise Unauthorized("invalid or revoked bearer token")
         if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
             raise Unauthorized(f"token {row.name} expired at {row.expires_at.isoformat()}")
+        now = datetime.now(UTC)
+        if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+            row.last_used_at = now  # at most one write a minute per token
         scope = Scope.parse(row.scope) if row.scope is not None else None
         return Principal(name=row.name, role=Role(row.role), token_id=row.id, scope=scope)
 

@@ -50,7 +50,18 @@ def install_openapi(app: FastAPI) -> None:
         )
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
-                op.get("responses", {}).pop("422", None)
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                if "requestBody" in op and "413" not in responses:
+                    # hub/limits.py answers it before the route runs.
+                    responses["413"] = {
+                        "description": DESCRIPTIONS[413],
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorBody"}
+                            }
+                        },
+                    }
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema

@@ -20,6 +20,7 @@ from sendense.engine.lifecycle import JobLifecycle, LocalJob
 from sendense.engine.locks import LockSweeper
 from sendense.engine.rescan import RescanJob
 from sendense.engine.verify import VerifyJob
+from sendense.hub.audit.middleware import AuditWriter
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
 from sendense.secretbox import SecretBox
@@ -43,6 +44,7 @@ class HubState:
     lifecycle: JobLifecycle
     locks: LockSweeper | None = None
     node_health: NodeHealthMonitor | None = None
+    audit: AuditWriter | None = None
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -76,6 +78,7 @@ class HubState:
         # GET /nodes reads node health from this cache, refreshed in the background.
         state.node_health = NodeHealthMonitor(db, secrets, interval=settings.node_health_interval)
         state.node_health.start()
+        state.audit = AuditWriter(db)
         return state
 
     def take_over_orphans(self) -> None:
@@ -86,6 +89,8 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
         if self.node_health is not None:
             self.node_health.stop()
         if self.locks is not None:
