@@ -7,6 +7,11 @@ nodes, sources, tokens, deletes, consolidation).
 A scope limits a token to some VMs (by name, or ``tag:key=value``) and some
 repositories. Anything outside it is answered 404, as if it did not exist: a
 managed-service customer must not learn other customers' VM names.
+
+A scoped token is at most an ``operator`` (`SCOPED_ROLE_MAX`): deletes,
+consolidation, repositories, nodes, sources and tokens stay with unscoped
+administrators, so a tenant's leaked token can read and back up its own VMs
+but never destroy a restore point or reach what is shared between tenants.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class Role(StrEnum):
 
 
 ROLE_ORDER = (Role.viewer, Role.operator, Role.admin)
+SCOPED_ROLE_MAX = Role.operator
+"""The highest role a scoped token can have (the API refuses more with 400)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class Scope:
             else:
                 names.add(item)
         return cls(frozenset(names), tuple(tags), frozenset(data.get("repositories") or []))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """The stored / answered form, ``{"vms": [...], "repositories": [...]}``."""
+        vms = sorted(self.vm_names) + [f"tag:{k}={v}" for k, v in self.vm_tags]
+        return {"vms": vms, "repositories": sorted(self.repositories)}
 
     def allows_vm(self, name: str, tags: Mapping[str, Any] | None) -> bool:
         if name in self.vm_names:
