@@ -54,8 +54,21 @@ fmt: venv
 	$(VENV)/bin/ruff format src tests bench scripts
 	$(VENV)/bin/ruff check --fix src tests bench scripts
 
-bench: setup
+# Every benchmark; each prints its figures as key=value on its last line.
+.PHONY: bench-backup bench-api bench-consolidate
+bench: bench-backup bench-api bench-consolidate
+
+bench-backup: setup
 	$(PY) bench/backup_bench.py
+
+# The read API on 1,000 VMs / 100,000 backups, 1 then 50 clients (~12 min;
+# `$(PY) bench/api_bench.py --quick` for a try in about a minute).
+bench-api: venv
+	$(PY) bench/api_bench.py
+
+# Consolidation of a 4 GiB full + 3 incrementals against qemu-img convert.
+bench-consolidate: setup
+	$(PY) bench/consolidate_bench.py
 
 clean:
 	rm -rf var build *.egg-info
