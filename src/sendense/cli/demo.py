@@ -139,6 +139,7 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         step("7. proof: the full restore points still read as recorded")
         for b in full["backups"]:
             ok &= check_digest(c.get(f"/api/v1/backups/{b['backup_id']}"), "full restore point")
+        ok &= lifecycle(c, vm, rng, full, incr)
         step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
@@ -158,6 +159,73 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         stop_service(node)
         stop_service(hub)
         (workdir / "pids").unlink(missing_ok=True)
+
+
+def lifecycle(
+    c: HubClient, vm: QsdVm, rng: random.Random, full: dict[str, Any], incr: dict[str, Any]
+) -> bool:
+    """Verify, a refused delete, consolidation, and a viewer's limits."""
+    ok = True
+    step("8. verify: qemu-img check and the digest, read again through the chain")
+    for b in incr["backups"]:
+        job = c.post(f"/api/v1/backups/{b['backup_id']}/verify")
+        done = wait_job(c, job["job_id"])
+        bk = c.get(f"/api/v1/backups/{b['backup_id']}")
+        ok &= check(
+            done["status"] == "completed" and bk["verify_status"] == "ok",
+            f"{disk_name(bk)}: verify_status {bk['verify_status']} at {bk['verified_at']}",
+        )
+    step("9. a full with incrementals on it cannot be deleted alone")
+    base = full["backups"][0]["backup_id"]
+    r = c.http.request("DELETE", f"/api/v1/backups/{base}")
+    body = r.json()
+    ok &= check(
+        r.status_code == 409 and body.get("error") == "has_dependents",
+        f"DELETE of the full: {r.status_code} {body.get('error')}: {body.get('message')}",
+    )
+    step("10. one more incremental, then consolidate down to 2 restore points")
+    guest_writes(vm, rng, 5)
+    newest, good = backup(c, "incremental")
+    ok &= good
+    job = c.post("/api/v1/backups/consolidate", {"vm_name": "demo-vm", "keep": 2})
+    done = wait_job(c, job["job_id"])
+    ok &= check(done["status"] == "completed", f"consolidation job {done['status']}")
+    for d in c.get("/api/v1/backups/demo-vm/chain")["disks"]:
+        links = d["chain"]
+        ok &= check(
+            len(links) == 2 and links[0]["synthetic"] and links[0]["parent_backup_id"] is None,
+            f"{disk_name(d)}: "
+            + " -> ".join(
+                f"{x['backup_type']}{' (synthetic)' if x['synthetic'] else ''}" for x in links
+            ),
+        )
+    for b in newest["backups"]:
+        bk = c.get(f"/api/v1/backups/{b['backup_id']}")
+        same = img.compare(bk["file_path"], str(vm.disks[bk["disk_id"]]))
+        ok &= check(same, f"{disk_name(bk)}: newest restore point still reads as the disk")
+    step("11. a viewer token reads but cannot delete; the audit log shows it")
+    viewer = c.post("/api/v1/tokens", {"name": "demo-viewer", "role": "viewer"})
+    as_viewer = HubClient(c.url, viewer["token"])
+    ok &= check(len(as_viewer.get("/api/v1/vms")["vms"]) == 1, "the viewer lists the VM")
+    r = as_viewer.http.request("DELETE", f"/api/v1/backups/{base}")
+    ok &= check(r.status_code == 403, f"the viewer's DELETE: {r.status_code} {r.json()['message']}")
+    entries = c.get("/api/v1/audit", token="demo-viewer")["entries"]
+    ok &= check(
+        bool(entries) and entries[0]["status"] == 403,
+        f"audit: {entries[0]['token_name']} {entries[0]['method']} {entries[0]['route']} "
+        f"-> {entries[0]['status']}"
+        if entries
+        else "audit: no entry for the viewer",
+    )
+    return ok
+
+
+def wait_job(c: HubClient, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = c.get(f"/api/v1/jobs/{job_id}", wait=5)
+        if job["status"] in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+            return job
 
 
 def check(good: bool, text: str, *, quiet: bool = False) -> bool:
