@@ -3,7 +3,12 @@ what is wrong, which the error handler turns into a 400 naming the field."""
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
+from typing import Annotated
 from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator
 
 
 def check_url(value: str | None) -> str | None:
@@ -41,3 +46,19 @@ def check_token_text(value: str | None) -> str | None:
     if not all(0x21 <= ord(c) <= 0x7E for c in value):
         raise ValueError("must be printable ASCII without spaces or control characters")
     return value
+
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    """Pydantic reads a bare number as Unix time; the API promises ISO 8601."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _ISO_DATE.match(value.strip()):
+        raise ValueError("must be an ISO 8601 date-time (2026-11-23T10:00:00Z), not a number")
+    return value
+
+
+# A date-time in a query string: ISO 8601 only (``since``, ``until``).
+IsoDateTime = Annotated[datetime | None, BeforeValidator(_iso_only)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query
@@ -12,6 +11,7 @@ from sendense.hub.audit.schemas import AuditList
 from sendense.hub.backups.schemas import MAX_INT
 from sendense.hub.deps import Admin, HubDep
 from sendense.hub.openapi import errors
+from sendense.hub.validation import IsoDateTime
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -26,8 +26,8 @@ def list_audit(
     ),
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] | None = None,
     status: int | None = Query(default=None, ge=100, le=599),
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: IsoDateTime = None,
+    until: IsoDateTime = None,
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_INT),
 ) -> dict:

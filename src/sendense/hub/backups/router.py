@@ -6,7 +6,6 @@ Order matters: ``/chain`` and ``/{vm_name}/chain`` are declared before
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query
@@ -26,6 +25,7 @@ from sendense.hub.backups.schemas import (
 from sendense.hub.deps import Admin, HubDep, Operator, Viewer
 from sendense.hub.jobs.schemas import JobStarted
 from sendense.hub.openapi import errors
+from sendense.hub.validation import IsoDateTime
 
 router = APIRouter(prefix="/api/v1/backups", tags=["backups"])
 
@@ -49,8 +49,8 @@ def list_backups(
         default=None, description="``never``: not verified yet"
     ),
     disk_id: int | None = Query(default=None, ge=0, le=MAX_INT),
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: IsoDateTime = None,
+    until: IsoDateTime = None,
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_INT),
 ) -> dict:
