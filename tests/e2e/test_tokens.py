@@ -237,3 +237,25 @@ def test_cli_token_and_audit_commands(cluster: Cluster) -> None:
     assert refused.returncode != 0 and "revoked" in refused.stdout + refused.stderr
     audit = json.loads(cli("--json", "audit", "ls", "--route", "/api/v1/tokens").stdout)
     assert audit["total"] == 2 and {e["status"] for e in audit["entries"]} == {201}
+
+
+def test_audit_names_the_route_of_a_request_refused_before_routing(cluster: Cluster) -> None:
+    """A 401 is answered before routing: its entry still has the route template."""
+    error_body(cluster.http("DELETE", "/api/v1/tokens/abc", token=None), 401, "unauthorized")
+    entries = cluster.client.get("/api/v1/audit", route="/api/v1/tokens/{token_id}")["entries"]
+    assert [(e["method"], e["status"], e["target"]) for e in entries] == [
+        ("DELETE", 401, {"token_id": "abc"})
+    ]
+
+
+def test_a_scoped_token_never_acts_as_admin(cluster: Cluster) -> None:
+    """Even a row written with role admin and a scope (by an older hub, or by
+    hand) is capped at operator when it is used."""
+    made = create(cluster, name="capped", role="operator", scope={"vms": ["x"]})
+    if cluster.database_url == "":
+        db = sqlite3.connect(cluster.hub_dir / "catalog.db")
+        db.execute("UPDATE api_tokens SET role = 'admin' WHERE name = 'capped'")
+        db.commit()
+        db.close()
+        r = cluster.http("GET", "/api/v1/tokens", token=made["token"])
+        assert error_body(r, 403, "forbidden")["details"]["role_needed"] == "admin"

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from sendense.auth import token_matches
 from sendense.catalog.models import ApiToken
-from sendense.core.access import ADMIN, Principal, Role, Scope
+from sendense.core.access import ADMIN, SCOPED_ROLE_MAX, Principal, Role, Scope
 from sendense.core.errors import Forbidden, Unauthorized
 from sendense.hub.state import HubState
 
@@ -66,7 +66,10 @@ def principal_of(st: HubState, given: str | None) -> Principal:
         if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
             row.last_used_at = now  # at most one write a minute per token
         scope = Scope.parse(row.scope) if row.scope is not None else None
-        return Principal(name=row.name, role=Role(row.role), token_id=row.id, scope=scope)
+        role = Role(row.role)
+        if scope is not None and not SCOPED_ROLE_MAX.allows(role):
+            role = SCOPED_ROLE_MAX  # whatever the row says, a tenant is no admin
+        return Principal(name=row.name, role=role, token_id=row.id, scope=scope)
 
 
 def current_principal(

@@ -37,15 +37,17 @@ class BackupStore:
             .limit(1)
         )
 
-    def latest_for_vm(self, vm_id: str) -> Backup | None:
-        return self.s.scalar(
-            select(Backup)
-            .where(Backup.vm_id == vm_id, Backup.status == "completed")
-            .order_by(Backup.created_at.desc())
-            .limit(1)
-        )
+    def latest_for_vm(
+        self, vm_id: str, repository_ids: Sequence[str] | None = None
+    ) -> Backup | None:
+        q = select(Backup).where(Backup.vm_id == vm_id, Backup.status == "completed")
+        if repository_ids is not None:
+            q = q.where(Backup.repository_id.in_(repository_ids))
+        return self.s.scalar(q.order_by(Backup.created_at.desc()).limit(1))
 
-    def latest_for_vms(self, vm_ids: Sequence[str]) -> dict[str, Backup]:
+    def latest_for_vms(
+        self, vm_ids: Sequence[str], repository_ids: Sequence[str] | None = None
+    ) -> dict[str, Backup]:
         """The newest completed backup of each VM, in one query (not one per VM).
 
         One index probe per VM (``ix_backups_vm_status``) through a correlated
@@ -56,7 +58,11 @@ class BackupStore:
             return {}
         newest = (
             select(Backup.id)
-            .where(Backup.vm_id == Vm.id, Backup.status == "completed")
+            .where(
+                Backup.vm_id == Vm.id,
+                Backup.status == "completed",
+                *(() if repository_ids is None else (Backup.repository_id.in_(repository_ids),)),
+            )
             .order_by(Backup.created_at.desc())
             .limit(1)
             .correlate(Vm)

@@ -44,6 +44,7 @@ class JobStore:
         kind: str | None = None,
         vm_id: str | None = None,
         vm_ids: set[str] | None = None,
+        repository_ids: Sequence[str] | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> tuple[Sequence[BackupJob], int]:
@@ -56,6 +57,8 @@ class JobStore:
             q = q.where(BackupJob.vm_id == vm_id)
         if vm_ids is not None:  # a scoped caller: only jobs of these VMs
             q = q.where(BackupJob.vm_id.in_(sorted(vm_ids)))
+        if repository_ids is not None:  # ... into these repositories
+            q = q.where(BackupJob.repository_id.in_(repository_ids))
         total = self.s.scalar(select(func.count()).select_from(q.subquery())) or 0
         rows = self.s.scalars(
             q.options(selectinload(BackupJob.backups), selectinload(BackupJob.vm))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
@@ -106,6 +107,10 @@ class AuditMiddleware:
         who = (scope.get("state") or {}).get("principal")
         route = scope.get("route")
         params = scope.get("path_params") or {}
+        if route is None and app is not None:
+            # Refused before routing (401 from the guard): find the route the
+            # request was for, so that filtering by route template finds it.
+            route, params = _match(app, scope)
         client = scope.get("client")
         writer.put(
             AuditEntry(
@@ -113,10 +118,29 @@ class AuditMiddleware:
                 token_id=who.token_id if isinstance(who, Principal) else None,
                 token_name=who.name if isinstance(who, Principal) else None,
                 method=method[:10],
-                route=str(getattr(route, "path", scope.get("path", "")))[:300],
+                route=str(getattr(route, "path", route or scope.get("path", "")))[:300],
                 path=str(scope.get("path", ""))[:1000],
                 target={str(k): str(v)[:200] for k, v in params.items()},
                 status=status,
                 client=f"{client[0]}:{client[1]}"[:100] if client else None,
             )
         )
+
+
+_TEMPLATES: list[tuple[re.Pattern[str], str]] = []
+
+
+def _match(app: Any, scope: Scope) -> tuple[str | None, dict[str, Any]]:
+    """The route template (and path parameters) ``scope`` would have reached,
+    from the paths of the app's OpenAPI document (the template a filter by
+    ``route`` uses), or (None, {})."""
+    if not _TEMPLATES:
+        for template in sorted(app.openapi().get("paths", {}), key=lambda t: t.count("{")):
+            regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+            _TEMPLATES.append((re.compile(f"^{regex}$"), template))
+    path = scope.get("path", "")
+    for compiled, template in _TEMPLATES:
+        m = compiled.match(path)
+        if m:
+            return template, m.groupdict()
+    return None, {}

@@ -25,7 +25,7 @@ def visible_job(s: Session, who: Principal, job_id: str) -> BackupJob:
         who.scope is not None
         and not (
             (job.vm is None or who.can_see_vm(job.vm.name, job.vm.tags))
-            and (job.vm is not None or who.can_see_repository(job.repository_id))
+            and who.can_see_repository(job.repository_id)
         )
     ):
         raise NotFound(f"job {job_id} not found", job_id=job_id)
@@ -65,7 +65,12 @@ def list_jobs(
     with st.db.session() as s:
         vm_ids = visible_vm_ids(s, who)
         rows, total = JobStore(s).list(
-            status=status, kind=kind, vm_ids=vm_ids, limit=limit, offset=offset
+            status=status,
+            kind=kind,
+            vm_ids=vm_ids,
+            repository_ids=None if who.scope is None else sorted(who.scope.repositories),
+            limit=limit,
+            offset=offset,
         )
         return {"jobs": [job_view(j) for j in rows], "total": total}
 

@@ -21,8 +21,13 @@ def discover(st: HubState, source_id: str) -> list[dict[str, Any]]:
 def list_vms(st: HubState, who: Principal) -> list[dict[str, Any]]:
     with st.db.session() as s:
         vms = [v for v in VmStore(s).all() if who.can_see_vm(v.name, v.tags)]
-        latest = BackupStore(s).latest_for_vms([v.id for v in vms])
+        latest = BackupStore(s).latest_for_vms([v.id for v in vms], scope_repositories(who))
         return [vm_view(v, latest.get(v.id)) for v in vms]
+
+
+def scope_repositories(who: Principal) -> list[str] | None:
+    """The repositories a scoped caller may see (None: all of them)."""
+    return None if who.scope is None else sorted(who.scope.repositories)
 
 
 def visible_vm(s: Any, who: Principal, vm_name: str) -> Vm:
@@ -36,4 +41,4 @@ def visible_vm(s: Any, who: Principal, vm_name: str) -> Vm:
 def get_vm(st: HubState, who: Principal, vm_name: str) -> dict[str, Any]:
     with st.db.session() as s:
         vm = visible_vm(s, who, vm_name)
-        return vm_view(vm, BackupStore(s).latest_for_vm(vm.id))
+        return vm_view(vm, BackupStore(s).latest_for_vm(vm.id, scope_repositories(who)))
