@@ -30,6 +30,8 @@ class HubSettings(BaseSettings):
     # A job's owner renews its lease every third of this; a lease this old
     # means its hub process is gone (engine/lifecycle.py).
     job_lease: float = 30.0
+    # Worker threads of the API's sync handlers (see hub/app.py).
+    api_threads: int = 4
     # Bytes/s a consolidation's merge (qemu-img commit) may write; 0: no
     # limit. Recovery after a crash rolls forward at full speed.
     merge_rate: int = 0

@@ -87,11 +87,7 @@ class NodeClient:
             if r.status_code == 401:
                 # The hub's stored token is wrong: the caller's request is fine
                 # (503); registration turns it into a 400 (inventory.check_node).
-                raise Unavailable(
-                    f"node at {self.url} rejected the hub's token for it "
-                    "(fix it with PATCH /api/v1/nodes/{node_id})",
-                    code="node_auth",
-                )
+                raise Unavailable(f"node at {self.url} rejected the token", code="node_auth")
             if r.status_code == 404:
                 raise NotFound(f"node: {message}", code=code)
             if r.status_code == 400:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -42,6 +43,11 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = state or HubState.open(settings)
         app.state.hub = st
+        # Sync handlers run on anyio's worker threads. They are CPU-bound
+        # (ORM rows to JSON) under the GIL: past a few threads more of them
+        # only add switching (bench/api_bench.py: a list's CPU per request
+        # doubled at 50 clients with 40 threads). Waits hold no thread.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         yield
         st.close()
 
