@@ -109,9 +109,14 @@ def backup_view(b: Backup) -> dict[str, Any]:
 
 
 def job_view(job: BackupJob) -> dict[str, Any]:
+    """A job as the API shows it: its disks' progress for a backup, one
+    progress for a job the hub runs itself (consolidate, verify, rescan)."""
     progress = job.progress or {}
     if job.kind != "backup":
-        return _local_job_view(job, progress.get("job") or {})
+        p = progress.get("job") or {}
+        done, total = int(p.get("bytes_done") or 0), int(p.get("bytes_total") or 0)
+        backups = list((job.params or {}).get("backup_ids") or [])
+        return _job_fields(job, backups, [], done, total, None, None)
     disks = []
     done_total = 0
     bytes_total = 0
@@ -141,14 +146,27 @@ def job_view(job: BackupJob) -> dict[str, Any]:
                 "fallback_reason": p.get("fallback_reason"),
             }
         )
-    elapsed = None
-    if job.started_at:
-        end = job.finished_at or None
-        if end:
-            elapsed = round((end - job.started_at).total_seconds(), 3)
+    running = job.status == "running"
     eta = None
-    if job.status == "running" and rate_total > 0:
+    if running and rate_total > 0:
         eta = round((bytes_total - done_total) / rate_total, 1)
+    rate = rate_total if running else None
+    backups = [b.id for b in job.backups]
+    return _job_fields(job, backups, disks, done_total, bytes_total, rate, eta)
+
+
+def _job_fields(
+    job: BackupJob,
+    backups: list[str],
+    disks: list[dict[str, Any]],
+    done: int,
+    total: int,
+    rate: int | None,
+    eta: float | None,
+) -> dict[str, Any]:
+    elapsed = None
+    if job.started_at and job.finished_at:
+        elapsed = round((job.finished_at - job.started_at).total_seconds(), 3)
     return {
         "job_id": job.id,
         "kind": job.kind,
@@ -159,12 +177,12 @@ def job_view(job: BackupJob) -> dict[str, Any]:
         "repository_id": job.repository_id,
         "node_id": job.node_id,
         "backup_type": job.requested_type,
-        "backups": [b.id for b in job.backups],
+        "backups": backups,
         "disks": disks,
-        "bytes_done": done_total,
-        "bytes_total": bytes_total,
-        "percent": _percent(done_total, bytes_total, job.status),
-        "rate": rate_total if job.status == "running" else None,
+        "bytes_done": done,
+        "bytes_total": total,
+        "percent": _percent(done, total, job.status),
+        "rate": rate,
         "eta": eta,
         "messages": (job.messages or {}).get("node", []),
         "error": {"code": job.error_code, "message": job.error_message}
@@ -187,42 +205,3 @@ def _percent(done: int, total: int, status: str) -> float:
     if total <= 0:
         return 0.0
     return round(100.0 * done / total, 1)
-
-
-def _local_job_view(job: BackupJob, progress: dict[str, Any]) -> dict[str, Any]:
-    """A job the hub runs itself (consolidate, verify, rescan): one progress."""
-    done = int(progress.get("bytes_done") or 0)
-    total = int(progress.get("bytes_total") or 0)
-    elapsed = None
-    if job.started_at and job.finished_at:
-        elapsed = round((job.finished_at - job.started_at).total_seconds(), 3)
-    return {
-        "job_id": job.id,
-        "kind": job.kind,
-        "status": job.status,
-        "step": job.step,
-        "vm_name": job.vm.name if job.vm else None,
-        "vm_context_id": job.vm_id,
-        "repository_id": job.repository_id,
-        "node_id": job.node_id,
-        "backup_type": job.requested_type,
-        "backups": list((job.params or {}).get("backup_ids") or []),
-        "disks": [],
-        "bytes_done": done,
-        "bytes_total": total,
-        "percent": _percent(done, total, job.status),
-        "rate": None,
-        "eta": None,
-        "messages": (job.messages or {}).get("node", []),
-        "error": {"code": job.error_code, "message": job.error_message}
-        if job.error_message
-        else None,
-        "params": job.params or {},
-        "result": job.result or {},
-        "created_by": job.created_by,
-        "created_at": _t(job.created_at),
-        "started_at": _t(job.started_at),
-        "finished_at": _t(job.finished_at),
-        "elapsed_seconds": elapsed,
-        "tags": job.tags,
-    }
