@@ -13,10 +13,10 @@ Run by ``make bench-api`` (``.venv/bin/python bench/api_bench.py``). One run:
    5 % failed and 2 % were cancelled (the first run of a VM always completed);
 2. starts a real hub process on it (``sendense hub serve``, default settings,
    log level INFO as deployed);
-3. from two other processes (httpx, keep-alive, one connection per client
-   thread) measures each endpoint below for ``--seconds`` (30), first with one
+3. from another process (asyncio, a minimal HTTP/1.1 client, keep-alive, one
+   connection per client) measures each endpoint below for ``--seconds`` (30), first with one
    client sending one request at a time, then with ``--clients`` (50)
-   concurrent clients (threads split over the two processes); ids and names
+   concurrent clients; ids and names
    are drawn at random for every request:
 
    ==================  ====================================================
@@ -53,7 +53,7 @@ so a run lasts at most ``2 x 9 x (seconds + timeout)`` plus the fill. The
 up on slows every phase after it (the table flags phases with timeouts).
 
 The machine's cores are shared by the hub and the clients (on 2 cores the
-client threads' own CPU is part of the latency): the output says how many
+clients' own CPU is part of the latency): the output says how many
 cores there were and how much CPU the hub used per request.
 
 Targets (SPEC 9): one client p99 < 10 ms for details and job status and
@@ -70,6 +70,7 @@ are deleted again (the database must be empty at the start).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -81,7 +82,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -103,7 +103,7 @@ from sendense.storage.layout import backup_path
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 BATCH = 5000  # rows per executemany
-CLIENT_PROCESSES = 2
+CLIENT_PROCESSES = 1  # asyncio clients: one process keeps up (see HttpConnection)
 
 
 def say(msg: str) -> None:
@@ -462,67 +462,125 @@ TARGETS = {
 @dataclass
 class Task:
     endpoint: str
-    threads: int
+    clients: int
     seconds: float
     timeout: float
     start_at: float  # time.time() at which every client starts
     seed: int
 
 
-def _client_thread(
-    base_url: str, token: str, ids: dict[str, Any], task: Task, seed: int, out: dict[str, Any]
-) -> None:
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection, the least client work per request.
+
+    The hub and the clients share the machine's cores (2 here): httpx in
+    25 threads per process spent about as much CPU per request as the hub
+    and queued on its GIL, so the clients' own latency showed up in the
+    hub's figures. This reads the status line, the headers and a body of
+    ``Content-Length`` (or chunked) bytes, and nothing else.
+    """
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port = host, port
+        self.head = f"Host: {host}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> tuple[int, int]:
+        """GET ``path``: (status, body bytes). Reconnects once if the hub closed it."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.head)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        if chunked:
+            length = 0
+            while size := int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+                await self.reader.readexactly(size + 2)
+                length += size
+            await self.reader.readuntil(b"\r\n")
+        else:
+            await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status, length
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _client(
+    host: str, port: int, token: str, ids: dict[str, Any], task: Task, seed: int
+) -> tuple[list[float], Counter[str], float]:
+    """One client: one request at a time on its own connection until the deadline."""
     rng = random.Random(seed)
     endpoint = BY_NAME[task.endpoint]
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    with httpx.Client(
-        base_url=base_url,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=task.timeout,
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-    ) as client:
-        delay = task.start_at - time.time()
-        if delay > 0:
-            time.sleep(delay)
-        deadline = task.start_at + task.seconds
+    conn = HttpConnection(host, port, token)
+    delay = task.start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    deadline = task.start_at + task.seconds
+    try:
         while time.time() < deadline:
             path = endpoint.path(rng, ids)
             t0 = time.perf_counter()
             try:
-                r = client.get(path)
-                if not 200 <= r.status_code < 300:
-                    errors[str(r.status_code)] += 1
-            except httpx.HTTPError as e:
+                status, _ = await asyncio.wait_for(conn.get(path), task.timeout)
+                if not 200 <= status < 300:
+                    errors[str(status)] += 1
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+            ) as e:
                 errors[type(e).__name__] += 1
+                conn.close()
+            except TimeoutError:
+                errors["timeout"] += 1
+                conn.close()
             latencies.append((time.perf_counter() - t0) * 1000)
-    out["latencies"] = latencies
-    out["errors"] = errors
-    out["end"] = time.time()
+    finally:
+        conn.close()
+    return latencies, errors, time.time()
 
 
 def run_task(base_url: str, token: str, ids: dict[str, Any], task: Task) -> dict[str, Any]:
-    """``task.threads`` clients, each one request at a time, for ``task.seconds``."""
-    outs: list[dict[str, Any]] = [{} for _ in range(task.threads)]
-    threads = [
-        threading.Thread(
-            target=_client_thread,
-            args=(base_url, token, ids, task, task.seed * 1000 + i, outs[i]),
-            daemon=True,
+    """``task.clients`` clients, each one request at a time, for ``task.seconds``."""
+    url = httpx.URL(base_url)
+    host, port = url.host, url.port or 80
+
+    async def all_clients() -> list[tuple[list[float], Counter[str], float]]:
+        return await asyncio.gather(
+            *(
+                _client(host, port, token, ids, task, task.seed * 1000 + i)
+                for i in range(task.clients)
+            )
         )
-        for i in range(task.threads)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+
+    outs = asyncio.run(all_clients())
     errors: Counter[str] = Counter()
-    for o in outs:
-        errors.update(o["errors"])
+    for _, e, _ in outs:
+        errors.update(e)
     return {
-        "latencies": [x for o in outs for x in o["latencies"]],
+        "latencies": [x for lat, _, _ in outs for x in lat],
         "errors": dict(errors),
-        "end": max(o["end"] for o in outs),
+        "end": max(end for _, _, end in outs),
     }
 
 
@@ -616,12 +674,17 @@ def percentile(sorted_ms: list[float], q: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU so far of a process and its children (the hub's API
+    worker processes), from Linux /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @dataclass

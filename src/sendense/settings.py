@@ -30,8 +30,13 @@ class HubSettings(BaseSettings):
     # A job's owner renews its lease every third of this; a lease this old
     # means its hub process is gone (engine/lifecycle.py).
     job_lease: float = 30.0
-    # Worker threads of the API's sync handlers (see hub/app.py).
+    # Worker threads of the API's sync handlers, per process (see hub/app.py).
     api_threads: int = 4
+    # API worker processes (hub/serve.py); 0: one per CPU core, at most 4.
+    api_workers: int = 0
+    # Set by hub/serve.py in each worker process: which one it is, of how many.
+    worker_index: int = 0
+    worker_count: int = 1
     # Bytes/s a consolidation's merge (qemu-img commit) may write; 0: no
     # limit. Recovery after a crash rolls forward at full speed.
     merge_rate: int = 0

@@ -112,5 +112,9 @@ def test_a_job_of_a_dead_hub_is_taken_over_by_the_other_and_completes(
     (bid,) = job["backups"]
     backup = b.client.get(f"/api/v1/backups/{bid}")
     assert img.compare(backup["file_path"], str(vm.disks[0]))
-    assert "took over" in b.log("hub")
+    # Taken over on a lease tick ("took over"), or by one of b's API worker
+    # processes that was still starting when a died ("left running by a
+    # previous hub"): either way b says so.
+    log = b.log("hub")
+    assert "took over" in log or "left running by a previous hub" in log, log[-2000:]
     assert not [p for p in processes_under(a.root) if "qemu-nbd" in p[1]]

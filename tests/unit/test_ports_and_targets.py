@@ -42,3 +42,21 @@ def test_parse_targets() -> None:
 def test_parse_targets_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_targets(bad)
+
+
+def test_worker_processes_of_one_hub_take_disjoint_shares_of_the_range() -> None:
+    """Each API worker process (hub/serve.py) hands out only its own ports,
+    so two processes never give two jobs the same port."""
+    first, last = port_range(width=8)
+    shares = [PortAllocator(first, last, stride=2, offset=i) for i in range(2)]
+    got = [[a.allocate() for _ in range(4)] for a in shares]
+    assert sorted(got[0] + got[1]) == list(range(first, last + 1))
+    assert not set(got[0]) & set(got[1])
+    for a in shares:
+        with pytest.raises(PortsExhausted):
+            a.allocate()
+
+
+def test_a_range_too_small_for_the_workers_is_refused() -> None:
+    with pytest.raises(ValueError, match="too small for 4 hub worker processes"):
+        PortAllocator(20000, 20001, stride=4, offset=3)

@@ -183,6 +183,11 @@ class BackupJob(Base):
     vm: Mapped[Vm | None] = relationship()
     backups: Mapped[list[Backup]] = relationship(back_populates="job", order_by="Backup.disk_index")
 
+    @property
+    def vm_name(self) -> str | None:
+        """As a Core row of `JobStore` reads carries it (hub/views.py takes both)."""
+        return self.vm.name if self.vm else None
+
 
 class Backup(Base):
     __tablename__ = "backups"
@@ -233,6 +238,11 @@ class Backup(Base):
     job: Mapped[BackupJob] = relationship(back_populates="backups")
     vm: Mapped[Vm] = relationship()
     repository: Mapped[Repository] = relationship()
+
+    @property
+    def vm_name(self) -> str | None:
+        """As a Core row of `BackupStore` reads carries it (hub/views.py takes both)."""
+        return self.vm.name if self.vm else None
 
 
 class BackupHold(Base):

@@ -171,12 +171,16 @@ def hub_serve(
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [SQLite].")] = None,
     log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
-    """Run the hub (REST API, catalog, NBD targets). Flags override SENDENSE_* settings."""
-    from sendense.hub.app import create_app
+    """Run the hub (REST API, catalog, NBD targets). Flags override SENDENSE_* settings.
+
+    Serves from SENDENSE_API_WORKERS processes (default: one per core, at most 4)."""
+    from sendense.hub.serve import serve
     from sendense.settings import HubSettings
 
     given = {"host": host, "port": port, "data_dir": data_dir, "database_url": database_url}
-    _serve(create_app, HubSettings(**_given(log_level=log_level, **given)))
+    settings = HubSettings(**_given(log_level=log_level, **given))
+    _logging(settings.log_level)
+    serve(settings)
 
 
 @node_app.command("serve")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sendense.auth import ensure_token
+from sendense.catalog.cache import CatalogCache
 from sendense.catalog.db import Database
 from sendense.engine.backup import BackupEngine
 from sendense.engine.consolidate import ConsolidateJob
@@ -45,6 +46,8 @@ class HubState:
     locks: LockSweeper | None = None
     node_health: NodeHealthMonitor | None = None
     audit: AuditWriter | None = None
+    # Costly answers reused while the catalog is unchanged (catalog/cache.py).
+    cache: CatalogCache = None  # type: ignore[assignment]  # set by open()
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -57,10 +60,17 @@ class HubState:
         db = Database(settings.catalog_url)
         db.upgrade()
         secrets = SecretBox(data_dir / "secret.key")
-        ports = PortAllocator(settings.nbd_port_first, settings.nbd_port_last, settings.nbd_bind)
+        ports = PortAllocator(
+            settings.nbd_port_first,
+            settings.nbd_port_last,
+            settings.nbd_bind,
+            stride=settings.worker_count,
+            offset=settings.worker_index,
+        )
         lifecycle = JobLifecycle(db, lease_seconds=settings.job_lease)
         engine = BackupEngine(db, settings, ports, secrets, lifecycle)
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
+        state.cache = CatalogCache(db)
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
         seal_source_secrets(db, secrets)  # credentials only ever encrypted at rest

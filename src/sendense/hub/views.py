@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy import Row
 
 from sendense.catalog.models import Backup, BackupJob, Node, Repository, Source, Vm
 
 
 def _t(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    """ISO 8601 in UTC as pydantic writes it (``...Z``): answers that skip the
+    response model (web/responses.py) look like those that do not."""
+    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def node_view(node: Node, health: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -37,7 +42,16 @@ def source_view(source: Source) -> dict[str, Any]:
     }
 
 
-def vm_view(vm: Vm, last_backup: Backup | None = None) -> dict[str, Any]:
+def vm_view(
+    vm: Vm | Row[Any],
+    last_backup: Backup | Row[Any] | None = None,
+    disks: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """A VM with its disks (``vm.disks`` of an ORM object unless given) and
+    its last completed backup."""
+    if disks is None:
+        assert isinstance(vm, Vm), "a Core row comes with its disks"
+        disks = vm.disks
     return {
         "vm_id": vm.id,
         "vm_context_id": vm.id,
@@ -55,7 +69,7 @@ def vm_view(vm: Vm, last_backup: Backup | None = None) -> dict[str, Any]:
                 "size_gb": d.size_gb,
                 "path": d.path,
             }
-            for d in vm.disks
+            for d in disks
         ],
         "last_backup": backup_view(last_backup) if last_backup else None,
     }
@@ -75,11 +89,12 @@ def repository_view(repo: Repository, capacity: dict[str, Any]) -> dict[str, Any
     }
 
 
-def backup_view(b: Backup) -> dict[str, Any]:
+def backup_view(b: Backup | Row[Any]) -> dict[str, Any]:
+    """A restore point, from its ORM object or a Core row of `BackupStore`."""
     return {
         "backup_id": b.id,
         "job_id": b.job_id,
-        "vm_name": b.vm.name if b.vm else None,
+        "vm_name": b.vm_name,
         "vm_context_id": b.vm_id,
         "disk_id": b.disk_index,
         "disk_key": b.disk_key,
@@ -108,10 +123,17 @@ def backup_view(b: Backup) -> dict[str, Any]:
     }
 
 
-def job_view(job: BackupJob) -> dict[str, Any]:
+def job_view(job: BackupJob | Row[Any], backups: Sequence[Any] | None = None) -> dict[str, Any]:
     """A job as the API shows it: its disks' progress for a backup, one
-    progress for a job the hub runs itself (consolidate, verify, rescan)."""
+    progress for a job the hub runs itself (consolidate, verify, rescan).
+
+    ``job`` is an ORM object or a Core row of `JobStore`; ``backups`` its
+    restore points (``id``, ``disk_index``, ``disk_key``, ``backup_type``,
+    ``status``), by default ``job.backups`` of the ORM object."""
     progress = job.progress or {}
+    if backups is None:
+        assert isinstance(job, BackupJob), "a Core row comes with its backups"
+        backups = job.backups
     if job.kind != "backup":
         p = progress.get("job") or {}
         done, total = int(p.get("bytes_done") or 0), int(p.get("bytes_total") or 0)
@@ -121,7 +143,7 @@ def job_view(job: BackupJob) -> dict[str, Any]:
     done_total = 0
     bytes_total = 0
     rate_total = 0
-    for b in job.backups:
+    for b in backups:
         p = progress.get(str(b.disk_key), {})
         done = int(p.get("bytes_done") or 0)
         total = int(p.get("bytes_total") or 0)
@@ -151,12 +173,11 @@ def job_view(job: BackupJob) -> dict[str, Any]:
     if running and rate_total > 0:
         eta = round((bytes_total - done_total) / rate_total, 1)
     rate = rate_total if running else None
-    backups = [b.id for b in job.backups]
-    return _job_fields(job, backups, disks, done_total, bytes_total, rate, eta)
+    return _job_fields(job, [b.id for b in backups], disks, done_total, bytes_total, rate, eta)
 
 
 def _job_fields(
-    job: BackupJob,
+    job: BackupJob | Row[Any],
     backups: list[str],
     disks: list[dict[str, Any]],
     done: int,
@@ -172,7 +193,7 @@ def _job_fields(
         "kind": job.kind,
         "status": job.status,
         "step": job.step,
-        "vm_name": job.vm.name if job.vm else None,
+        "vm_name": job.vm_name,
         "vm_context_id": job.vm_id,
         "repository_id": job.repository_id,
         "node_id": job.node_id,

@@ -4,7 +4,9 @@ Ports come from a configured range (default 10100-10200). A port is handed
 out only if nothing listens on it (checked by binding), and it is held by the
 allocator until released, so two jobs never get the same port. The allocator
 is process-local; ports of jobs that a crashed hub left behind are free again
-once their qemu-nbd processes are stopped at recovery.
+once their qemu-nbd processes are stopped at recovery. The API worker
+processes of one hub (hub/serve.py) each take every ``stride``-th port of the
+range from ``offset`` on, so two of them never hand out the same port.
 """
 
 from __future__ import annotations
@@ -16,12 +18,26 @@ from sendense.core.errors import PortsExhausted
 
 
 class PortAllocator:
-    def __init__(self, first: int = 10100, last: int = 10200, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        first: int = 10100,
+        last: int = 10200,
+        host: str = "127.0.0.1",
+        *,
+        stride: int = 1,
+        offset: int = 0,
+    ) -> None:
         if not 0 < first <= last < 65536:
             raise ValueError(f"bad port range {first}-{last}")
+        if not 0 <= offset < stride or first + offset > last:
+            raise ValueError(
+                f"port range {first}-{last} is too small for {stride} hub worker processes"
+            )
         self.first = first
         self.last = last
         self.host = host
+        self.stride = stride
+        self.offset = offset
         self._held: set[int] = set()
         self._lock = threading.Lock()
         self._next = first
@@ -31,6 +47,8 @@ class PortAllocator:
             size = self.last - self.first + 1
             for i in range(size):
                 port = self.first + (self._next - self.first + i) % size
+                if (port - self.first) % self.stride != self.offset:
+                    continue  # another worker process's share of the range
                 if port in self._held or not self._bindable(port):
                     continue
                 self._held.add(port)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from sendense.catalog.models import BackupJob
+from sendense.catalog.models import BackupJob, Vm
 from sendense.catalog.stores.common import ACTIVE
 
 
@@ -37,33 +39,60 @@ class JobStore:
             .limit(1)
         )
 
-    def list(
-        self,
-        *,
-        status: str | None = None,
-        kind: str | None = None,
-        vm_id: str | None = None,
-        vm_ids: set[str] | None = None,
-        repository_ids: Sequence[str] | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> tuple[Sequence[BackupJob], int]:
-        q = select(BackupJob)
-        if status:
-            q = q.where(BackupJob.status == status)
-        if kind:
-            q = q.where(BackupJob.kind == kind)
-        if vm_id:
-            q = q.where(BackupJob.vm_id == vm_id)
-        if vm_ids is not None:  # a scoped caller: only jobs of these VMs
-            q = q.where(BackupJob.vm_id.in_(sorted(vm_ids)))
-        if repository_ids is not None:  # ... into these repositories
-            q = q.where(BackupJob.repository_id.in_(repository_ids))
-        total = self.s.scalar(select(func.count()).select_from(q.subquery())) or 0
-        rows = self.s.scalars(
-            q.options(selectinload(BackupJob.backups), selectinload(BackupJob.vm))
-            .order_by(BackupJob.created_at.desc(), BackupJob.id.desc())
+    def row(self, job_id: str) -> Row[Any] | None:
+        """One job as a Core row: its columns, ``vm_name`` and ``vm_tags``."""
+        return self.s.execute(
+            select(*JOB_ROW).outerjoin(Vm, Vm.id == BackupJob.vm_id).where(BackupJob.id == job_id)
+        ).first()
+
+    def page(self, f: JobFilter, *, limit: int = 50, offset: int = 0) -> Sequence[Row[Any]]:
+        """One page of jobs, newest first (``id`` breaks ties), as Core rows
+        (see `BackupStore.page`: ids from the index, then whole rows)."""
+        newest_first = (BackupJob.created_at.desc(), BackupJob.id.desc())
+        ids = (
+            select(BackupJob.id)
+            .where(*f.conditions())
+            .order_by(*newest_first)
             .limit(limit)
             .offset(offset)
+            .scalar_subquery()
+        )
+        return self.s.execute(
+            select(*JOB_ROW)
+            .outerjoin(Vm, Vm.id == BackupJob.vm_id)
+            .where(BackupJob.id.in_(ids))
+            .order_by(*newest_first)
         ).all()
-        return rows, total
+
+    def count(self, f: JobFilter) -> int:
+        return (
+            self.s.scalar(select(func.count()).select_from(BackupJob).where(*f.conditions())) or 0
+        )
+
+
+JOB_ROW = (BackupJob.__table__, Vm.name.label("vm_name"), Vm.tags.label("vm_tags"))
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What a jobs list is filtered by (hashable: a cache key of its count)."""
+
+    status: str | None = None
+    kind: str | None = None
+    vm_id: str | None = None
+    vm_ids: frozenset[str] | None = None  # a scoped caller: only jobs of these VMs
+    repository_ids: tuple[str, ...] | None = None  # ... into these repositories
+
+    def conditions(self) -> list[Any]:
+        conds: list[Any] = []
+        if self.status:
+            conds.append(BackupJob.status == self.status)
+        if self.kind:
+            conds.append(BackupJob.kind == self.kind)
+        if self.vm_id:
+            conds.append(BackupJob.vm_id == self.vm_id)
+        if self.vm_ids is not None:
+            conds.append(BackupJob.vm_id.in_(sorted(self.vm_ids)))
+        if self.repository_ids is not None:
+            conds.append(BackupJob.repository_id.in_(self.repository_ids))
+        return conds

@@ -26,6 +26,7 @@ from sendense.hub.deps import Admin, HubDep, Operator, Viewer
 from sendense.hub.jobs.schemas import JobStarted
 from sendense.hub.openapi import errors
 from sendense.hub.validation import IsoDateTime
+from sendense.web.responses import FastJSON
 
 router = APIRouter(prefix="/api/v1/backups", tags=["backups"])
 
@@ -53,24 +54,26 @@ def list_backups(
     until: IsoDateTime = None,
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_INT),
-) -> dict:
+) -> Any:
     """Restore points, newest first (ties broken by id: a stable order for paging)."""
-    return service.list_backups(
-        st,
-        who,
-        service.BackupFilter(
-            vm_name=vm_name,
-            vm_id=vm_context_id,
-            repository_id=repository_id,
-            backup_type=backup_type,
-            status=status,
-            verify_status=verify_status,
-            disk_index=disk_id,
-            since=since,
-            until=until,
-        ),
-        limit=limit,
-        offset=offset,
+    return FastJSON(
+        service.list_backups(
+            st,
+            who,
+            service.BackupFilter(
+                vm_name=vm_name,
+                vm_id=vm_context_id,
+                repository_id=repository_id,
+                backup_type=backup_type,
+                status=status,
+                verify_status=verify_status,
+                disk_index=disk_id,
+                since=since,
+                until=until,
+            ),
+            limit=limit,
+            offset=offset,
+        )
     )
 
 
@@ -81,8 +84,10 @@ def chain_by_context(
     vm_context_id: str = Query(min_length=1, max_length=36),
     disk_id: int | None = Query(default=None, ge=0, le=MAX_INT),
     repository_id: str | None = Query(default=None, max_length=36),
-) -> dict:
-    return service.chain(st, who, vm_id=vm_context_id, disk_id=disk_id, repository_id=repository_id)
+) -> Any:
+    return FastJSON(
+        service.chain(st, who, vm_id=vm_context_id, disk_id=disk_id, repository_id=repository_id)
+    )
 
 
 @router.get("/{vm_name}/chain", response_model=ChainRead, responses=errors(404))
@@ -92,14 +97,16 @@ def chain_by_name(
     who: Viewer,
     disk_id: int | None = Query(default=None, ge=0, le=MAX_INT),
     repository_id: str | None = Query(default=None, max_length=36),
-) -> dict:
+) -> Any:
     """Per disk, the chain full -> incr -> ... with sizes and backing backups."""
-    return service.chain(st, who, vm_name=vm_name, disk_id=disk_id, repository_id=repository_id)
+    return FastJSON(
+        service.chain(st, who, vm_name=vm_name, disk_id=disk_id, repository_id=repository_id)
+    )
 
 
 @router.get("/{backup_id}", response_model=BackupRead, responses=errors(404))
-def get_backup(backup_id: str, st: HubDep, who: Viewer) -> dict:
-    return service.get_backup(st, who, backup_id)
+def get_backup(backup_id: str, st: HubDep, who: Viewer) -> Any:
+    return FastJSON(service.get_backup(st, who, backup_id))
 
 
 # ------------------------------------------------- delete, consolidate, verify

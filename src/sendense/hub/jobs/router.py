@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -19,6 +19,7 @@ from sendense.hub.deps import HubDep, Operator, Viewer
 from sendense.hub.jobs import service
 from sendense.hub.jobs.schemas import JobList, JobRead
 from sendense.hub.openapi import errors
+from sendense.web.responses import FastJSON
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -33,9 +34,11 @@ def list_jobs(
     kind: Literal["backup", "consolidate", "verify", "rescan"] | None = None,
     limit: int = Query(default=50, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_INT),
-) -> dict:
+) -> Any:
     """Jobs, newest first."""
-    return service.list_jobs(st, who, status=status, kind=kind, limit=limit, offset=offset)
+    return FastJSON(
+        service.list_jobs(st, who, status=status, kind=kind, limit=limit, offset=offset)
+    )
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=errors(404))
@@ -49,13 +52,13 @@ async def get_job(
         le=60,
         description="Long-poll: answer as soon as the job ends, or after this many seconds.",
     ),
-) -> dict:
+) -> Any:
     """A job: status, step, per-disk bytes done/total, percent, rate, ETA, error."""
     view = await service.job_async(st, who, job_id)
     if wait > 0 and view["status"] not in END:
         await service.wait_ended(st, who, job_id, wait)
         view = await service.job_async(st, who, job_id)
-    return view
+    return FastJSON(view)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead, responses=errors(404))

@@ -9,7 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import BackupJob
-from sendense.catalog.stores import JobStore
+from sendense.catalog.stores import BackupStore, JobStore
+from sendense.catalog.stores.jobs import JobFilter
 from sendense.core.access import Principal
 from sendense.core.errors import NotFound
 from sendense.hub.backups.service import visible_vm_ids
@@ -34,7 +35,17 @@ def visible_job(s: Session, who: Principal, job_id: str) -> BackupJob:
 
 def get_job(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
     with st.db.session() as s:
-        return job_view(visible_job(s, who, job_id))
+        job = JobStore(s).row(job_id)
+        if job is None or (
+            who.scope is not None
+            and not (
+                (job.vm_id is None or who.can_see_vm(job.vm_name, job.vm_tags))
+                and who.can_see_repository(job.repository_id)
+            )
+        ):
+            raise NotFound(f"job {job_id} not found", job_id=job_id)
+        backups = BackupStore(s).rows_of_job([job_id]) if job.kind == "backup" else []
+    return job_view(job, backups)
 
 
 async def job_async(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
@@ -64,15 +75,25 @@ def list_jobs(
 ) -> dict[str, Any]:
     with st.db.session() as s:
         vm_ids = visible_vm_ids(s, who)
-        rows, total = JobStore(s).list(
-            status=status,
-            kind=kind,
-            vm_ids=vm_ids,
-            repository_ids=None if who.scope is None else sorted(who.scope.repositories),
-            limit=limit,
-            offset=offset,
-        )
-        return {"jobs": [job_view(j) for j in rows], "total": total}
+    where = JobFilter(
+        status=status,
+        kind=kind,
+        vm_ids=None if vm_ids is None else frozenset(vm_ids),
+        repository_ids=None if who.scope is None else tuple(sorted(who.scope.repositories)),
+    )
+    with st.db.session() as s:
+        rows = JobStore(s).page(where, limit=limit, offset=offset)
+        backups: dict[str, list[Any]] = {}
+        for b in BackupStore(s).rows_of_job([j.id for j in rows if j.kind == "backup"]):
+            backups.setdefault(b.job_id, []).append(b)
+    # Reused while the catalog has not changed (catalog/cache.py).
+    total = st.cache.get(("jobs.total", where), lambda: _count(st, where))
+    return {"jobs": [job_view(j, backups.get(j.id, [])) for j in rows], "total": total}
+
+
+def _count(st: HubState, where: JobFilter) -> int:
+    with st.db.session() as s:
+        return JobStore(s).count(where)
 
 
 def cancel(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:

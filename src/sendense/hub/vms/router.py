@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from sendense.hub.deps import Admin, HubDep, Viewer
 from sendense.hub.openapi import errors
@@ -18,8 +18,9 @@ def discover(body: DiscoverRequest, st: HubDep, who: Admin) -> dict:
 
 
 @router.get("", response_model=VmList, responses=errors())
-def list_vms(st: HubDep, who: Viewer) -> dict:
-    return {"vms": service.list_vms(st, who)}
+def list_vms(st: HubDep, who: Viewer) -> Response:
+    """Every VM with its disks and last completed backup."""
+    return Response(service.list_vms_json(st, who), media_type="application/json")
 
 
 @router.get("/{vm_name}", response_model=VmRead, responses=errors(404))
