@@ -49,6 +49,8 @@ class HubSettings(BaseSettings):
     node_health_interval: float = 10.0
     # Largest request body the API reads (413 beyond; hub/limits.py).
     max_body_bytes: int = 1 << 20
+    # Audit entries older than this many days are removed (hourly); 0: kept.
+    audit_retention_days: int = 400
     log_level: str = "INFO"
 
     @property

@@ -259,3 +259,52 @@ def test_a_scoped_token_never_acts_as_admin(cluster: Cluster) -> None:
         db.close()
         r = cluster.http("GET", "/api/v1/tokens", token=made["token"])
         assert error_body(r, 403, "forbidden")["details"]["role_needed"] == "admin"
+
+
+@pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
+def test_concurrent_creations_of_one_name_make_one_token(cluster: Cluster) -> None:
+    """Eight creations of the same name at once, spread over the hub's API
+    worker processes (fresh connections): one 201, seven 409, one live token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(_: int) -> int:
+        r = cluster.http("POST", "/api/v1/tokens", json={"name": "ci-bot", "role": "viewer"})
+        return r.status_code
+
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            codes = sorted(pool.map(create, range(8)))
+        live = [t for t in cluster.client.get("/api/v1/tokens")["tokens"] if t["name"] == "ci-bot"]
+        assert len(live) == 1, live
+        assert codes.count(201) == 1 and codes.count(409) == 7, codes
+        cluster.http("DELETE", f"/api/v1/tokens/{live[0]['token_id']}")
+
+
+def test_audit_entries_past_the_retention_are_removed(cluster: Cluster) -> None:
+    """SENDENSE_AUDIT_RETENTION_DAYS: at start (then hourly) older entries go,
+    newer ones stay."""
+    assert cluster.http("DELETE", "/api/v1/tokens/nope").status_code == 404  # an entry now
+    cluster.stop()
+    now = datetime.now(UTC)
+    db = sqlite3.connect(cluster.hub_dir / "catalog.db")
+    with db:
+        for days, route in ((45, "/old"), (20, "/recent")):
+            at = (now - timedelta(days=days)).strftime("%Y-%m-%d %H:%M:%S.%f")
+            db.execute(
+                "INSERT INTO audit_log (id, at, token_name, method, route, path, status, target) "
+                "VALUES (?, ?, 'admin', 'DELETE', ?, ?, 204, '{}')",
+                (f"00000000-0000-0000-0000-0000000000{days}", at, route, route),
+            )
+    db.close()
+    cluster.hub_env["SENDENSE_AUDIT_RETENTION_DAYS"] = "30"
+    cluster.start_hub()
+    deadline = time.monotonic() + 20
+    while True:
+        routes = [e["route"] for e in cluster.client.get("/api/v1/audit", limit=100)["entries"]]
+        if "/old" not in routes or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "/old" not in routes
+    assert "/recent" in routes
+    assert "/api/v1/tokens/{token_id}" in routes
+    assert "audit entries older than 30 days removed: 1" in cluster.log("hub")

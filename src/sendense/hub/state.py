@@ -88,7 +88,7 @@ class HubState:
         # GET /nodes reads node health from this cache, refreshed in the background.
         state.node_health = NodeHealthMonitor(db, secrets, interval=settings.node_health_interval)
         state.node_health.start()
-        state.audit = AuditWriter(db)
+        state.audit = AuditWriter(db, settings.audit_retention_days)
         return state
 
     def take_over_orphans(self) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import AuditEntry
@@ -18,6 +18,11 @@ class AuditStore:
 
     def add(self, entry: AuditEntry) -> None:
         self.s.add(entry)
+
+    def prune(self, before: datetime) -> int:
+        """Remove the entries written before ``before``; how many went."""
+        result = self.s.execute(delete(AuditEntry).where(AuditEntry.at < before))
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def list(
         self,

@@ -21,6 +21,10 @@ class VmStore:
     def get(self, vm_id: str) -> Vm | None:
         return self.s.scalar(select(Vm).where(Vm.id == vm_id).options(selectinload(Vm.disks)))
 
+    def id_of(self, name: str) -> str | None:
+        """The id of the VM of that name (one index probe, no ORM object)."""
+        return self.s.scalar(select(Vm.id).where(Vm.name == name))
+
     def rows(self) -> Sequence[Row[Any]]:
         """Every VM as a Core row, by name."""
         return self.s.execute(select(Vm.__table__).order_by(Vm.name)).all()

@@ -17,12 +17,14 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sendense.catalog.db import Database
 from sendense.catalog.models import AuditEntry
+from sendense.catalog.stores.audit import AuditStore
 from sendense.core.access import Principal
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,16 @@ REFUSED = frozenset({401, 403})
 
 
 class AuditWriter:
-    """One thread that writes queued entries to the catalog, in order."""
+    """One thread that writes queued entries to the catalog, in order, and
+    once an hour removes entries older than ``retention_days`` (0: never)."""
 
-    def __init__(self, db: Database) -> None:
+    PRUNE_EVERY = 3600.0
+
+    def __init__(self, db: Database, retention_days: int = 0) -> None:
         self.db = db
+        self.retention_days = retention_days
         self._queue: queue.Queue[AuditEntry | None] = queue.Queue(maxsize=10000)
+        self._next_prune = 0.0  # at once, then every PRUNE_EVERY seconds
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -60,9 +67,29 @@ class AuditWriter:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def prune(self) -> int:
+        """Remove the entries past the retention; how many went."""
+        if self.retention_days <= 0:
+            return 0
+        before = datetime.now(UTC) - timedelta(days=self.retention_days)
+        with self.db.session() as s:
+            removed = AuditStore(s).prune(before)
+        if removed:
+            log.info("audit entries older than %d days removed: %d", self.retention_days, removed)
+        return removed
+
     def _run(self) -> None:
         while True:
-            entry = self._queue.get()
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + self.PRUNE_EVERY
+                try:
+                    self.prune()
+                except Exception:
+                    log.exception("audit pruning failed (retried in an hour)")
+            try:
+                entry = self._queue.get(timeout=max(0.1, self._next_prune - time.monotonic()))
+            except queue.Empty:
+                continue
             try:
                 if entry is None:
                     return

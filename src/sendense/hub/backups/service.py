@@ -91,10 +91,9 @@ def list_backups(
     with st.db.session() as s:
         vm_id = f.vm_id
         if f.vm_name:
-            vm = VmStore(s).by_name(f.vm_name)
-            if vm is None or (f.vm_id and f.vm_id != vm.id):
+            vm_id = VmStore(s).id_of(f.vm_name)
+            if vm_id is None or (f.vm_id and f.vm_id != vm_id):
                 return {"backups": [], "total": 0}
-            vm_id = vm.id
         vm_ids = visible_vm_ids(s, who)
     where = StoreFilter(
         vm_id=vm_id,

@@ -38,6 +38,10 @@ def token_view(t: ApiToken) -> dict[str, Any]:
 def create_token(st: HubState, who: Principal, body: TokenCreate) -> dict[str, Any]:
     secret = PREFIX + secrets.token_urlsafe(32)
     with st.db.session() as s:
+        # Two creations of one name at once, in any hub process: one wins,
+        # the other sees it and answers 409 (no constraint can say "unique
+        # among live tokens").
+        TokenStore(s).lock_names()
         if TokenStore(s).by_name(body.name) is not None:
             raise Conflict(f"a token named {body.name} already exists", name=body.name)
         row = ApiToken(
