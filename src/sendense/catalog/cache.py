@@ -34,10 +34,16 @@ class CatalogCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+    def get(self, key: Hashable, compute: Callable[[], T], generation: str | None = None) -> T:
         """The value for ``key``: cached if the catalog has not changed since
-        it was computed, else ``compute()`` (stored for the next caller)."""
-        generation = self.db.generation()  # before computing: see the module doc
+        it was computed, else ``compute()`` (stored for the next caller).
+
+        ``generation``: `Database.generation` read before the transaction
+        ``compute`` reads in had read anything (saves a round trip on
+        PostgreSQL); by default it is read here, and ``compute`` must then
+        read in a transaction of its own."""
+        if generation is None:
+            generation = self.db.generation()  # before computing: see the module doc
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] == generation:

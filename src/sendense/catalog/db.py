@@ -101,7 +101,7 @@ class Database:
         with self.sessionmaker.begin() as session:
             yield session
 
-    def generation(self) -> str:
+    def generation(self, session: Session | None = None) -> str:
         """A value that changes whenever anything was committed to the catalog,
         by this process or any other (several hubs share one catalog).
 
@@ -118,7 +118,10 @@ class Database:
           recomputations.
         - Anything else: a fresh value each time (nothing is reused).
 
-        About 10 us on SQLite, one round trip on PostgreSQL.
+        About 10 us on SQLite, one round trip on PostgreSQL. Given a
+        ``session`` that has not read anything yet, PostgreSQL is asked on its
+        connection (no second connection; each later statement of a READ
+        COMMITTED transaction sees at least what this value stands for).
         """
         backend = self.url.get_backend_name()
         if backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
@@ -129,6 +132,9 @@ class Database:
                     )
                 return f"sqlite:{self._watch.execute('PRAGMA data_version').fetchone()[0]}"
         if backend == "postgresql":
+            if session is not None:
+                value = session.execute(text("SELECT pg_current_snapshot()::text")).scalar_one()
+                return f"pg:{value}"
             with self.engine.connect() as c:
                 return f"pg:{c.execute(text('SELECT pg_current_snapshot()::text')).scalar_one()}"
         return uuid.uuid4().hex

@@ -74,26 +74,22 @@ def list_jobs(
     offset: int,
 ) -> dict[str, Any]:
     with st.db.session() as s:
+        # Before this transaction reads anything (catalog/cache.py).
+        generation = st.db.generation(s)
         vm_ids = visible_vm_ids(s, who)
-    where = JobFilter(
-        status=status,
-        kind=kind,
-        vm_ids=None if vm_ids is None else frozenset(vm_ids),
-        repository_ids=None if who.scope is None else tuple(sorted(who.scope.repositories)),
-    )
-    with st.db.session() as s:
-        rows = JobStore(s).page(where, limit=limit, offset=offset)
+        where = JobFilter(
+            status=status,
+            kind=kind,
+            vm_ids=None if vm_ids is None else frozenset(vm_ids),
+            repository_ids=None if who.scope is None else tuple(sorted(who.scope.repositories)),
+        )
+        store = JobStore(s)
+        rows = store.page(where, limit=limit, offset=offset)
         backups: dict[str, list[Any]] = {}
         for b in BackupStore(s).rows_of_job([j.id for j in rows if j.kind == "backup"]):
             backups.setdefault(b.job_id, []).append(b)
-    # Reused while the catalog has not changed (catalog/cache.py).
-    total = st.cache.get(("jobs.total", where), lambda: _count(st, where))
+        total = st.cache.get(("jobs.total", where), lambda: store.count(where), generation)
     return {"jobs": [job_view(j, backups.get(j.id, [])) for j in rows], "total": total}
-
-
-def _count(st: HubState, where: JobFilter) -> int:
-    with st.db.session() as s:
-        return JobStore(s).count(where)
 
 
 def cancel(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
