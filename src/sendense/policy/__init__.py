@@ -1,0 +1,1 @@
+"""Policies: retention planning and schedules (pure: no catalog, no clock)."""
