@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv \
-                postgresql e2fsprogs ca-certificates
+                postgresql e2fsprogs ca-certificates xfsprogs dosfstools mtools ntfs-3g fdisk
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-fast check fmt bench clean
@@ -13,7 +13,9 @@ setup: system-packages venv
 # Debian packages: qemu-img/qemu-nbd (qemu-utils), qemu-storage-daemon
 # (qemu-system-common), nbdkit, nbdcopy (libnbd-bin), libnbd's Python binding,
 # venv, PostgreSQL server binaries for the catalog tests, chattr/lsattr and
-# mkfs.ext4 (e2fsprogs) for the repository tests, and CA certificates for
+# mkfs.ext4 (e2fsprogs) for the repository tests, mkfs.xfs, mkfs.fat + mtools,
+# mkntfs + ntfscp and sfdisk to build restore test disks without mounting
+# (xfsprogs, dosfstools, mtools, ntfs-3g, fdisk), and CA certificates for
 # HTTPS (pip). Without recommends: Debian 12 with them pulls ~355 packages
 # (systemd, mesa, ffmpeg libraries); without, ~100.
 system-packages:
