@@ -337,6 +337,13 @@ def test_plan_serializes_to_the_api_shape() -> None:
     assert [r["backup_id"] for r in body["remove"]] == ["p2", "p1", "p0"]
 
 
+def test_plan_round_trips_through_its_dict() -> None:
+    plan = plan_retention(linear(T8, fulls=(0, 4), p5=LOCK), RetentionRules(keep_last=1), NOW)
+    again = RetentionPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert again.steps() == plan.steps()
+
+
 def test_steps_delete_newest_first_then_merge() -> None:
     plan = plan_retention(linear(T8, fulls=(0, 4)), RetentionRules(keep_last=2), NOW)
     steps = plan.steps()

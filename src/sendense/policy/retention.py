@@ -183,6 +183,31 @@ class RetentionPlan:
         merges = [Step("consolidate", tuple(reversed(ids)), into) for into, ids in runs.items()]
         return [*deletes, *merges]
 
+    @classmethod
+    def from_dict(cls, plan: Mapping[str, Any]) -> RetentionPlan:
+        """Back from `to_dict` (a job's params): enough to rebuild its `steps`."""
+        return cls(
+            keep=[
+                Kept(k["backup_id"], tuple(k.get("reasons") or ())) for k in plan.get("keep") or []
+            ],
+            remove=[
+                Removal(r["backup_id"], r["action"], r.get("reason") or "", r.get("into"))
+                for r in plan.get("remove") or []
+            ],
+            locked=[
+                Locked(
+                    x["backup_id"],
+                    x.get("reason") or "",
+                    datetime.fromisoformat(x["immutable_until"])
+                    if x.get("immutable_until")
+                    else None,
+                    tuple(x.get("held_by") or ()),
+                )
+                for x in plan.get("locked") or []
+            ],
+            disk_id=plan.get("disk_id"),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The shape of ``POST /api/v1/policies/{id}/retention/plan`` per disk."""
         return {
