@@ -20,6 +20,7 @@ from sendense.engine.inventory import (
 from sendense.engine.lifecycle import JobLifecycle, LocalJob
 from sendense.engine.locks import LockSweeper
 from sendense.engine.rescan import RescanJob
+from sendense.engine.retention import RetentionJob
 from sendense.engine.verify import VerifyJob
 from sendense.hub.audit.middleware import AuditWriter
 from sendense.hub.nodes.health import NodeHealthMonitor
@@ -31,7 +32,12 @@ log = logging.getLogger(__name__)
 
 # Factories of the job kinds the hub runs itself (engine/<kind>.py), given the
 # hub's state: each returns a `LocalJob`. Filled as kinds land.
-JOB_KINDS: list[Callable[[HubState], LocalJob]] = [ConsolidateJob, VerifyJob, RescanJob]
+JOB_KINDS: list[Callable[[HubState], LocalJob]] = [
+    ConsolidateJob,
+    VerifyJob,
+    RescanJob,
+    RetentionJob,
+]
 
 
 @dataclass
