@@ -12,8 +12,11 @@ of that copy, and what was removed must be gone from the API and the disk.
 
 from __future__ import annotations
 
+import hashlib
+import random
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +42,7 @@ from fixtures.lifecycle import (
     write_random,
 )
 from sendense.catalog.db import Database
-from sendense.catalog.models import Vm
+from sendense.catalog.models import Backup, Vm
 from sendense.engine.lifecycle import JobLifecycle
 from sendense.engine.retention import RetentionJob, new_retention_job, plan_for_vm
 from sendense.qemu import img
@@ -288,3 +291,84 @@ def test_a_failed_step_is_recorded_and_fails_the_job(
     assert points[ids[0]]["status"] == "failed" and points[ids[0]]["error"] == "has_dependents"
     for b in p:
         assert_reads_as_before(cluster, b, tmp_path)
+
+
+RULE_SETS = [
+    {"keep_last": 2},
+    {"keep_last": 1, "keep_daily": 3},
+    {"keep_last": 1, "keep_weekly": 2},
+    {"keep_last": 2, "keep_monthly": 2},
+    {"keep_daily": 2, "keep_hourly": 1},
+]
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [4, 7])
+def test_random_histories_keep_every_kept_point_readable_and_locks_untouched(
+    cluster: Cluster, runner: Runner, make_vm, tmp_path: Path, seed: int
+) -> None:
+    """Random backups (fulls now and then), random locks, retention after each
+    backup with random rules: every point that stays reads as at its backup,
+    nothing locked is touched, what the plan removes is gone."""
+    rng = random.Random(seed)
+    name = f"rnd{seed}"
+    vm = make_vm(name, [4 * MiB])
+    cluster.register(vm)
+    now = datetime.now(UTC)
+    t = now - timedelta(days=200)
+    points: dict[str, dict[str, Any]] = {}
+    actions: Counter[str] = Counter()
+    for i in range(12):
+        write_random(vm, 0, rng.randrange(0, 4 * MiB - 256 * 1024, 65536), 256 * 1024)
+        kind = "full" if i == 0 or rng.random() < 0.25 else "incremental"
+        b = by_disk(cluster, cluster.backup(name, kind))[0]
+        raw_copy(b["file_path"], tmp_path / f"{b['backup_id']}.raw")
+        # spread the history over months, so the time rules have buckets
+        t += timedelta(hours=rng.choice([1, 7, 25, 24 * 9]))
+        lock = rng.choice([None, None, None, None, "live", "expired"])
+        until = {None: None, "live": now + timedelta(days=1), "expired": now - timedelta(hours=1)}
+        catalog_exec(
+            cluster,
+            "UPDATE backups SET created_at = :t, immutable_until = :u WHERE id = :id",
+            t=t,
+            u=until[lock],
+            id=b["backup_id"],
+        )
+        points[b["backup_id"]] = b
+        rules = rng.choice(RULE_SETS)
+        plan = runner.plan(name, rules)
+        d = disk0(plan)
+        removed = {r["backup_id"] for r in d["remove"]}
+        staying = {k["backup_id"] for k in d["keep"]} | {x["backup_id"] for x in d["locked"]}
+        assert staying | removed == set(points)
+        assert b["backup_id"] in staying  # the newest is always kept
+        with runner.db.session() as s:
+            live_locks = set(
+                s.scalars(select(Backup.id).where(Backup.immutable_until > datetime.now(UTC)))
+            )
+        assert not live_locks & removed
+        before = {pid: sha256(points[pid]["file_path"]) for pid in live_locks & set(points)}
+
+        job = runner.run(cluster, plan)
+        assert job["status"] == "completed", (rules, plan, job)
+        actions.update(r["action"] for r in d["remove"])
+        actions["locked"] += len(d["locked"])
+        for pid in removed:
+            assert_gone(cluster, points.pop(pid))
+        for pid in staying:
+            assert_reads_as_before(cluster, points[pid], tmp_path)
+        for pid, digest in before.items():
+            assert sha256(points[pid]["file_path"]) == digest, f"locked {pid} was touched"
+        again = disk0(runner.plan(name, rules))
+        assert again["remove"] == [], again
+    # the history exercised every kind of outcome
+    assert actions["delete"] and actions["consolidate"] and actions["locked"], actions
+    # the chain still goes on from the newest point
+    write_random(vm, 0, 0, 65536)
+    nxt = by_disk(cluster, cluster.backup(name, "incremental"))[0]
+    assert img.compare(nxt["file_path"], str(vm.disks[0]))
