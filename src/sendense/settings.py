@@ -49,6 +49,9 @@ class HubSettings(BaseSettings):
     node_health_interval: float = 10.0
     # Largest request body the API reads (413 beyond; hub/limits.py).
     max_body_bytes: int = 1 << 20
+    # Where whole-disk restores may write files, colon-separated absolute
+    # directories; empty: <data_dir>/restores (restore/disk.py).
+    restore_dirs: str = ""
     # Audit entries older than this many days are removed (hourly); 0: kept.
     audit_retention_days: int = 400
     log_level: str = "INFO"
@@ -62,6 +65,12 @@ class HubSettings(BaseSettings):
     @property
     def advertise_host(self) -> str:
         return self.nbd_advertise_host or self.nbd_bind
+
+    @property
+    def restore_directories(self) -> list[Path]:
+        """The directories whole-disk restores may write into."""
+        given = [Path(p) for p in self.restore_dirs.split(":") if p.strip()]
+        return given or [self.data_dir.resolve() / "restores"]
 
 
 class NodeSettings(BaseSettings):

@@ -8,28 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fixtures.cluster import Cluster
-
-
-def cli(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``sendense <args>`` with stdout and stderr to pipes (not a terminal),
-    with COLUMNS=80 as a narrow terminal would have: output must not wrap."""
-    env = {
-        **os.environ,
-        "SENDENSE_URL": cluster.hub_url,
-        "SENDENSE_TOKEN": cluster.admin_token,
-        "COLUMNS": "80",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "sendense.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+from fixtures.cluster import Cluster, cli
 
 
 def test_cli_register_backup_and_list(cluster: Cluster, make_vm) -> None:
@@ -104,7 +83,7 @@ def test_cli_output_not_a_terminal_keeps_digests_and_paths_whole(cluster: Cluste
 
 
 def test_cli_errors_are_clear(cluster: Cluster) -> None:
-    proc = cli(cluster, "backup", "start", "no-such-vm", check=False)
+    proc = cli(cluster, "backup", "start", "no-such-vm", ok=None)
     assert proc.returncode == 1
     assert "404" in proc.stderr and "no-such-vm" in proc.stderr
     env = {**os.environ, "SENDENSE_URL": cluster.hub_url, "SENDENSE_TOKEN": "wrong"}

@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, cli
 from fixtures.lifecycle import MiB, by_disk, write_random
-
-
-def cli(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "SENDENSE_URL": cluster.hub_url,
-        "SENDENSE_TOKEN": cluster.admin_token,
-        "COLUMNS": "80",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "sendense.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def test_cli_verify_consolidate_and_rm(cluster: Cluster, make_vm) -> None:
@@ -60,10 +39,10 @@ def test_cli_verify_consolidate_and_rm(cluster: Cluster, make_vm) -> None:
     assert [x["backup_id"] for x in chain["chain"]] == [p["backup_id"] for p in points[2:]]
 
     # rm refuses a point others depend on, with the API's reason and exit 1
-    refused = cli(cluster, "backup", "rm", points[2]["backup_id"], check=False)
+    refused = cli(cluster, "backup", "rm", points[2]["backup_id"], ok=None)
     assert refused.returncode == 1
     assert "has_dependents" in refused.stderr
-    refused = cli(cluster, "--json", "backup", "rm", points[2]["backup_id"], check=False)
+    refused = cli(cluster, "--json", "backup", "rm", points[2]["backup_id"], ok=None)
     body = json.loads(refused.stdout)
     assert body["status"] == 409 and body["details"]["dependents"] == [points[3]["backup_id"]]
     done = json.loads(
@@ -86,6 +65,6 @@ def test_cli_verify_consolidate_and_rm(cluster: Cluster, make_vm) -> None:
         data = f.read(16)
         f.seek(where)
         f.write(bytes(b ^ 0xFF for b in data))
-    failed = cli(cluster, "backup", "verify", last["backup_id"], "--wait", check=False)
+    failed = cli(cluster, "backup", "verify", last["backup_id"], "--wait", ok=None)
     assert failed.returncode == 1
     assert "failed" in failed.stdout and "digest mismatch" in failed.stdout

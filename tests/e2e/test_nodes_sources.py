@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, cli
 from fixtures.lifecycle import (
     SLOW_NODE,
     MiB,
@@ -446,19 +444,6 @@ def test_sources_stored_with_clear_nested_credentials_are_sealed_at_start(
 
 
 # --------------------------------------------------------------------- CLI
-
-
-def cli(c: Cluster, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SENDENSE_URL": c.hub_url, "SENDENSE_TOKEN": c.admin_token}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sendense.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
-    return proc
 
 
 def test_cli_node_edit_and_rm_source_rm(cluster: Cluster, make_vm) -> None:

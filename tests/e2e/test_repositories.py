@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, cli
 from fixtures.processes import busy_ports, processes_under
 from sendense.catalog.db import Database, sqlite_url
 from sendense.catalog.models import Backup, Repository
@@ -910,20 +909,6 @@ def test_rescan_skips_what_is_not_a_restore_point(
 # ---------------------------------------------------------------------- CLI
 
 
-def cli(c: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SENDENSE_URL": c.hub_url, "SENDENSE_TOKEN": c.admin_token}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sendense.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
 def test_cli_repo_commands(cluster: Cluster, tmp_path: Path) -> None:
     where = tmp_path / "clirepo"
     added = json.loads(
@@ -945,7 +930,7 @@ def test_cli_repo_commands(cluster: Cluster, tmp_path: Path) -> None:
     out = json.loads(cli(cluster, "--json", "repo", "rescan", "offsite", "--wait").stdout)
     assert out["status"] == "completed" and out["result"]["imported"] == 0
     assert "0 restore point(s) found" in cli(cluster, "repo", "rescan", "offsite", "--wait").stdout
-    bad = cli(cluster, "repo", "add", "x", "relative", check=False)
+    bad = cli(cluster, "repo", "add", "x", "relative", ok=None)
     assert bad.returncode == 1 and "path must be absolute" in bad.stderr
     gone = json.loads(cli(cluster, "--json", "repo", "rm", "offsite").stdout)
     assert gone["deleted"] is True

@@ -657,6 +657,13 @@ token_commands.bind(sys.modules[__name__])
 app.add_typer(token_commands.token_app, name="token")
 app.add_typer(token_commands.audit_app, name="audit")
 
+# restore disk / nbd, export ls, backup export / unexport.
+from sendense.cli.commands import restores as restore_commands  # noqa: E402
+
+restore_commands.bind(sys.modules[__name__])
+app.add_typer(restore_commands.restore_app, name="restore")
+app.add_typer(restore_commands.export_app, name="export")
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -169,3 +169,66 @@ class HasSources(Conflict):
     removes them with it."""
 
     code = "has_sources"
+
+
+class DestinationExists(Conflict):
+    """A whole-disk restore would overwrite a file (``details.path``)."""
+
+    code = "exists"
+
+
+class ExportExists(Conflict):
+    """The restore point is already exported (``details.export_id``)."""
+
+    code = "export_exists"
+
+
+class PathRefused(InvalidRequest):
+    """A path inside a restore point that may not be read: ``..``, a NUL byte,
+    or a symlink pointing outside its filesystem (``details.path``, ``details.reason``)."""
+
+    code = "path_refused"
+
+
+class FsPathNotFound(NotFound):
+    """No such entry in the filesystem of a restore point (``details.path``)."""
+
+    code = "path_not_found"
+
+
+class NotADirectory(InvalidRequest):
+    """A directory operation on a file (``details.path``)."""
+
+    code = "not_a_directory"
+
+
+class NotAFile(InvalidRequest):
+    """A file operation on a directory or a special file (``details.path``, ``details.type``)."""
+
+    code = "not_a_file"
+
+
+class PartitionNotFound(NotFound):
+    """No partition of that index on the disk (``details.partition``)."""
+
+    code = "partition_not_found"
+
+
+class NoFilesystem(Conflict):
+    """The partition holds no filesystem we read (``details.partition``)."""
+
+    code = "no_filesystem"
+
+
+class FilesystemCorrupt(Conflict):
+    """The filesystem inside a restore point could not be parsed for this
+    request (corrupt, truncated or hostile); the parser process is replaced."""
+
+    code = "filesystem_corrupt"
+
+
+class ParserLimit(Conflict):
+    """The parser process hit its memory or time limit and was stopped
+    (``details.limit``: ``memory`` or ``time``)."""
+
+    code = "parser_limit"

@@ -404,6 +404,10 @@ class JobLifecycle:
                     # Nobody waits any more; a later notify finds nothing to wake.
                     del self._waiters[job_id]
 
+    def stopping(self, timeout: float = 0.0) -> bool:
+        """Wait up to ``timeout`` s for this process to begin stopping; True once it has."""
+        return self._stopping.wait(timeout)
+
     def shutdown(self) -> None:
         self._stopping.set()
         for t in list(self._threads.values()):

@@ -27,6 +27,7 @@ from sendense.hub.limits import RequestGuard
 from sendense.hub.nodes.router import router as nodes
 from sendense.hub.openapi import install_openapi
 from sendense.hub.repositories.router import router as repositories
+from sendense.hub.restore.router import router as restore
 from sendense.hub.sources.router import router as sources
 from sendense.hub.state import HubState
 from sendense.hub.tokens.router import router as tokens
@@ -36,7 +37,7 @@ from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 
-ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit]
+ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit, restore]
 
 
 def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:

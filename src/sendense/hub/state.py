@@ -25,6 +25,8 @@ from sendense.engine.verify import VerifyJob
 from sendense.hub.audit.middleware import AuditWriter
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
+from sendense.restore.disk import RestoreJob
+from sendense.restore.export import ExportJob
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
 
@@ -36,6 +38,8 @@ JOB_KINDS: list[Callable[[HubState], LocalJob]] = [
     ConsolidateJob,
     VerifyJob,
     RescanJob,
+    RestoreJob,
+    ExportJob,
     RetentionJob,
 ]
 
@@ -77,6 +81,8 @@ class HubState:
         engine = BackupEngine(db, settings, ports, secrets, lifecycle)
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         state.cache = CatalogCache(db)
+        if not settings.restore_dirs:  # the default place of whole-disk restores
+            (data_dir / "restores").mkdir(mode=0o700, exist_ok=True)
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
         seal_source_secrets(db, secrets)  # credentials only ever encrypted at rest

@@ -8,6 +8,7 @@ be looked at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sendense.core.errors import QemuImgError
+from sendense.core.errors import Cancelled, QemuImgError
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,11 @@ def run_with_progress(
     on_progress: Callable[[float], None] | None,
     *,
     die_with_parent: bool = False,
+    cancel: threading.Event | None = None,
 ) -> None:
-    """Run ``qemu-img <args>`` (with ``-p``), reporting ``(12.34/100%)`` as it goes."""
+    """Run ``qemu-img <args>`` (with ``-p``), reporting ``(12.34/100%)`` as it goes.
+
+    ``cancel``: once set, qemu-img is killed and `Cancelled` raised."""
     cmd = [QEMU_IMG, *args]
     log.debug("run cmd=%s", cmd)
     prefix = (
@@ -174,6 +178,17 @@ def run_with_progress(
     stderr: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr.append(err.read()), daemon=True)
     reader.start()
+    done = threading.Event()
+    if cancel is not None:
+
+        def stop_when_cancelled() -> None:
+            while not done.is_set():
+                if cancel.wait(0.2):
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    return
+
+        threading.Thread(target=stop_when_cancelled, daemon=True).start()
     buf = b""
     while chunk := os.read(out.fileno(), 4096):
         buf = (buf + chunk)[-256:]
@@ -187,6 +202,9 @@ def run_with_progress(
                 log.exception("progress report failed cmd=%s", cmd[:2])
                 on_progress = None
     rc = proc.wait()
+    done.set()
     reader.join()
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled by user")
     if rc != 0:
         raise QemuImgError(cmd, rc, b"".join(stderr).decode(errors="replace"))

@@ -1,0 +1,128 @@
+"""``sendense restore disk | nbd`` and ``sendense backup export | unexport``,
+``sendense export ls``: whole-disk restores and instant access.
+
+Bound to the main module like the other command groups (see backups.py).
+Exit status: 0 when the command did what it said; 1 on an API error or a
+restore job that did not complete.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sendense.cli.commands.backups import _ended, follow
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+restore_app = typer.Typer(
+    help="Restores: whole disks (and files, as they land).", no_args_is_help=True
+)
+export_app = typer.Typer(
+    help="Restore points served over NBD (instant access).", no_args_is_help=True
+)
+
+_main: ModuleType | None = None
+
+
+def _m() -> ModuleType:
+    assert _main is not None
+    return _main
+
+
+def _restore(backup_id: str, destination: dict[str, Any], wait: bool, label: str) -> None:
+    m = _m()
+    c = m.client()
+    data = m.call(c.post, "/api/v1/restores", {"backup_id": backup_id, "destination": destination})
+    job_id = data["job_id"]
+    if not wait:
+        m.out(data) if m.ctx.json else m.console.print(f"job {job_id} started")
+        return
+    final = follow(c, job_id, label)
+    if m.ctx.json:
+        m.out(final)
+    else:
+        _ended(m, job_id, final)
+        dest = (final.get("result") or {}).get("destination") or {}
+        if final.get("status") == "completed" and dest.get("path"):
+            m.console.print(f"  {dest['path']} ({dest['format']})")
+    if final.get("status") != "completed":
+        raise typer.Exit(1)
+
+
+@restore_app.command("disk")
+def restore_disk(
+    backup_id: str,
+    to: Annotated[
+        str, typer.Option("--to", help="New file, absolute, inside SENDENSE_RESTORE_DIRS.")
+    ],
+    format: Annotated[str, typer.Option(help="qcow2 or raw.")] = "qcow2",
+    wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar.")] = False,
+) -> None:
+    """Write a restore point out as a standalone image file (never over an existing file)."""
+    _restore(
+        backup_id,
+        {"type": "file", "path": to, "format": format},
+        wait,
+        f"restore {backup_id[:8]}",
+    )
+
+
+@restore_app.command("nbd")
+def restore_nbd(
+    backup_id: str,
+    url: Annotated[str, typer.Option(help="nbd://host:port/export or nbd+unix:///x?socket=P")],
+    wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar.")] = False,
+) -> None:
+    """Write a restore point into an NBD export at least as large as the disk."""
+    _restore(backup_id, {"type": "nbd", "url": url}, wait, f"restore {backup_id[:8]}")
+
+
+def backup_export(
+    backup_id: str,
+    writable: Annotated[
+        bool, typer.Option(help="Writes go to a throw-away overlay; the backup never changes.")
+    ] = False,
+) -> None:
+    """Serve a restore point over NBD until ``backup unexport``."""
+    m = _m()
+    data = m.call(m.client().post, f"/api/v1/backups/{backup_id}/export", {"writable": writable})
+    if m.ctx.json:
+        m.out(data)
+        return
+    m.console.print(f"export {data['export_id']}: {data['status']}")
+    m.console.print(data["url"] or "", soft_wrap=True)
+
+
+def backup_unexport(backup_id: str) -> None:
+    """Stop serving a restore point (a writable export's overlay is deleted)."""
+    m = _m()
+    data = m.call(m.client().request, "DELETE", f"/api/v1/backups/{backup_id}/export")
+    m.out(data) if m.ctx.json else m.console.print(f"export {data['export_id']}: {data['status']}")
+
+
+@export_app.command("ls")
+def export_ls() -> None:
+    """Restore points served over NBD right now."""
+    m = _m()
+    data = m.call(m.client().get, "/api/v1/exports")
+    t = Table("backup", "vm", "mode", "url", "since")
+    for e in data["exports"]:
+        t.add_row(
+            e["backup_id"],
+            e["vm_name"] or "",
+            "writable" if e["writable"] else "read-only",
+            e["url"] or e["status"],
+            str(e["created_at"]),
+        )
+    m.out(data, t)
+
+
+def bind(main: ModuleType) -> None:
+    global _main
+    _main = main
+    main.backup_app.command("export")(backup_export)
+    main.backup_app.command("unexport")(backup_unexport)

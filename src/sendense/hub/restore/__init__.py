@@ -1,0 +1,1 @@
+"""Restores: whole disks (POST /api/v1/restores) and instant access exports."""

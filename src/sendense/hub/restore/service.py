@@ -1,0 +1,179 @@
+"""Restores and exports: rules (plans in restore/disk.py, jobs in restore/)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sendense.catalog.models import BackupHold, BackupJob
+from sendense.catalog.stores import BackupStore, JobStore
+from sendense.core.access import Principal
+from sendense.core.errors import ExportExists, NotFound
+from sendense.engine import delete
+from sendense.engine.lifecycle import ACTIVE
+from sendense.hub.backups.service import visible_backup
+from sendense.hub.jobs.service import visible_job
+from sendense.hub.state import HubState
+from sendense.hub.views import job_view
+from sendense.restore import disk, export
+
+END_WAIT = 15.0
+
+
+def start_restore(st: HubState, who: Principal, body: Any) -> dict[str, Any]:
+    """Plan a whole-disk restore (every refusal before anything is written)
+    and start it as a job."""
+    with st.db.session() as s:
+        vm_id = visible_backup(s, who, body.backup_id).vm_id
+        delete.lock_vm(s, vm_id)  # not while a delete or merge of the chain is planned
+        b = BackupStore(s).get(body.backup_id)
+        if b is None:
+            raise NotFound(f"backup {body.backup_id} not found", backup_id=body.backup_id)
+        params = disk.plan_restore(
+            s, b, body.destination.model_dump(), st.settings.restore_directories
+        )
+        job = st.lifecycle.new_local_job(
+            s,
+            disk.KIND,
+            params,
+            vm_id=b.vm_id,
+            repository_id=b.repository_id,
+            created_by=who.name,
+            holds=params["backup_ids"],
+        )
+        job_id = job.id
+    st.lifecycle.launch(job_id)
+    with st.db.session() as s:
+        started = JobStore(s).get(job_id)
+        assert started is not None
+        view = job_view(started)
+    return {"job_id": job_id, "status": view["status"], "job": view, "backups": []}
+
+
+# ----------------------------------------------------------------- exports
+
+
+def export_view(job: BackupJob) -> dict[str, Any]:
+    params, result = job.params or {}, job.result or {}
+    if job.status in ("pending", "running"):
+        status = "serving" if job.step == "serving" else "starting"
+    else:
+        status = "closed" if job.status in ("completed", "cancelled") else "failed"
+    return {
+        "export_id": job.id,
+        "job_id": job.id,
+        "backup_id": params.get("backup_id"),
+        "vm_name": job.vm_name,
+        "writable": bool(params.get("writable")),
+        "url": result.get("url") if status == "serving" else None,
+        "status": status,
+        "error": job.error_message,
+        "created_by": job.created_by,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def live_export(s: Session, backup_id: str) -> BackupJob | None:
+    """The export of this restore point that is starting or serving, if any."""
+    jobs = s.scalars(
+        select(BackupJob)
+        .join(BackupHold, BackupHold.holder_id == BackupJob.id)
+        .where(
+            BackupHold.backup_id == backup_id,
+            BackupJob.kind == export.KIND,
+            BackupJob.status.in_(ACTIVE),
+        )
+    ).all()
+    return next((j for j in jobs if (j.params or {}).get("backup_id") == backup_id), None)
+
+
+def start_export(st: HubState, who: Principal, backup_id: str, writable: bool) -> dict[str, Any]:
+    with st.db.session() as s:
+        b = visible_backup(s, who, backup_id)
+        delete.lock_vm(s, b.vm_id)  # one export per restore point, even racing
+        found = live_export(s, backup_id)
+        if found is not None:
+            raise ExportExists(
+                f"backup {backup_id} is already exported (export {found.id}); "
+                "DELETE it first or use it",
+                backup_id=backup_id,
+                export_id=found.id,
+            )
+        members = disk.chain_of(s, b)
+        holds = [m.id for m in members]
+        params: dict[str, Any] = {
+            "backup_id": b.id,
+            "backup_ids": holds,
+            "source": b.file_path,
+            "writable": writable,
+            "export_name": f"backup-{b.id}",
+        }
+        job = st.lifecycle.new_local_job(
+            s,
+            export.KIND,
+            params,
+            vm_id=b.vm_id,
+            repository_id=b.repository_id,
+            created_by=who.name,
+            holds=holds,
+        )
+        job_id = job.id
+    kind = st.lifecycle.kinds[export.KIND]
+    assert isinstance(kind, export.ExportJob)
+    ready = kind.ready_event(job_id)
+    st.lifecycle.launch(job_id)
+    ready.wait(export.READY_TIMEOUT)
+    with st.db.session() as s:
+        started = JobStore(s).get(job_id)
+        assert started is not None
+        return export_view(started)
+
+
+def get_export(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        visible_backup(s, who, backup_id)
+        found = live_export(s, backup_id)
+        if found is None:
+            raise NotFound(f"backup {backup_id} is not exported", backup_id=backup_id)
+        return export_view(found)
+
+
+def list_exports(st: HubState, who: Principal) -> list[dict[str, Any]]:
+    with st.db.session() as s:
+        jobs = s.scalars(
+            select(BackupJob)
+            .where(BackupJob.kind == export.KIND, BackupJob.status.in_(ACTIVE))
+            .order_by(BackupJob.created_at.desc(), BackupJob.id.desc())
+        ).all()
+        out = []
+        for j in jobs:
+            try:
+                visible_job(s, who, j.id)
+            except NotFound:
+                continue
+            out.append(export_view(j))
+        return out
+
+
+def close_export(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
+    """Stop serving (asked through the catalog: the owner may be another hub
+    process) and wait for the export to be gone."""
+    with st.db.session() as s:
+        visible_backup(s, who, backup_id)
+        found = live_export(s, backup_id)
+        if found is None:
+            raise NotFound(f"backup {backup_id} is not exported", backup_id=backup_id)
+        job_id = found.id
+    st.lifecycle.request_cancel(job_id)
+    deadline = time.monotonic() + END_WAIT
+    while True:
+        with st.db.session() as s:
+            job = JobStore(s).get(job_id)
+            assert job is not None
+            if job.status not in ACTIVE or time.monotonic() > deadline:
+                return export_view(job)
+        time.sleep(0.1)

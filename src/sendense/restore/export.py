@@ -1,0 +1,130 @@
+"""Instant access: a restore point served over NBD so that a hypervisor can
+attach or boot it without a restore first.
+
+``POST /api/v1/backups/{backup_id}/export`` starts an ``export`` job. The job
+starts ``qemu-nbd`` on a port of the hub's NBD range and serves until
+``DELETE`` (a cancel, from any hub process), then stops it; the job ends
+``completed``. Read-only (``writable: false``) serves the restore point's
+QCOW2 through its chain with ``--read-only``. Writable serves a throw-away
+QCOW2 overlay whose backing file is the restore point: writes land in the
+overlay, QEMU opens the backing chain read-only, and the overlay is deleted
+when the export ends. The backup never changes either way.
+
+The job holds every restore point of the chain (delete and consolidation
+answer 409 ``in_use``) for as long as the export lives. If the hub dies,
+its ``qemu-nbd`` is stopped and the overlay removed by the next start (or
+by another hub process on the catalog); the job ends ``failed`` /
+``hub_restarted``.
+
+The export listens on ``SENDENSE_NBD_BIND`` like backup targets and has no
+authentication of its own: anyone who can reach that address and port can
+read it (and write to the overlay). Keep ``NBD_BIND`` on a network only
+hypervisors reach; TLS for NBD is part of the security-across-hosts work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from sendense.catalog.models import BackupJob
+from sendense.core.errors import Error
+from sendense.engine.lifecycle import JobContext
+from sendense.qemu import img
+from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
+
+if TYPE_CHECKING:
+    from sendense.hub.state import HubState
+
+log = logging.getLogger(__name__)
+
+KIND = "export"
+READY_TIMEOUT = 20.0
+
+
+class ExportJob:
+    """The ``export`` job kind (a `LocalJob`)."""
+
+    kind = KIND
+
+    def __init__(self, st: HubState) -> None:
+        self.st = st
+        self.dir = st.settings.data_dir.resolve() / "run" / "exports"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # job id -> set once qemu-nbd serves (or the job failed to start it)
+        self._ready: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def ready_event(self, job_id: str) -> threading.Event:
+        with self._lock:
+            return self._ready.setdefault(job_id, threading.Event())
+
+    def files(self, job_id: str) -> tuple[Path, Path]:
+        """The job's pidfile and (writable) overlay."""
+        return self.dir / f"{job_id}.pid", self.dir / f"{job_id}.overlay.qcow2"
+
+    def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        pidfile, overlay = self.files(job_id)
+        port: int | None = None
+        ready = self.ready_event(job_id)
+        try:
+            port = self.st.ports.allocate()
+            image = params["source"]
+            if params["writable"]:
+                img.create(str(overlay), backing=image, backing_fmt="qcow2")
+                image = str(overlay)
+            server = QemuNbdServer(
+                image,
+                export_name=params["export_name"],
+                host=self.st.settings.nbd_bind,
+                port=port,
+                read_only=not params["writable"],
+                pidfile=str(pidfile),
+            )
+            server.start()
+            try:
+                url = f"nbd://{self.st.settings.advertise_host}:{port}/{params['export_name']}"
+                with self.st.db.session() as s:
+                    s.execute(
+                        update(BackupJob)
+                        .where(BackupJob.id == job_id, BackupJob.status == "running")
+                        .values(step="serving", result={"url": url, "since": _now()})
+                    )
+                ready.set()
+                # Serve until a cancel (DELETE) from any hub process, or the
+                # hub stops (then recovery at the next start cleans up).
+                while not ctx.cancelled():
+                    if self.st.lifecycle.stopping(1.0):
+                        break
+                    if server.proc is not None and server.proc.poll() is not None:
+                        raise Error(f"qemu-nbd of the export exited with {server.proc.returncode}")
+            finally:
+                server.stop()
+            return {"url": url, "closed_at": _now()}
+        finally:
+            ready.set()
+            overlay.unlink(missing_ok=True)
+            self.st.ports.release(port)
+            with self._lock:
+                self._ready.pop(job_id, None)
+
+    def recover(self, job_id: str, params: dict[str, Any]) -> None:
+        """An export whose hub died: stop its qemu-nbd, drop the overlay."""
+        pidfile, overlay = self.files(job_id)
+        with contextlib.suppress(ValueError, OSError):
+            stop_pid(int(pidfile.read_text().strip()))
+        pidfile.unlink(missing_ok=True)
+        overlay.unlink(missing_ok=True)
+
+    def on_end(self, job_id: str, params: dict[str, Any], status: str) -> None:
+        log.info("job=%s export of %s ended %s", job_id, params.get("backup_id"), status)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
