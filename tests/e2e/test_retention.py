@@ -13,8 +13,10 @@ of that copy, and what was removed must be gone from the API and the disk.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from fixtures.lifecycle import (
     raw_copy,
     reference_digest,
     repo_files,
+    wait_for,
     write_random,
 )
 from sendense.catalog.db import Database
@@ -372,3 +375,74 @@ def test_random_histories_keep_every_kept_point_readable_and_locks_untouched(
     write_random(vm, 0, 0, 65536)
     nxt = by_disk(cluster, cluster.backup(name, "incremental"))[0]
     assert img.compare(nxt["file_path"], str(vm.disks[0]))
+
+
+CRASHING_RUNNER = """
+import sys, time
+from types import SimpleNamespace
+from sendense.catalog.db import Database
+from sendense.engine.lifecycle import JobLifecycle
+from sendense.engine.retention import RetentionJob
+
+db = Database(sys.argv[1])
+lifecycle = JobLifecycle(db, lease_seconds=2, owner=sys.argv[3])
+st = SimpleNamespace(db=db, lifecycle=lifecycle, settings=SimpleNamespace(merge_rate=2 << 20))
+lifecycle.register(RetentionJob(st))
+lifecycle.start_renewing()
+lifecycle.launch(sys.argv[2])
+time.sleep(300)
+"""
+
+
+def test_a_retention_job_killed_mid_merge_is_rolled_forward(
+    cluster: Cluster, runner: Runner, make_vm, tmp_path: Path
+) -> None:
+    """The process running the job dies during the merge (kill -9); the hub
+    (or any other) adopts the job when its lease expires and rolls the merge
+    forward: the kept point reads as before, the merged ones are gone."""
+    vm = make_vm("ret4", [32 * MiB])
+    cluster.register(vm)
+    p = []
+    for i in range(5):  # four increments of 6 MiB: at 2 MiB/s the merge takes ~10 s
+        write_random(vm, 0, (i * 6 * MiB) % (26 * MiB), 6 * MiB)
+        b = by_disk(cluster, cluster.backup("ret4", "full" if i == 0 else "incremental"))[0]
+        raw_copy(b["file_path"], tmp_path / f"{b['backup_id']}.raw")
+        p.append(b)
+    plan = runner.plan("ret4", {"keep_last": 1})
+    assert [r["action"] for r in disk0(plan)["remove"]] == ["consolidate"] * 4
+
+    owner = "retention-test-host/2/crash"
+    other = JobLifecycle(runner.db, lease_seconds=2, owner=owner)
+    st = SimpleNamespace(db=runner.db, lifecycle=other, settings=SimpleNamespace(merge_rate=0))
+    other.register(RetentionJob(st))  # type: ignore[arg-type]
+    with runner.db.session() as s:
+        job_id = new_retention_job(st, s, plan, created_by="test").id  # type: ignore[arg-type]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_RUNNER, catalog_url(cluster), job_id, owner],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "runner.log").open("wb"),
+    )
+    try:
+        wait_for(
+            "the merge to be under way",
+            lambda: cluster.client.get(f"/api/v1/jobs/{job_id}")["result"].get("started_disks"),
+        )
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert not [x for x in os.popen("pgrep -a qemu-img").read().splitlines() if str(tmp_path) in x]
+    assert "backing-filename" in img.info(p[4]["file_path"])  # killed mid-merge
+
+    time.sleep(2.5)  # the lease expires; adopt it here (or the hub does)
+    runner.lifecycle.recover_local()
+    job = cluster.wait_job(job_id, timeout=60)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "hub_restarted"
+    assert "consistent" in job["error"]["message"]
+    chain = cluster.client.get("/api/v1/backups/ret4/chain")["disks"][0]
+    assert [x["backup_id"] for x in chain["chain"]] == [p[4]["backup_id"]]
+    assert chain["chain"][0]["synthetic"] is True
+    assert_reads_as_before(cluster, p[4], tmp_path)
+    for b in p[:4]:
+        assert_gone(cluster, b)
