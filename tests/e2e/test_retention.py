@@ -135,6 +135,9 @@ def disk0(plan: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+@pytest.mark.parametrize(
+    "cluster", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 def test_keep_last_two_deletes_an_old_chain_and_merges_the_current_one(
     cluster: Cluster, runner: Runner, make_vm, tmp_path: Path
 ) -> None:
