@@ -57,8 +57,8 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix src tests bench scripts
 
 # Every benchmark; each prints its figures as key=value on its last line.
-.PHONY: bench-backup bench-api bench-consolidate
-bench: bench-backup bench-api bench-consolidate
+.PHONY: bench-backup bench-api bench-consolidate bench-restore
+bench: bench-backup bench-api bench-consolidate bench-restore
 
 bench-backup: setup
 	$(PY) bench/backup_bench.py
@@ -71,6 +71,10 @@ bench-api: venv
 # Consolidation of a 4 GiB full + 3 incrementals against qemu-img convert.
 bench-consolidate: setup
 	$(PY) bench/consolidate_bench.py
+
+# Whole-disk restore of a 4 GiB full + 3 incrementals against qemu-img convert.
+bench-restore: setup
+	$(PY) bench/restore_bench.py
 
 clean:
 	rm -rf var build *.egg-info

@@ -140,6 +140,7 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         for b in full["backups"]:
             ok &= check_digest(c.get(f"/api/v1/backups/{b['backup_id']}"), "full restore point")
         ok &= lifecycle(c, vm, rng, full, incr)
+        ok &= restores(c, vm, hub_dir / "restores")
         step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
@@ -217,6 +218,37 @@ def lifecycle(
         if entries
         else "audit: no entry for the viewer",
     )
+    return ok
+
+
+def restores(c: HubClient, vm: QsdVm, where: Path) -> bool:
+    """A whole-disk restore to a raw file, and the same point served over NBD."""
+    ok = True
+    step("12. restore the newest point of disk 0 to a raw file; serve it over NBD")
+    (bk,) = c.get("/api/v1/backups", vm_name="demo-vm", disk_id=0, status="completed", limit=1)[
+        "backups"
+    ]
+    target = where / "demo-vm-disk0.raw"
+    job = c.post(
+        "/api/v1/restores",
+        {
+            "backup_id": bk["backup_id"],
+            "destination": {"type": "file", "path": str(target), "format": "raw"},
+        },
+    )
+    done = wait_job(c, job["job_id"])
+    ok &= check(done["status"] == "completed", f"restore job {done['status']}: {target}")
+    ok &= check(
+        target.exists() and img.compare(str(target), str(vm.disks[0])),
+        f"{disk_name(bk)}: the restored raw file reads as the disk",
+    )
+    export = c.post(f"/api/v1/backups/{bk['backup_id']}/export", {"writable": False})
+    ok &= check(
+        export["status"] == "serving" and img.compare(export["url"], str(vm.disks[0])),
+        f"{disk_name(bk)}: served read-only at {export['url']} and reads as the disk",
+    )
+    closed = c.http.request("DELETE", f"/api/v1/backups/{bk['backup_id']}/export").json()
+    ok &= check(closed.get("status") == "closed", f"export {closed.get('status')}")
     return ok
 
 
