@@ -47,7 +47,13 @@ from fixtures.lifecycle import (
 from sendense.catalog.db import Database
 from sendense.catalog.models import Backup, Vm
 from sendense.engine.lifecycle import JobLifecycle
-from sendense.engine.retention import RetentionJob, new_retention_job, plan_for_vm
+from sendense.engine.retention import (
+    RetentionJob,
+    apply_for_vm,
+    new_retention_job,
+    plan_for_vm,
+    plan_for_vms,
+)
 from sendense.qemu import img
 from sendense.storage import immutability
 
@@ -192,9 +198,16 @@ def test_keep_last_two_deletes_an_old_chain_and_merges_the_current_one(
         assert_gone(cluster, b)
     assert cluster.client.get("/api/v1/backups", vm_name="ret1")["total"] == 2
 
-    # planning again removes nothing; the chain goes on
+    # planning again removes nothing (and applying starts no job); the chain goes on
     again = disk0(runner.plan("ret1", {"keep_last": 2}))
     assert again["remove"] == [] and again["locked"] == []
+    vm_id = runner.vm_id("ret1")
+    assert apply_for_vm(runner, vm_id, {"keep_last": 2}) is None  # type: ignore[arg-type]
+    with runner.db.session() as s:
+        many = plan_for_vms(s, [vm_id], {"keep_last": 1}, timezone="Europe/Berlin")
+    assert [v["vm_name"] for v in many["vms"]] == ["ret1"]
+    assert many["vms"][0]["timezone"] == "Europe/Berlin"
+    assert [r["backup_id"] for r in disk0(many["vms"][0])["remove"]] == [ids[5]]
     write_random(vm, 0, 0, MiB)
     nxt = by_disk(cluster, cluster.backup("ret1", "incremental"))[0]
     assert nxt["parent_backup_id"] == ids[6]

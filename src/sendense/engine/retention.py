@@ -146,6 +146,28 @@ def plan_for_vm(
     }
 
 
+def plan_for_vms(
+    s: Session,
+    vm_ids: Sequence[str],
+    rules: RetentionRules | dict[str, Any],
+    now: datetime | None = None,
+    timezone: str | None = None,
+    *,
+    repository_id: str | None = None,
+) -> dict[str, Any]:
+    """`plan_for_vm` for each VM a policy matches: ``{"vms": [plan, ...]}``
+    (the answer of ``POST /api/v1/policies/{id}/retention/plan``)."""
+    if not isinstance(rules, RetentionRules):
+        rules = RetentionRules.from_dict(rules)
+    now = now or datetime.now(UTC)
+    return {
+        "vms": [
+            plan_for_vm(s, vm_id, rules, now, timezone, repository_id=repository_id)
+            for vm_id in vm_ids
+        ]
+    }
+
+
 def steps_of(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """The execution order of a VM's plan: per disk, deletes newest first,
     then one merge per chain."""
@@ -191,13 +213,17 @@ def apply_for_vm(
     repository_id: str | None = None,
     created_by: str = "scheduler",
     now: datetime | None = None,
-) -> str:
-    """Plan and start retention of one VM as a job; its id. The plan is
-    made with the VM's row locked (no delete, merge or backup start of the
-    VM interleaves with the reads)."""
+    always: bool = False,
+) -> str | None:
+    """Plan and start retention of one VM as a job; its id, or None when the
+    plan removes nothing (unless ``always``: a job that records "nothing to
+    do"). The plan is made with the VM's row locked (no delete, merge or
+    backup start of the VM interleaves with the reads)."""
     with st.db.session() as s:
         delete.lock_vm(s, vm_id)
         plan = plan_for_vm(s, vm_id, rules, now, timezone, repository_id=repository_id)
+        if not always and not removed_ids(plan):
+            return None
         job_id = new_retention_job(st, s, plan, created_by=created_by).id
     st.lifecycle.launch(job_id)
     return job_id
