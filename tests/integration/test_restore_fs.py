@@ -65,6 +65,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     disks.build_xfs(root / "xfs.img", root / "tree")
     disks.build_fat(root / "fat.img", root / "tree_fat")
     disks.build_ntfs(root / "ntfs.img", root / "tree_ntfs")
+    small_tree = disks.make_tree(root / "tree_small", symlinks=False, many=False)
+    disks.build_fat(root / "fat16.img", root / "tree_fat", fat_bits=16, size=128 * MiB)
+    disks.build_fat(root / "fat12.img", root / "tree_small", fat_bits=12, size=64 * MiB)
     disks.build_partitioned(
         root / "gpt.img",
         "gpt",
@@ -83,6 +86,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "xfs": Case(root / "xfs.img", 0, "xfs", full, root / "tree"),
         "fat": Case(root / "fat.img", 0, "fat", fat_tree, root / "tree_fat"),
         "ntfs": Case(root / "ntfs.img", 0, "ntfs", ntfs_tree, root / "tree_ntfs"),
+        "fat16": Case(root / "fat16.img", 0, "fat", fat_tree, root / "tree_fat"),
+        "fat12": Case(root / "fat12.img", 0, "fat", small_tree, root / "tree_small"),
         "gpt-ext4": Case(root / "gpt.img", 1, "ext", full, root / "tree"),
         "gpt-fat": Case(root / "gpt.img", 2, "fat", fat_tree, root / "tree_fat"),
         "mbr-ntfs": Case(root / "mbr.img", 1, "ntfs", ntfs_tree, root / "tree_ntfs"),
@@ -91,9 +96,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(root, cases)
 
 
-ALL = ["ext4", "xfs", "fat", "ntfs", "gpt-ext4", "gpt-fat", "mbr-ntfs", "mbr-xfs"]
+ALL = ["ext4", "xfs", "fat", "fat16", "fat12", "ntfs", "gpt-ext4", "gpt-fat", "mbr-ntfs", "mbr-xfs"]
 WITH_SYMLINKS = ["ext4", "xfs", "gpt-ext4", "mbr-xfs"]
-WITH_MANY = ["ext4", "xfs", "fat", "gpt-fat", "mbr-xfs"]
+WITH_MANY = ["ext4", "xfs", "fat", "fat16", "gpt-fat", "mbr-xfs"]
 
 
 @pytest.fixture
