@@ -81,6 +81,25 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "dos",
         [disks.PartitionSpec(root / "ntfs.img", "7"), disks.PartitionSpec(root / "xfs.img", "83")],
     )
+    # LVM: a GPT disk with a FAT partition and a physical volume holding the
+    # ext4 image as a logical volume in two segments stored in reverse order,
+    # and the XFS image as a second one.
+    disks.build_lvm_pv(
+        root / "pv.img",
+        "vgtest",
+        [
+            disks.LogicalVolumeSpec("root", root / "ext4.img", [(0, 12, 12), (12, 0, 12)]),
+            disks.LogicalVolumeSpec("data", root / "xfs.img", [(0, 24, 80)]),
+        ],
+    )
+    disks.build_partitioned(
+        root / "lvm.img",
+        "gpt",
+        [
+            disks.PartitionSpec(root / "fat.img", "uefi"),
+            disks.PartitionSpec(root / "pv.img", "lvm"),
+        ],
+    )
     cases = {
         "ext4": Case(root / "ext4.img", 0, "ext", full, root / "tree"),
         "xfs": Case(root / "xfs.img", 0, "xfs", full, root / "tree"),
@@ -92,12 +111,27 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "gpt-fat": Case(root / "gpt.img", 2, "fat", fat_tree, root / "tree_fat"),
         "mbr-ntfs": Case(root / "mbr.img", 1, "ntfs", ntfs_tree, root / "tree_ntfs"),
         "mbr-xfs": Case(root / "mbr.img", 2, "xfs", full, root / "tree"),
+        "lvm-ext4": Case(root / "lvm.img", 3, "ext", full, root / "tree"),
+        "lvm-xfs": Case(root / "lvm.img", 4, "xfs", full, root / "tree"),
     }
     return Built(root, cases)
 
 
-ALL = ["ext4", "xfs", "fat", "fat16", "fat12", "ntfs", "gpt-ext4", "gpt-fat", "mbr-ntfs", "mbr-xfs"]
-WITH_SYMLINKS = ["ext4", "xfs", "gpt-ext4", "mbr-xfs"]
+ALL = [
+    "ext4",
+    "xfs",
+    "fat",
+    "fat16",
+    "fat12",
+    "ntfs",
+    "gpt-ext4",
+    "gpt-fat",
+    "mbr-ntfs",
+    "mbr-xfs",
+    "lvm-ext4",
+    "lvm-xfs",
+]
+WITH_SYMLINKS = ["ext4", "xfs", "gpt-ext4", "mbr-xfs", "lvm-ext4", "lvm-xfs"]
 WITH_MANY = ["ext4", "xfs", "fat", "fat16", "gpt-fat", "mbr-xfs"]
 
 
@@ -165,6 +199,22 @@ def test_partitions_of_tables_and_whole_disks(built: Built, worker_for) -> None:
     assert [(p.index, p.table, p.type, p.filesystem, p.label) for p in mbr] == [
         (1, "mbr", "0x07", "ntfs", "sendense-ntfs"),
         (2, "mbr", "0x83", "xfs", "sendense-xfs"),
+    ]
+    lvm = worker_for(built.root / "lvm.img").partitions()
+    assert [(p.index, p.table, p.type, p.filesystem, p.label) for p in lvm] == [
+        (1, "gpt", "c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "fat", "SENDENSE"),
+        (2, "gpt", "e6d6d379-f507-44c2-a23c-238f2a3df928", None, None),
+        (3, "lvm", "vgtest/root", "ext", "sendense-ext4"),
+        (4, "lvm", "vgtest/data", "xfs", "sendense-xfs"),
+    ]
+    assert lvm[1].warnings == ["an LVM physical volume of volume group vgtest"]
+    assert lvm[2].size == (built.root / "ext4.img").stat().st_size
+    assert lvm[3].size == (built.root / "xfs.img").stat().st_size
+    (pv, *lvs) = worker_for(built.root / "pv.img").partitions()  # a whole disk as the PV
+    assert (pv.index, pv.filesystem) == (0, None)
+    assert [(p.index, p.type, p.filesystem) for p in lvs] == [
+        (1, "vgtest/root", "ext"),
+        (2, "vgtest/data", "xfs"),
     ]
     for name, fs, label in [
         ("ext4", "ext", "sendense-ext4"),

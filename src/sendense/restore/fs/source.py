@@ -198,3 +198,36 @@ class OffsetView(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class MappedView(OffsetView):
+    """A logical volume: ``size`` bytes assembled from extents of the disk.
+
+    ``extents`` are ``(volume offset, length, disk offset)``; bytes no extent
+    covers read as zeros.
+    """
+
+    def __init__(self, reader: BlockReader, extents: list[tuple[int, int, int]], size: int) -> None:
+        super().__init__(reader, 0, reader.size)
+        self.extents = sorted(extents)
+        self.size = size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        out = []
+        pos = offset
+        end = offset + length
+        for start, extent_length, disk_offset in self.extents:
+            if start + extent_length <= pos:
+                continue
+            if start >= end:
+                break
+            if start > pos:
+                out.append(bytes(start - pos))
+                pos = start
+            take = min(end, start + extent_length) - pos
+            out.append(self.reader.pread(disk_offset + pos - start, take))
+            pos += take
+        if pos < end:
+            out.append(bytes(end - pos))
+        return b"".join(out)

@@ -10,20 +10,28 @@ table lists them, extended-partition containers and empty slots left out.
 
 dissect counts a GPT partition one sector short; `find_volumes` corrects it.
 
-LVM physical volumes are recognised and reported without a filesystem: the
-``lvm`` tools cannot write a volume group onto a plain file here (they need
-a loop device, hence root), so no LVM reading is claimed until it is tested.
+LVM2: physical volumes (a partition, or a whole disk) are read with
+dissect.volume's metadata parser; their visible logical volumes follow the
+partitions as more entries (``table`` "lvm", ``type`` "VG/LV"). Only linear
+volumes are read (every segment "striped" with one stripe: what ``lvcreate``
+makes by default, also when a volume grew in pieces); the data path is
+Sendense's own extent map (`MappedView`), not dissect's stream. Other
+segment types (striped over several PVs, mirror, RAID, thin, cache) are
+listed with a warning and no filesystem. The ``lvm`` tools refuse to write a
+volume group onto a plain file (they need a loop device, hence root), so the
+test volume groups are written byte by byte by tests/fixtures/disks.py.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from dissect.volume.disk import Disk
 
 from sendense.restore.fs.models import FsPartition
-from sendense.restore.fs.source import BlockReader, OffsetView
+from sendense.restore.fs.source import BlockReader, MappedView, OffsetView
 
 GPT_LVM = "e6d6d379-f507-44c2-a23c-238f2a3df928"
 MBR_EXTENDED = {0x05, 0x0F, 0x85}
@@ -59,27 +67,25 @@ def detect_filesystem(view: OffsetView) -> str | None:
             and fats > 0
         ):
             return "fat"
-    if head[512:520] == b"LABELONE":
-        return "lvm2"
+    if any(head[i * 512 : i * 512 + 8] == b"LABELONE" for i in range(4)):
+        return "lvm2"  # the label is in one of the first four sectors (LVM2 label.h)
     return None
 
 
-def _volume(
-    reader: BlockReader, index: int, offset: int, size: int, table: str, ptype: str
-) -> Volume:
-    view = OffsetView(reader, offset, size)
+def _volume(reader: BlockReader, index: int, view: OffsetView, table: str, ptype: str) -> Volume:
     found = detect_filesystem(view)
     warnings = []
     filesystem: str | None = found
-    if found == "lvm2" or ptype.lower() in (GPT_LVM, f"0x{MBR_LVM:02x}"):
+    if found == "lvm2":
         filesystem = None
-        warnings.append("an LVM physical volume: logical volumes are not read yet")
     elif found == "exfat":
         filesystem = None
         warnings.append("an exFAT filesystem: not read yet")
+    elif found is None and ptype.lower() in (GPT_LVM, f"0x{MBR_LVM:02x}"):
+        warnings.append("an LVM partition without a physical volume label")
     info = FsPartition(
         index=index,
-        offset=offset,
+        offset=view.offset,
         size=view.size,
         table=table,
         type=ptype,
@@ -91,14 +97,22 @@ def _volume(
 
 
 def find_volumes(reader: BlockReader) -> list[Volume]:
+    volumes = _table_volumes(reader)
+    pvs = [v for v in volumes if detect_filesystem(v.view) == "lvm2"]
+    if pvs:
+        volumes.extend(
+            _logical_volumes(reader, pvs, first_index=max(v.info.index for v in volumes) + 1)
+        )
+    return volumes
+
+
+def _table_volumes(reader: BlockReader) -> list[Volume]:
     whole = OffsetView(reader, 0, reader.size)
-    if detect_filesystem(whole) not in (None, "lvm2"):
-        return [_volume(reader, 0, 0, reader.size, "none", "")]
+    if detect_filesystem(whole) is not None:
+        return [_volume(reader, 0, whole, "none", "")]
     try:
         disk = Disk(reader)
     except Exception:
-        if detect_filesystem(whole) == "lvm2":
-            return [_volume(reader, 0, 0, reader.size, "none", "")]
         return []
     table = type(disk.scheme).__name__.lower()
     volumes: list[Volume] = []
@@ -116,5 +130,89 @@ def find_volumes(reader: BlockReader) -> list[Volume]:
             # dissect.volume 3.18 counts a GPT partition one sector short:
             # LastLBA is inclusive (UEFI 2.10, 5.3.3), it uses last - first.
             size = (int(raw.last_lba) - int(raw.first_lba) + 1) * disk.sector_size
-        volumes.append(_volume(reader, len(volumes) + 1, int(part.offset), size, table, type_name))
+        view = OffsetView(reader, int(part.offset), size)
+        volumes.append(_volume(reader, len(volumes) + 1, view, table, type_name))
     return volumes
+
+
+def _logical_volumes(reader: BlockReader, pvs: list[Volume], first_index: int) -> list[Volume]:
+    """The visible logical volumes of the volume groups on ``pvs``."""
+    from dissect.volume.lvm import LVM2, LVM2Device
+
+    groups: dict[str, list[tuple[Volume, Any]]] = {}
+    for pv in pvs:
+        try:
+            device = LVM2Device(pv.view)
+            vg_name = next(k for k, v in (device.metadata or {}).items() if isinstance(v, dict))
+        except Exception as e:
+            pv.info.warnings.append(
+                f"an LVM physical volume whose metadata cannot be read: {e}"[:300]
+            )
+            continue
+        groups.setdefault(vg_name, []).append((pv, device))
+        pv.info.warnings.append(f"an LVM physical volume of volume group {vg_name}")
+    out: list[Volume] = []
+    for vg_name, members in groups.items():
+        lvm = LVM2([device for _, device in members])
+        by_id = {device.id: (pv, device) for pv, device in members}
+        extent_size = int(lvm.vg.extent_size) * 512
+        for lv in lvm.vg.lv:
+            if not lv.is_visible:
+                continue
+            index = first_index + len(out)
+            size = sum(int(seg.extent_count) for seg in lv.segments) * extent_size
+            extents, problem = _linear_extents(lv, by_id, extent_size)
+            view = MappedView(reader, extents or [], size)
+            if problem is None:
+                volume = _volume(reader, index, view, "lvm", f"{vg_name}/{lv.name}")
+            else:
+                info = FsPartition(
+                    index, 0, size, "lvm", f"{vg_name}/{lv.name}", None, None, [problem]
+                )
+                volume = Volume(info, view)
+            if extents:
+                volume.info = _with_offset(volume.info, extents[0][2])
+            out.append(volume)
+    return out
+
+
+def _linear_extents(
+    lv: Any, by_id: dict[str, tuple[Volume, Any]], extent_size: int
+) -> tuple[list[tuple[int, int, int]] | None, str | None]:
+    """(volume offset, length, disk offset) of every segment of a linear LV,
+    or why it cannot be read."""
+    extents = []
+    for seg in lv.segments:
+        if seg.type != "striped" or int(getattr(seg, "stripe_count", 0)) != 1:
+            return None, f"an LVM {seg.type} volume: only linear volumes are read yet"
+        pv_name, pv_extent = seg.stripes[0]
+        pv_meta = lv.vg.physical_volumes.get(pv_name)
+        found = by_id.get(pv_meta.id.replace("-", "")) if pv_meta is not None else None
+        if found is None:
+            return (
+                None,
+                f"the LVM volume lies (partly) on a physical volume not on this disk ({pv_name})",
+            )
+        pv, device = found
+        areas = device._data_area_descriptors
+        if len(areas) != 1:
+            return None, "an LVM physical volume with several data areas: not read yet"
+        disk_offset = pv.view.offset + int(areas[0].offset) + int(pv_extent) * extent_size
+        length = int(seg.extent_count) * extent_size
+        if disk_offset + length > pv.view.offset + pv.view.size:
+            return None, "an LVM segment ends past its physical volume"
+        extents.append((int(seg.start_extent) * extent_size, length, disk_offset))
+    return extents, None
+
+
+def _with_offset(info: FsPartition, offset: int) -> FsPartition:
+    return FsPartition(
+        info.index,
+        offset,
+        info.size,
+        info.table,
+        info.type,
+        info.filesystem,
+        info.label,
+        info.warnings,
+    )
