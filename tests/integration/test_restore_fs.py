@@ -594,3 +594,58 @@ def test_pool_serves_threads_at_once(built: Built, nbd_chain: dict[str, str]) ->
             t.join()
         assert results == [expected] * 4
         assert len({w.pid for w in pool.workers}) == 2
+
+
+def test_walk_is_depth_first_in_name_order_and_bounded(built: Built, worker_for) -> None:  # type: ignore[no-untyped-def]
+    worker = worker_for(built.root / "ext4.img")
+    paths = [e.path for e in worker.walk(0, "/nested")]
+    assert paths == [
+        "/nested/a",
+        "/nested/a/b",
+        "/nested/a/b/c",
+        "/nested/a/b/c/deep.txt",
+        "/nested/a/mid.txt",
+    ]
+    shallow = [e.path for e in worker.walk(0, "/nested", max_depth=2)]
+    assert shallow == ["/nested/a", "/nested/a/b", "/nested/a/mid.txt"]  # b yielded, not entered
+    links = {e.path: e.type for e in worker.walk(0, "/links")}
+    assert links["/links/dir"] == "symlink" and not any(p.startswith("/links/dir/") for p in links)
+
+
+def test_worker_ends_with_its_parent(tmp_path: Path, built: Built) -> None:
+    # A hub killed with SIGKILL: the worker sees its socket close and exits
+    # (one busy parsing notices through its parent watcher within a second).
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "import sys, time\n"
+        "from sendense.restore.fs import FsWorker\n"
+        f"w = FsWorker({str(built.root / 'ext4.img')!r})\n"
+        "w.start()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker_pid = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{worker_pid}").exists():
+            status = Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if status == "Z":
+                break
+            assert time.monotonic() < deadline, "the worker outlived its parent"
+            time.sleep(0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

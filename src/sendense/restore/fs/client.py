@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 READ_PIECE = 4 * 1024 * 1024
 WALK_PAGE = 1000
+WALK_MAX_DEPTH = 256
 
 _REQUEST_ERRORS: dict[str, type[errors.Error]] = {
     "path_refused": errors.PathRefused,
@@ -151,18 +152,31 @@ class _FsCalls:
             if len(data) < want:
                 return
 
-    def walk(self, partition: int, path: str) -> Iterator[FsEntry]:
+    def walk(
+        self, partition: int, path: str, *, max_depth: int = WALK_MAX_DEPTH
+    ) -> Iterator[FsEntry]:
         """Every entry under the directory ``path``, depth first, in name
-        order; symlinks are yielded as links, never followed."""
-        start = 0
+        order; symlinks are yielded as links, never followed. Directories
+        deeper than ``max_depth`` are yielded but not entered (a hostile
+        filesystem can loop a directory into itself)."""
+        stack: list[tuple[Iterator[FsEntry], int]] = [(self._entries(partition, path), 1)]
+        while stack:
+            entries, depth = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            yield entry
+            if entry.type == "dir" and depth < max_depth:
+                stack.append((self._entries(partition, entry.path), depth + 1))
+
+    def _entries(self, partition: int, path: str) -> Iterator[FsEntry]:
+        offset = 0
         while True:
-            page = self.list_dir(partition, path, offset=start, limit=WALK_PAGE)
-            for entry in page.entries:
-                yield entry
-                if entry.type == "dir":
-                    yield from self.walk(partition, entry.path)
-            start += len(page.entries)
-            if not page.entries or start >= page.total:
+            page = self.list_dir(partition, path, offset=offset, limit=WALK_PAGE)
+            yield from page.entries
+            offset += len(page.entries)
+            if not page.entries or offset >= page.total:
                 return
 
 

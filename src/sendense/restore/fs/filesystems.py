@@ -55,7 +55,9 @@ from sendense.restore.fs.models import FsEntry, FsListing
 from sendense.restore.fs.paths import join_path, resolve_link, split_path
 
 MAX_LINK_HOPS = 40  # as Linux's MAXSYMLINKS
-DIR_CACHE_ENTRIES = 200_000  # directory entries kept parsed, over all cached directories
+# Directory entries kept parsed, over all cached directories: ~2 KiB each in
+# the worker (measured on ext4, XFS and FAT), so ~200 MiB of its 1 GiB.
+DIR_CACHE_ENTRIES = 100_000
 
 
 class Corrupt(Exception):
