@@ -96,3 +96,29 @@ def test_fat_chain_loop_in_a_file_is_corruption_not_a_hang(
     tree = Tree(FatFilesystem(open_view(image)))
     with pytest.raises(Corrupt, match="loops"):
         tree.open(f"/{BIG_FILE}")
+
+
+def test_names_that_cannot_be_paths_are_left_out() -> None:
+    from sendense.restore.fs.filesystems import Filesystem
+    from sendense.restore.fs.models import FsEntry
+
+    class Hostile(Filesystem):
+        def root(self) -> Any:
+            return "root"
+
+        def key(self, node: Any) -> Any:
+            return node
+
+        def children(self, node: Any) -> dict[str, Any]:
+            names = ["ok", "a/b", "..", ".", "", "x\x00y", "../../etc"]
+            return {name: f"file:{name}" for name in names}
+
+        def type_of(self, node: Any) -> str:
+            return "dir" if node == "root" else "file"
+
+        def entry(self, name: str, path: str, node: Any) -> FsEntry:
+            return FsEntry(name, path, self.type_of(node), 0, None, None, None, None)
+
+    listing = Tree(Hostile()).list("/")
+    assert [e.name for e in listing.entries] == ["ok"]
+    assert listing.total == 1

@@ -500,7 +500,9 @@ class Tree:
         if hit is not None:
             self._dirs.move_to_end(key)
             return hit
-        entries = self.fs.children(node)
+        entries = {
+            name: child for name, child in self.fs.children(node).items() if _usable_name(name)
+        }
         hit = (entries, sorted(entries))
         self._dirs[key] = hit
         self._cached_entries += len(entries)
@@ -560,6 +562,13 @@ class Tree:
         if kind != "file":
             raise NotAFile(f"not a regular file but a {kind}", path=join_path(parts), type=kind)
         return self.fs.entry(parts[-1], join_path(parts), node), self.fs.open(node)
+
+
+def _usable_name(name: str) -> bool:
+    """A hostile filesystem can store any bytes as a name; one that could not
+    be asked for by path (or that an archive would turn into a path outside
+    its folder) is left out of listings: "", ".", "..", "/" or NUL inside."""
+    return name not in ("", ".", "..") and "/" not in name and "\x00" not in name
 
 
 FILESYSTEMS: dict[str, Callable[[BinaryIO], Filesystem]] = {
