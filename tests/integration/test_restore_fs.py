@@ -649,3 +649,32 @@ def test_worker_ends_with_its_parent(tmp_path: Path, built: Built) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_nbd_server_gone_is_unavailable_not_corrupt(
+    tmp_path: Path, built: Built, worker_for
+) -> None:  # type: ignore[no-untyped-def]
+    from sendense.core.errors import Unavailable
+
+    image = tmp_path / "gpt.qcow2"
+    img.convert(str(built.root / "gpt.img"), str(image), src_fmt="raw", dst_fmt="qcow2")
+    sock = tmp_path / "nbd.sock"
+    server = QemuNbdServer(str(image), socket_path=str(sock), read_only=True)
+    server.start()
+    worker = worker_for(source_for_nbd_socket(sock))
+    try:
+        assert worker.read(1, "/hello.txt", 0, 100) == b"hello, world\n"
+    finally:
+        server.stop()
+    with pytest.raises(Unavailable) as gone:
+        worker.read(1, f"/{BIG_FILE}", 20 * MiB, MiB)  # not in the worker's cache
+    assert gone.value.code == "source_unavailable"
+    with pytest.raises(Unavailable):
+        worker.partitions()  # a new worker cannot connect either
+    server = QemuNbdServer(str(image), socket_path=str(sock), read_only=True)
+    server.start()
+    try:
+        big = (built.cases["gpt-ext4"].tree / BIG_FILE).read_bytes()
+        assert worker.read(1, f"/{BIG_FILE}", 20 * MiB, MiB) == big[20 * MiB : 21 * MiB]
+    finally:
+        server.stop()

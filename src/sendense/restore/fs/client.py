@@ -319,6 +319,7 @@ class FsWorker(_FsCalls):
         raw_details = error.get("details")
         details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
         if code == "source_unavailable":
+            self._retire()  # it exits after this answer; the next request reconnects
             raise errors.Unavailable(message, code="source_unavailable")
         cls = _REQUEST_ERRORS.get(str(code))
         if cls is None:

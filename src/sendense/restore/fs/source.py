@@ -34,13 +34,21 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class SourceError(OSError):
+    """The disk cannot be read (the NBD server went away, an I/O error): not
+    the filesystem's fault, and answered as such."""
+
+
 class FileBackend:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise SourceError(f"read of {length} bytes at {offset} failed: {e}") from e
 
     def close(self) -> None:
         os.close(self.fd)
@@ -50,15 +58,25 @@ class NbdBackend:
     def __init__(self, url: str) -> None:
         import nbd  # Debian's python3-libnbd; only workers reading NBD need it
 
+        self._errors = (nbd.Error,)
         self.handle = nbd.NBD()
-        self.handle.connect_uri(url)
-        self.size = self.handle.get_size()
+        try:
+            self.handle.connect_uri(url)
+            self.size = self.handle.get_size()
+        except nbd.Error as e:
+            raise SourceError(f"cannot connect to {url}: {e}") from e
 
     def pread(self, offset: int, length: int) -> bytes:
-        return bytes(self.handle.pread(length, offset))
+        try:
+            return bytes(self.handle.pread(length, offset))
+        except self._errors as e:
+            raise SourceError(f"NBD read of {length} bytes at {offset} failed: {e}") from e
 
     def close(self) -> None:
-        self.handle.shutdown()
+        try:
+            self.handle.shutdown()
+        except self._errors:
+            pass  # the server is gone already; nothing to flush on a read-only export
 
 
 def open_backend(source: str) -> Backend:

@@ -34,6 +34,7 @@ from typing import Any
 
 from sendense.core.errors import Error, NoFilesystem, PartitionNotFound
 from sendense.restore.fs.models import EXIT_CORRUPT, EXIT_MEMORY
+from sendense.restore.fs.source import SourceError
 
 READ_MAX = 16 * 1024 * 1024
 # Codes the parent turns back into their domain errors; anything else a
@@ -89,7 +90,7 @@ class Worker:
             if volume.info.filesystem is not None:
                 try:
                     fs = self.tree(volume.info.index).fs
-                except MemoryError:
+                except (MemoryError, SourceError):
                     raise
                 except Exception as e:
                     info["warnings"] = [
@@ -173,6 +174,10 @@ def serve(conn: Connection, source: str) -> int:
         try:
             result, payload = worker.handle(json.loads(raw))
             answer: dict[str, Any] = {"ok": True, "result": result}
+        except SourceError as e:
+            # The disk, not the filesystem: the NBD server went away or the file cannot be read.
+            answer = _error("source_unavailable", f"the disk cannot be read: {e}"[:500])
+            exit_code = EXIT_CORRUPT
         except MemoryError:
             answer = _error("parser_limit", "the parser exceeded its memory limit", limit="memory")
             exit_code = EXIT_MEMORY
