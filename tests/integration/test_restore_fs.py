@@ -678,3 +678,30 @@ def test_nbd_server_gone_is_unavailable_not_corrupt(
         assert worker.read(1, f"/{BIG_FILE}", 20 * MiB, MiB) == big[20 * MiB : 21 * MiB]
     finally:
         server.stop()
+
+
+def test_close_stops_a_busy_worker_at_once(tmp_path: Path, built: Built) -> None:
+    hostile = tmp_path / "loop-fat.img"
+    disks.copy_sparse(built.root / "fat.img", hostile)
+    disks.fat_loop_directory(hostile, "/nested", "/hello.txt")
+    worker = FsWorker(hostile, limits=WorkerLimits(memory=8 * 1024 * MiB, request_timeout=60))
+    worker.start()
+    pid = worker.pid
+    failures: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            worker.list_dir(0, "/nested")
+        except BaseException as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    worker.close()
+    thread.join(timeout=10)
+    assert time.monotonic() - started < 5
+    assert not thread.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], FilesystemCorrupt)
+    assert not Path(f"/proc/{pid}").exists()

@@ -206,6 +206,11 @@ class FsWorker(_FsCalls):
             self._ensure()
 
     def close(self) -> None:
+        """Stop the worker now, even in the middle of a request (that request
+        then fails); a later request would start a new one."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None and self._lock.locked():
+            proc.kill()
         with self._lock:
             self._stop()
 
@@ -378,10 +383,6 @@ class FsPool(_FsCalls):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def source_for_file(path: Path) -> str:
-    return str(path)
 
 
 def source_for_nbd_socket(socket_path: str | Path, export: str = "") -> str:
