@@ -65,6 +65,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     disks.build_xfs(root / "xfs.img", root / "tree")
     disks.build_fat(root / "fat.img", root / "tree_fat")
     disks.build_ntfs(root / "ntfs.img", root / "tree_ntfs")
+    # ext2 and ext3 (block maps, no extents), ext4 with 4 KiB blocks (the
+    # others have 1 KiB at this size) and with inline data, XFS v4 (no CRCs).
+    disks.build_ext4(root / "ext2.img", root / "tree", mkfs="mkfs.ext2", label="ext2")
+    disks.build_ext4(root / "ext3.img", root / "tree", mkfs="mkfs.ext3", label="ext3")
+    disks.build_ext4(root / "ext4-4k.img", root / "tree", options=("-b", "4096"), label="ext4-4k")
+    disks.build_ext4(
+        root / "ext4-inline.img",
+        root / "tree",
+        options=("-O", "inline_data", "-I", "256"),
+        label="inline",
+    )
+    disks.build_xfs(root / "xfs-v4.img", root / "tree", options=("-m", "crc=0"), label="xfs-v4")
     small_tree = disks.make_tree(root / "tree_small", symlinks=False, many=False)
     disks.build_fat(root / "fat16.img", root / "tree_fat", fat_bits=16, size=128 * MiB)
     disks.build_fat(root / "fat12.img", root / "tree_small", fat_bits=12, size=64 * MiB)
@@ -105,6 +117,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "xfs": Case(root / "xfs.img", 0, "xfs", full, root / "tree"),
         "fat": Case(root / "fat.img", 0, "fat", fat_tree, root / "tree_fat"),
         "ntfs": Case(root / "ntfs.img", 0, "ntfs", ntfs_tree, root / "tree_ntfs"),
+        "ext2": Case(root / "ext2.img", 0, "ext", full, root / "tree"),
+        "ext3": Case(root / "ext3.img", 0, "ext", full, root / "tree"),
+        "ext4-4k": Case(root / "ext4-4k.img", 0, "ext", full, root / "tree"),
+        "ext4-inline": Case(root / "ext4-inline.img", 0, "ext", full, root / "tree"),
+        "xfs-v4": Case(root / "xfs-v4.img", 0, "xfs", full, root / "tree"),
         "fat16": Case(root / "fat16.img", 0, "fat", fat_tree, root / "tree_fat"),
         "fat12": Case(root / "fat12.img", 0, "fat", small_tree, root / "tree_small"),
         "gpt-ext4": Case(root / "gpt.img", 1, "ext", full, root / "tree"),
@@ -130,9 +147,24 @@ ALL = [
     "mbr-xfs",
     "lvm-ext4",
     "lvm-xfs",
+    "ext2",
+    "ext3",
+    "ext4-4k",
+    "ext4-inline",
+    "xfs-v4",
 ]
-WITH_SYMLINKS = ["ext4", "xfs", "gpt-ext4", "mbr-xfs", "lvm-ext4", "lvm-xfs"]
-WITH_MANY = ["ext4", "xfs", "fat", "fat16", "gpt-fat", "mbr-xfs"]
+WITH_SYMLINKS = [
+    "ext4",
+    "xfs",
+    "gpt-ext4",
+    "mbr-xfs",
+    "lvm-ext4",
+    "lvm-xfs",
+    "ext2",
+    "ext4-inline",
+    "xfs-v4",
+]
+WITH_MANY = ["ext4", "xfs", "fat", "fat16", "gpt-fat", "mbr-xfs", "ext4-inline"]
 
 
 @pytest.fixture

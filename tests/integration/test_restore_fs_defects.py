@@ -122,3 +122,21 @@ def test_names_that_cannot_be_paths_are_left_out() -> None:
     listing = Tree(Hostile()).list("/")
     assert [e.name for e in listing.entries] == ["ok"]
     assert listing.total == 1
+
+
+def test_ext4_inline_data_read_whole(tmp_path: Path) -> None:
+    # dissect reads only the 60 bytes of i_block: a 100-byte inline file came
+    # back cut short, and an inline directory came back empty.
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "f100.txt").write_bytes(b"x" * 59 + b"y" * 41)
+    for i in range(3):
+        (tree / "d" / f"file{i}").write_bytes(f"{i}\n".encode())
+    image = tmp_path / "inline.img"
+    disks.build_ext4(image, tree, size=32 * disks.MiB, options=("-O", "inline_data", "-I", "256"))
+    tree_view = Tree(ExtFilesystem(open_view(image)))
+    _, fh = tree_view.open("/f100.txt")
+    assert fh.read() == b"x" * 59 + b"y" * 41
+    assert [e.name for e in tree_view.list("/d").entries] == ["file0", "file1", "file2"]
+    _, fh = tree_view.open("/d/file2")
+    assert fh.read() == b"2\n"
