@@ -55,6 +55,11 @@ ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/tokens"): "admin",
     ("DELETE", "/api/v1/tokens/{token_id}"): "admin",
     ("GET", "/api/v1/audit"): "admin",
+    ("POST", "/api/v1/restores"): "operator",
+    ("POST", "/api/v1/backups/{backup_id}/export"): "operator",
+    ("GET", "/api/v1/backups/{backup_id}/export"): "viewer",
+    ("DELETE", "/api/v1/backups/{backup_id}/export"): "operator",
+    ("GET", "/api/v1/exports"): "viewer",
 }
 OPEN = {("GET", "/api/v1/health")}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}

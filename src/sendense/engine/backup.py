@@ -209,12 +209,15 @@ class BackupEngine:
                     f"backed up by job {busy[0].job_id}; one job per VM at a time",
                     job_id=busy[0].job_id,
                 )
-            merging = JobStore(s).active_of_kind(vm.id, "consolidate")
+            merging = JobStore(s).active_of_kind(vm.id, "consolidate") or JobStore(
+                s
+            ).active_of_kind(vm.id, "retention")
             if merging is not None:
-                # The merge holds QEMU's write lock on the chain: a target
-                # backed by it could not be opened.
+                # A merge (consolidation, or retention merging old points)
+                # holds QEMU's write lock on the chain: a target backed by it
+                # could not be opened.
                 raise DiskBusy(
-                    f"VM {vm.name} is being consolidated by job {merging.id}; "
+                    f"VM {vm.name} is being consolidated by job {merging.id} ({merging.kind}); "
                     "start the backup when it has ended",
                     job_id=merging.id,
                 )
