@@ -491,6 +491,12 @@ def test_dirty_journal_and_dirty_bit_are_warnings(tmp_path: Path, built: Built, 
     disks.set_fat32_entry(fat, 1, 0x07FFFFFF)  # clean-shutdown bit cleared
     (part,) = worker_for(fat).partitions()
     assert len(part.warnings) == 1 and "not cleanly unmounted" in part.warnings[0]
+    ntfs = tmp_path / "dirty-ntfs.img"
+    disks.copy_sparse(built.root / "ntfs.img", ntfs)
+    disks.ntfs_mark_dirty(ntfs)
+    (part,) = worker_for(ntfs).partitions()
+    assert len(part.warnings) == 1 and "marked dirty" in part.warnings[0]
+    assert worker_for(ntfs).read(0, "/hello.txt", 0, 100) == b"hello, world\n"
     # Reading still works: the warning tells the user what they get.
     assert worker_for(ext4).read(0, "/hello.txt", 0, 100) == b"hello, world\n"
 
