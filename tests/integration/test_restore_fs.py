@@ -30,6 +30,7 @@ from sendense.core.errors import (
     ParserLimit,
     PartitionNotFound,
     PathRefused,
+    Unavailable,
 )
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer
@@ -692,8 +693,6 @@ def test_worker_ends_with_its_parent(tmp_path: Path, built: Built) -> None:
 def test_nbd_server_gone_is_unavailable_not_corrupt(
     tmp_path: Path, built: Built, worker_for
 ) -> None:  # type: ignore[no-untyped-def]
-    from sendense.core.errors import Unavailable
-
     image = tmp_path / "gpt.qcow2"
     img.convert(str(built.root / "gpt.img"), str(image), src_fmt="raw", dst_fmt="qcow2")
     sock = tmp_path / "nbd.sock"
@@ -741,8 +740,12 @@ def test_close_stops_a_busy_worker_at_once(tmp_path: Path, built: Built) -> None
     thread.join(timeout=10)
     assert time.monotonic() - started < 5
     assert not thread.is_alive()
-    assert len(failures) == 1 and isinstance(failures[0], FilesystemCorrupt)
+    assert len(failures) == 1 and isinstance(failures[0], Unavailable)
+    assert failures[0].code == "fs_closed"
     assert not Path(f"/proc/{pid}").exists()
+    with pytest.raises(Unavailable):  # closed stays closed: no new worker behind a closed session
+        worker.list_dir(0, "/")
+    assert worker.pid is None
 
 
 @pytest.mark.parametrize("name", ["ext4", "xfs", "fat", "ntfs"])

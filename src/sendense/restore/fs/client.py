@@ -195,6 +195,7 @@ class FsWorker(_FsCalls):
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.restarts = 0
+        self.closed = False
         self._lock = threading.Lock()
 
     @property
@@ -207,7 +208,8 @@ class FsWorker(_FsCalls):
 
     def close(self) -> None:
         """Stop the worker now, even in the middle of a request (that request
-        then fails); a later request would start a new one."""
+        then fails); later requests fail with `Unavailable` (``fs_closed``)."""
+        self.closed = True
         proc = self.proc
         if proc is not None and proc.poll() is None and self._lock.locked():
             proc.kill()
@@ -221,6 +223,8 @@ class FsWorker(_FsCalls):
         self.close()
 
     def _ensure(self) -> Connection:
+        if self.closed:
+            raise errors.Unavailable("the filesystem reader was closed", code="fs_closed")
         if self.conn is not None and self.proc is not None and self.proc.poll() is None:
             return self.conn
         if self.proc is not None:
@@ -346,6 +350,8 @@ class FsWorker(_FsCalls):
             self._kill()
             code = self.proc.returncode
         self._retire()
+        if self.closed:
+            return errors.Unavailable("the filesystem reader was closed", code="fs_closed")
         if code == EXIT_MEMORY:
             return errors.ParserLimit(
                 "the filesystem parser exceeded its memory limit", limit="memory"
