@@ -574,14 +574,28 @@ def test_parser_past_its_deadline_is_killed(tmp_path: Path, built: Built, worker
 
 @pytest.fixture
 def nbd_chain(tmp_path: Path, built: Built) -> Iterator[dict[str, str]]:
-    """gpt.img and mbr.img as two-deep QCOW2 chains (relative backing paths),
-    each served read-only by qemu-nbd on a unix socket."""
+    """gpt.img and mbr.img as two-deep QCOW2 chains (relative backing paths;
+    the base with extended L2 entries and 128 KiB clusters, the feature
+    dissect.hypervisor's QCOW2 reader hangs on), each served read-only by
+    qemu-nbd on a unix socket."""
     sources = {}
     servers = []
     try:
         for name in ("gpt", "mbr"):
             base = tmp_path / f"{name}-base.qcow2"
-            img.convert(str(built.root / f"{name}.img"), str(base), src_fmt="raw", dst_fmt="qcow2")
+            img.run(
+                [
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "extended_l2=on,cluster_size=131072",
+                    str(built.root / f"{name}.img"),
+                    str(base),
+                ]
+            )
             top = tmp_path / f"{name}-top.qcow2"
             img.create(str(top), None, backing=base.name)
             server = QemuNbdServer(
