@@ -49,6 +49,8 @@ class HubSettings(BaseSettings):
     node_health_interval: float = 10.0
     # Largest request body the API reads (413 beyond; hub/limits.py).
     max_body_bytes: int = 1 << 20
+    # A file-level restore session idle this long (seconds) is closed.
+    restore_idle_timeout: float = 3600.0
     # Where whole-disk restores may write files, colon-separated absolute
     # directories; empty: <data_dir>/restores (restore/disk.py).
     restore_dirs: str = ""

@@ -60,12 +60,20 @@ ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/backups/{backup_id}/export"): "viewer",
     ("DELETE", "/api/v1/backups/{backup_id}/export"): "operator",
     ("GET", "/api/v1/exports"): "viewer",
+    ("POST", "/api/v1/restore/mounts"): "operator",
+    ("GET", "/api/v1/restore/mounts"): "viewer",
+    ("GET", "/api/v1/restore/mounts/{mount_id}"): "viewer",
+    ("DELETE", "/api/v1/restore/mounts/{mount_id}"): "operator",
+    ("GET", "/api/v1/restore/mounts/{mount_id}/files"): "operator",
+    ("GET", "/api/v1/restore/mounts/{mount_id}/files/info"): "operator",
+    ("GET", "/api/v1/restore/mounts/{mount_id}/download"): "operator",
+    ("GET", "/api/v1/restore/mounts/{mount_id}/download-directory"): "operator",
 }
 OPEN = {("GET", "/api/v1/health")}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 # Routes whose answer to an allowed caller names things by id in its path: a
 # tenant outside the scope gets 404 there.
-SCOPED_PARAMS = ("vm_name", "backup_id", "job_id", "repository_id")
+SCOPED_PARAMS = ("vm_name", "backup_id", "job_id", "repository_id", "mount_id")
 
 
 def routes(c: Cluster) -> list[tuple[str, str]]:
@@ -108,6 +116,9 @@ def test_every_route_for_every_kind_of_caller(cluster: Cluster, make_vm) -> None
         "backup_id": full["backups"][0],  # the base: a DELETE is refused (children)
         "job_id": inc["job_id"],
     }
+    ids["mount_id"] = cluster.client.post(
+        "/api/v1/restore/mounts", {"backup_id": ids["backup_id"]}
+    )["mount_id"]
     tokens = {
         "viewer": make_token(cluster, "m-viewer", "viewer"),
         "operator": make_token(cluster, "m-operator", "operator"),

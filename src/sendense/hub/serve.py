@@ -72,6 +72,13 @@ def serve(settings: HubSettings) -> None:
     state = HubState.open(settings)  # migrations, recovery: once, before the others
     workers = Workers(settings, n)
     workers.start()
+    # uvicorn answers SIGTERM/SIGINT by shutting down, then raises the signal
+    # again with the handlers it found: with the defaults that kills this
+    # process before it stops its workers (which PR_SET_PDEATHSIG would then
+    # kill mid-way, leaving their qemu-nbd behind). These handlers let it
+    # return, so the workers stop cleanly first.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
         _run(create_app(settings, state), sock, settings)
     finally:

@@ -27,6 +27,7 @@ from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
 from sendense.restore.disk import RestoreJob
 from sendense.restore.export import ExportJob
+from sendense.restore.sessions import MountJob, SessionPools
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
 
@@ -40,6 +41,7 @@ JOB_KINDS: list[Callable[[HubState], LocalJob]] = [
     RescanJob,
     RestoreJob,
     ExportJob,
+    MountJob,
     RetentionJob,
 ]
 
@@ -58,6 +60,8 @@ class HubState:
     audit: AuditWriter | None = None
     # Costly answers reused while the catalog is unchanged (catalog/cache.py).
     cache: CatalogCache = None  # type: ignore[assignment]  # set by open()
+    # This process's filesystem workers of restore sessions (restore/sessions.py).
+    restore_pools: SessionPools = None  # type: ignore[assignment]  # set by open()
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -81,6 +85,7 @@ class HubState:
         engine = BackupEngine(db, settings, ports, secrets, lifecycle)
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         state.cache = CatalogCache(db)
+        state.restore_pools = SessionPools(db)
         if not settings.restore_dirs:  # the default place of whole-disk restores
             (data_dir / "restores").mkdir(mode=0o700, exist_ok=True)
         with db.session() as s:
@@ -111,6 +116,8 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.restore_pools is not None:
+            self.restore_pools.shutdown()
         if self.audit is not None:
             self.audit.close()
         if self.node_health is not None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from sendense.cli.client import ApiError
 from sendense.cli.commands.backups import _ended, follow
 
 if TYPE_CHECKING:
@@ -79,6 +81,137 @@ def restore_nbd(
 ) -> None:
     """Write a restore point into an NBD export at least as large as the disk."""
     _restore(backup_id, {"type": "nbd", "url": url}, wait, f"restore {backup_id[:8]}")
+
+
+@restore_app.command("mount")
+def restore_mount(backup_id: str) -> None:
+    """Open a restore session on a restore point and show its partitions."""
+    m = _m()
+    data = m.call(m.client().post, "/api/v1/restore/mounts", {"backup_id": backup_id})
+    t = Table("partition", "filesystem", "label", "size", "warnings")
+    for p in data["partitions"]:
+        t.add_row(
+            str(p["index"]),
+            p["filesystem"] or "-",
+            p["label"] or "",
+            m.human(p["size"]),
+            "; ".join(p["warnings"]),
+        )
+    if not m.ctx.json:
+        m.console.print(f"session {data['mount_id']} ({data['status']})", soft_wrap=True)
+    m.out(data, t)
+
+
+@restore_app.command("sessions")
+def restore_sessions() -> None:
+    """Open restore sessions."""
+    m = _m()
+    data = m.call(m.client().get, "/api/v1/restore/mounts")
+    t = Table("session", "backup", "vm", "last access")
+    for x in data["mounts"]:
+        t.add_row(x["mount_id"], x["backup_id"], x["vm_name"] or "", str(x["last_access"]))
+    m.out(data, t)
+
+
+@restore_app.command("ls")
+def restore_ls(
+    session: str,
+    path: Annotated[str, typer.Argument(help="Directory inside the filesystem.")] = "/",
+    partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+) -> None:
+    """List a directory of a restore session (all pages)."""
+    m = _m()
+    c = m.client()
+    entries: list[dict[str, Any]] = []
+    offset, total = 0, None
+    while total is None or offset < total:
+        params: dict[str, Any] = {"path": path, "offset": offset, "limit": 5000}
+        if partition is not None:
+            params["partition"] = partition
+        page = m.call(c.request, "GET", f"/api/v1/restore/mounts/{session}/files", params=params)
+        entries += page["entries"]
+        total = page["total"]
+        offset += len(page["entries"])
+        if not page["entries"]:
+            break
+    t = Table("type", "size", "mtime", "name")
+    for e in entries:
+        name = e["name"] + (f" -> {e['target']}" if e["target"] else "")
+        t.add_row(e["type"], m.human(e["size"]), str(e["mtime"] or ""), name)
+    m.out({"path": path, "entries": entries, "total": total}, t)
+
+
+def _raise(e: Exception) -> None:
+    raise e
+
+
+def _save(session: str, route: str, params: dict[str, Any], out: str, label: str) -> None:
+    m = _m()
+    c = m.client()
+    with c.http.stream("GET", f"/api/v1/restore/mounts/{session}/{route}", params=params) as r:
+        if r.status_code >= 400:
+            r.read()
+            m.call(_raise, ApiError(r.status_code, r.json()))
+        total = int(r.headers.get("content-length") or 0) or None
+        done = 0
+        with (
+            open(out, "xb") as f,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=m.console,
+                disable=m.ctx.json,
+            ) as bar,
+        ):
+            task = bar.add_task(label, total=total)
+            for chunk in r.iter_bytes():
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(task, completed=done)
+    m.out({"path": out, "bytes": done}) if m.ctx.json else m.console.print(
+        f"{out}: {m.human(done)}"
+    )
+
+
+@restore_app.command("get")
+def restore_get(
+    session: str,
+    path: str,
+    output: Annotated[str, typer.Option("-o", "--output", help="File to write (must not exist).")],
+    partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+) -> None:
+    """Download a file of a restore session, with a progress bar."""
+    params: dict[str, Any] = {"path": path}
+    if partition is not None:
+        params["partition"] = partition
+    _save(session, "download", params, output, path)
+
+
+@restore_app.command("get-dir")
+def restore_get_dir(
+    session: str,
+    path: str,
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="Archive to write (must not exist).")
+    ],
+    format: Annotated[str, typer.Option(help="zip or tar.gz.")] = "zip",
+    partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+) -> None:
+    """Download a directory of a restore session as a ZIP or tar.gz archive."""
+    params: dict[str, Any] = {"path": path, "format": format}
+    if partition is not None:
+        params["partition"] = partition
+    _save(session, "download-directory", params, output, path)
+
+
+@restore_app.command("close")
+def restore_close(session: str) -> None:
+    """Close a restore session."""
+    m = _m()
+    data = m.call(m.client().request, "DELETE", f"/api/v1/restore/mounts/{session}")
+    m.out(data) if m.ctx.json else m.console.print(f"session {session}: {data['status']}")
 
 
 def backup_export(

@@ -31,7 +31,9 @@ def list_jobs(
     st: HubDep,
     who: Viewer,
     status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None,
-    kind: Literal["backup", "consolidate", "verify", "rescan", "restore", "export", "retention"]
+    kind: Literal[
+        "backup", "consolidate", "verify", "rescan", "restore", "export", "retention", "mount"
+    ]
     | None = None,
     limit: int = Query(default=50, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_INT),

@@ -1,14 +1,33 @@
-"""/api/v1/restores and /api/v1/backups/{backup_id}/export: HTTP only."""
+"""/api/v1/restores, /api/v1/backups/{backup_id}/export and
+/api/v1/restore/mounts (file-level restore sessions): HTTP only."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hashlib
+from typing import Any, Literal
+from urllib.parse import quote
 
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from sendense.core.errors import NotADirectory, NotAFile
+from sendense.hub.backups.schemas import MAX_INT
 from sendense.hub.deps import HubDep, Operator, Viewer
 from sendense.hub.jobs.schemas import JobStarted
 from sendense.hub.openapi import errors
-from sendense.hub.restore import service
-from sendense.hub.restore.schemas import ExportCreate, ExportList, ExportRead, RestoreCreate
+from sendense.hub.restore import service, streams
+from sendense.hub.restore.schemas import (
+    ExportCreate,
+    ExportList,
+    ExportRead,
+    FileEntry,
+    FileListing,
+    MountCreate,
+    MountList,
+    MountRead,
+    RestoreCreate,
+)
+from sendense.restore.fs.models import FsEntry
 
 router = APIRouter(tags=["restore"])
 
@@ -58,3 +77,225 @@ def close_export(backup_id: str, st: HubDep, who: Operator) -> dict:
 def list_exports(st: HubDep, who: Viewer) -> dict:
     """Restore points served over NBD right now."""
     return {"exports": service.list_exports(st, who)}
+
+
+# ------------------------------------------------------- restore sessions
+
+PathQ = Query(default="/", max_length=4096, description="absolute path inside the filesystem")
+PartitionQ = Query(
+    default=None, ge=0, le=1024, description="partition index (default: the only filesystem)"
+)
+
+
+@router.post(
+    "/api/v1/restore/mounts",
+    status_code=201,
+    response_model=MountRead,
+    responses=errors(404, 409, 503),
+)
+def open_mount(body: MountCreate, st: HubDep, who: Operator) -> dict:
+    """Open a restore session on a restore point: its chain served read-only on
+    a private socket and read in user space (no root, nothing mounted).
+    Answers with the partitions and filesystems found."""
+    return service.open_mount(st, who, body.backup_id)
+
+
+@router.get("/api/v1/restore/mounts", response_model=MountList, responses=errors())
+def list_mounts(
+    st: HubDep,
+    who: Viewer,
+    include_closed: bool = Query(default=False, description="also sessions that ended"),
+) -> dict:
+    return {"mounts": service.list_mounts(st, who, include_closed=include_closed)}
+
+
+@router.get("/api/v1/restore/mounts/{mount_id}", response_model=MountRead, responses=errors(404))
+def get_mount(mount_id: str, st: HubDep, who: Viewer) -> dict:
+    return service.get_mount(st, who, mount_id)
+
+
+@router.delete("/api/v1/restore/mounts/{mount_id}", response_model=MountRead, responses=errors(404))
+def close_mount(mount_id: str, st: HubDep, who: Operator) -> dict:
+    """Close the session (its qemu-nbd and filesystem workers stop)."""
+    return service.close_mount(st, who, mount_id)
+
+
+def _entry(e: FsEntry) -> dict[str, Any]:
+    return {
+        "name": e.name,
+        "path": e.path,
+        "type": e.type,
+        "size": e.size,
+        "mode": e.mode,
+        "uid": e.uid,
+        "gid": e.gid,
+        "mtime": e.mtime,
+        "target": e.target,
+    }
+
+
+@router.get(
+    "/api/v1/restore/mounts/{mount_id}/files", response_model=FileListing, responses=errors(404)
+)
+def list_files(
+    mount_id: str,
+    st: HubDep,
+    who: Operator,
+    path: str = PathQ,
+    partition: int | None = PartitionQ,
+    offset: int = Query(default=0, ge=0, le=MAX_INT),
+    limit: int = Query(default=1000, ge=1, le=10000),
+    show_system: bool = Query(default=False, description="NTFS: also $ system files"),
+) -> dict:
+    """A directory, sorted by name, paged (``total`` entries in all)."""
+    fs, part = service.session_fs(st, who, mount_id, partition)
+    page = fs.list_dir(part, path, offset=offset, limit=limit, show_system=show_system)
+    return {
+        "path": page.path,
+        "partition": part,
+        "entries": [_entry(e) for e in page.entries],
+        "total": page.total,
+        "offset": page.offset,
+        "limit": limit,
+    }
+
+
+@router.get(
+    "/api/v1/restore/mounts/{mount_id}/files/info", response_model=FileEntry, responses=errors(404)
+)
+def file_info(
+    mount_id: str, st: HubDep, who: Operator, path: str = PathQ, partition: int | None = PartitionQ
+) -> dict:
+    fs, part = service.session_fs(st, who, mount_id, partition)
+    return _entry(fs.stat(part, path))
+
+
+def _ranges(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=a-b`` range (a suffix ``-n`` too) -> (start, end inclusive);
+    None: the whole file. 416 when it cannot be satisfied."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None  # not understood or several ranges: the whole file (RFC 9110 allows it)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            start, end = max(0, size - n), size - 1
+        else:
+            start = int(first)
+            end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or start > end or (first == "" and int(last) == 0):
+        raise RangeNotSatisfiable(size)
+    return start, min(end, size - 1)
+
+
+class RangeNotSatisfiable(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+@router.get(
+    "/api/v1/restore/mounts/{mount_id}/download",
+    responses={
+        **errors(404),
+        200: {"content": {"application/octet-stream": {}}, "description": "the file"},
+        206: {"description": "the requested range"},
+        416: {"description": "range not satisfiable"},
+    },
+    response_class=StreamingResponse,
+)
+def download(
+    mount_id: str,
+    request: Request,
+    st: HubDep,
+    who: Operator,
+    path: str = PathQ,
+    partition: int | None = PartitionQ,
+) -> Response:
+    """A file, streamed, with Content-Length, ETag and single-range requests (206)."""
+    fs, part = service.session_fs(st, who, mount_id, partition)
+    entry = fs.stat(part, path, follow=True)
+    if entry.type != "file":
+        raise NotAFile(f"{path} is a {entry.type}, not a file", path=path)
+    etag = (
+        '"'
+        + hashlib.sha256(
+            f"{mount_id}:{part}:{entry.path}:{entry.size}:{entry.mtime_ns}".encode()
+        ).hexdigest()[:32]
+        + '"'
+    )
+    name = quote(entry.name)
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
+    }
+    if_range = request.headers.get("if-range")
+    try:
+        wanted = (
+            None
+            if if_range and if_range != etag
+            else _ranges(request.headers.get("range"), entry.size)
+        )
+    except RangeNotSatisfiable as e:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{e.size}"})
+    if wanted is None:
+        headers["Content-Length"] = str(entry.size)
+        return StreamingResponse(
+            fs.iter_file(part, entry.path), media_type="application/octet-stream", headers=headers
+        )
+    start, end = wanted
+    headers["Content-Length"] = str(end - start + 1)
+    headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+    return StreamingResponse(
+        fs.iter_file(part, entry.path, offset=start, length=end - start + 1),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+@router.get(
+    "/api/v1/restore/mounts/{mount_id}/download-directory",
+    responses={
+        **errors(404),
+        200: {"content": {"application/zip": {}, "application/gzip": {}}, "description": "archive"},
+    },
+    response_class=StreamingResponse,
+)
+def download_directory(
+    mount_id: str,
+    st: HubDep,
+    who: Operator,
+    path: str = PathQ,
+    partition: int | None = PartitionQ,
+    format: Literal["zip", "tar.gz"] = "zip",
+) -> Response:
+    """A directory as a ZIP (ZIP64 when needed) or tar.gz, streamed as it is
+    read; special files are skipped and listed in SENDENSE-MANIFEST.txt."""
+    fs, part = service.session_fs(st, who, mount_id, partition)
+    root = fs.stat(part, path, follow=True)
+    if root.type != "dir":
+        raise NotADirectory(f"{path} is a {root.type}, not a directory", path=path)
+    base = root.name or "root"
+    if format == "zip":
+        body, media, name = (
+            streams.zip_stream(fs, part, root.path),
+            "application/zip",
+            f"{base}.zip",
+        )
+    else:
+        body, media, name = (
+            streams.tar_gz_stream(fs, part, root.path),
+            "application/gzip",
+            f"{base}.tar.gz",
+        )
+    return StreamingResponse(
+        body,
+        media_type=media,
+        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
+    )

@@ -51,3 +51,59 @@ class ExportRead(BaseModel):
 
 class ExportList(BaseModel):
     exports: list[ExportRead]
+
+
+class MountCreate(BaseModel):
+    backup_id: str = Field(min_length=1, max_length=36)
+
+
+class PartitionRead(BaseModel):
+    index: int = Field(description="what partition= takes: 1-based in table order; 0 = whole disk")
+    filesystem: str | None = Field(description="ext, xfs, fat, ntfs, or null (nothing readable)")
+    label: str | None
+    size: int
+    offset: int
+    table: str
+    type: str
+    warnings: list[str]
+
+
+class MountRead(BaseModel):
+    mount_id: str
+    job_id: str
+    backup_id: str | None
+    vm_name: str | None
+    disk_id: int | None
+    status: Literal["opening", "open", "closed", "failed"]
+    partitions: list[PartitionRead]
+    closed: str | None = Field(description="why it closed: closed, idle, hub stopped")
+    error: str | None
+    created_by: str
+    created_at: datetime | None
+    last_access: datetime | None
+    expires_at: datetime | None = Field(description="closes when idle until then")
+
+
+class MountList(BaseModel):
+    mounts: list[MountRead]
+
+
+class FileEntry(BaseModel):
+    name: str
+    path: str
+    type: str = Field(description="file, dir, symlink, or a special file type")
+    size: int
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    mtime: datetime | None
+    target: str | None = Field(description="a symlink's target, as stored")
+
+
+class FileListing(BaseModel):
+    path: str
+    partition: int
+    entries: list[FileEntry]
+    total: int
+    offset: int
+    limit: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -11,14 +12,15 @@ from sqlalchemy.orm import Session
 from sendense.catalog.models import BackupHold, BackupJob
 from sendense.catalog.stores import BackupStore, JobStore
 from sendense.core.access import Principal
-from sendense.core.errors import ExportExists, NotFound
+from sendense.core.errors import ExportExists, InvalidRequest, NotFound, Unavailable
 from sendense.engine import delete
 from sendense.engine.lifecycle import ACTIVE
 from sendense.hub.backups.service import visible_backup
 from sendense.hub.jobs.service import visible_job
 from sendense.hub.state import HubState
 from sendense.hub.views import job_view
-from sendense.restore import disk, export
+from sendense.restore import disk, export, sessions
+from sendense.restore.fs.client import FsPool
 
 END_WAIT = 15.0
 
@@ -177,3 +179,163 @@ def close_export(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]
             if job.status not in ACTIVE or time.monotonic() > deadline:
                 return export_view(job)
         time.sleep(0.1)
+
+
+# ------------------------------------------------------- restore sessions
+
+
+def mount_view(job: BackupJob) -> dict[str, Any]:
+    params, result = job.params or {}, job.result or {}
+    if job.status in ("pending", "running"):
+        status = "open" if job.step == "open" else "opening"
+    else:
+        status = "closed" if job.status in ("completed", "cancelled") else "failed"
+    seen = sessions.last_access(job)
+    return {
+        "mount_id": job.id,
+        "job_id": job.id,
+        "backup_id": params.get("backup_id"),
+        "vm_name": job.vm_name,
+        "disk_id": params.get("disk_id"),
+        "status": status,
+        "partitions": [
+            {
+                "index": p["index"],
+                "filesystem": p["filesystem"],
+                "label": p["label"],
+                "size": p["size"],
+                "offset": p["offset"],
+                "table": p["table"],
+                "type": p["type"],
+                "warnings": p["warnings"],
+            }
+            for p in result.get("partitions") or []
+        ],
+        "closed": result.get("closed"),
+        "error": job.error_message,
+        "created_by": job.created_by,
+        "created_at": job.created_at,
+        "last_access": seen,
+        "expires_at": seen + timedelta(seconds=_idle(job)) if seen and status == "open" else None,
+    }
+
+
+def _idle(job: BackupJob) -> float:
+    return float((job.params or {}).get("idle_timeout") or 3600)
+
+
+def open_mount(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        vm_id = visible_backup(s, who, backup_id).vm_id
+        delete.lock_vm(s, vm_id)
+        b = BackupStore(s).get(backup_id)
+        if b is None:
+            raise NotFound(f"backup {backup_id} not found", backup_id=backup_id)
+        members = disk.chain_of(s, b)
+        holds = [m.id for m in members]
+        params: dict[str, Any] = {
+            "backup_id": b.id,
+            "backup_ids": holds,
+            "source": b.file_path,
+            "disk_id": b.disk_index,
+            "idle_timeout": st.settings.restore_idle_timeout,
+        }
+        job = st.lifecycle.new_local_job(
+            s,
+            sessions.KIND,
+            params,
+            vm_id=b.vm_id,
+            repository_id=b.repository_id,
+            created_by=who.name,
+            holds=holds,
+        )
+        job_id = job.id
+    kind = st.lifecycle.kinds[sessions.KIND]
+    assert isinstance(kind, sessions.MountJob)
+    ready = kind.ready_event(job_id)
+    st.lifecycle.launch(job_id)
+    ready.wait(sessions.READY_TIMEOUT)
+    deadline = time.monotonic() + 10  # a job that failed to open writes its end just after
+    while True:
+        with st.db.session() as s:
+            started = JobStore(s).get(job_id)
+            assert started is not None
+            view = mount_view(started)
+        if view["status"] != "opening" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if view["status"] == "failed":
+        raise Unavailable(f"the restore session could not open: {view['error']}", mount_id=job_id)
+    return view
+
+
+def _mount(s: Session, who: Principal, mount_id: str) -> BackupJob:
+    job = JobStore(s).get(mount_id)
+    if job is None or job.kind != sessions.KIND:
+        raise NotFound(f"restore session {mount_id} not found", mount_id=mount_id)
+    try:
+        visible_job(s, who, mount_id)
+    except NotFound:
+        raise NotFound(f"restore session {mount_id} not found", mount_id=mount_id) from None
+    return job
+
+
+def get_mount(st: HubState, who: Principal, mount_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        return mount_view(_mount(s, who, mount_id))
+
+
+def list_mounts(st: HubState, who: Principal, *, include_closed: bool) -> list[dict[str, Any]]:
+    with st.db.session() as s:
+        q = select(BackupJob).where(BackupJob.kind == sessions.KIND)
+        if not include_closed:
+            q = q.where(BackupJob.status.in_(ACTIVE))
+        out = []
+        for j in s.scalars(q.order_by(BackupJob.created_at.desc(), BackupJob.id.desc())).all():
+            try:
+                visible_job(s, who, j.id)
+            except NotFound:
+                continue
+            out.append(mount_view(j))
+        return out
+
+
+def close_mount(st: HubState, who: Principal, mount_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        found = _mount(s, who, mount_id)
+        if found.status not in ACTIVE:
+            return mount_view(found)
+    st.lifecycle.request_cancel(mount_id)
+    deadline = time.monotonic() + END_WAIT
+    while True:
+        with st.db.session() as s:
+            job = JobStore(s).get(mount_id)
+            assert job is not None
+            if job.status not in ACTIVE or time.monotonic() > deadline:
+                st.restore_pools.close(mount_id)
+                return mount_view(job)
+        time.sleep(0.1)
+
+
+def session_fs(
+    st: HubState, who: Principal, mount_id: str, partition: int | None
+) -> tuple[FsPool, int]:
+    """The filesystem workers of an open session in this process, and the
+    partition a request reads (``partition`` given, or the only filesystem)."""
+    with st.db.session() as s:
+        job = _mount(s, who, mount_id)
+        view = mount_view(job)
+        url = (job.result or {}).get("url")
+    if view["status"] != "open" or not url:
+        raise NotFound(f"restore session {mount_id} is {view['status']}", mount_id=mount_id)
+    readable = [p["index"] for p in view["partitions"] if p["filesystem"]]
+    if partition is None:
+        if len(readable) != 1:
+            raise InvalidRequest(
+                f"partition is required: this disk has filesystems on partitions {readable}",
+                field="partition",
+                partitions=readable,
+            )
+        partition = readable[0]
+    st.restore_pools.touch(mount_id)
+    return st.restore_pools.pool(mount_id, url), partition
