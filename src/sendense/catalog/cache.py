@@ -59,6 +59,15 @@ class CatalogCache:
                 self._entries.popitem(last=False)
         return value
 
+    def put(self, key: Hashable, value: Any, generation: str) -> None:
+        """Keep ``value`` for ``key``, computed in a transaction that read
+        nothing before ``generation`` was read."""
+        with self._lock:
+            self._entries[key] = (generation, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

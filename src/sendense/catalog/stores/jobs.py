@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from sendense.catalog.models import BackupJob, Vm
+from sendense.catalog.models import Backup, BackupJob, Vm
 from sendense.catalog.stores.common import ACTIVE
 
 
@@ -45,9 +45,15 @@ class JobStore:
             select(*JOB_ROW).outerjoin(Vm, Vm.id == BackupJob.vm_id).where(BackupJob.id == job_id)
         ).first()
 
-    def page(self, f: JobFilter, *, limit: int = 50, offset: int = 0) -> Sequence[Row[Any]]:
+    def page(
+        self, f: JobFilter, *, limit: int = 50, offset: int = 0
+    ) -> tuple[Sequence[Row[Any]], Sequence[Any]]:
         """One page of jobs, newest first (``id`` breaks ties), as Core rows
-        (see `BackupStore.page`: ids from the index, then whole rows)."""
+        with ``vm_name`` (see `BackupStore.page`: ids from the index, then
+        whole rows), and the restore points of those jobs (``job_id``, ``id``,
+        ``disk_index``, ``disk_key``, ``backup_type``, ``status``) by job and
+        disk. Both select by the same id subquery: no IN list of 50 ids to
+        build (a fifth of the request's CPU)."""
         newest_first = (BackupJob.created_at.desc(), BackupJob.id.desc())
         ids = (
             select(BackupJob.id)
@@ -57,12 +63,25 @@ class JobStore:
             .offset(offset)
             .scalar_subquery()
         )
-        return self.s.execute(
-            select(*JOB_ROW)
+        jobs = self.s.execute(
+            select(BackupJob.__table__, Vm.name.label("vm_name"))
             .outerjoin(Vm, Vm.id == BackupJob.vm_id)
             .where(BackupJob.id.in_(ids))
             .order_by(*newest_first)
         ).all()
+        backups = self.s.execute(
+            select(
+                Backup.job_id,
+                Backup.id,
+                Backup.disk_index,
+                Backup.disk_key,
+                Backup.backup_type,
+                Backup.status,
+            )
+            .where(Backup.job_id.in_(ids))
+            .order_by(Backup.job_id, Backup.disk_index)
+        ).all()
+        return jobs, backups
 
     def count(self, f: JobFilter) -> int:
         return (

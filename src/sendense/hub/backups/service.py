@@ -110,11 +110,42 @@ def list_backups(
             until=f.until,
         )
         store = BackupStore(s)
-        rows = store.page(where, limit=limit, offset=offset)
+        rows = _page(st, store, where, limit, offset, generation)
         # The exact total counts every matching row (4 ms for 90,000 on
         # SQLite): reused while the catalog has not changed.
         total = st.cache.get(("backups.total", where), lambda: store.count(where), generation)
     return {"backups": [backup_view(r) for r in rows], "total": total}
+
+
+# Offsets from here on skip rows in the index (O(offset)): their position is
+# looked up once and kept while the catalog is unchanged.
+SEEK_FROM = 1000
+
+
+def _page(
+    st: HubState, store: BackupStore, where: StoreFilter, limit: int, offset: int, generation: str
+) -> list[Any]:
+    """One page. A deep ``offset`` becomes a seek: the position of its first
+    row (``created_at``, ``id``) is kept with the catalog's generation
+    (catalog/cache.py), and each deep page also keeps where the next one
+    starts, so paging through a long list in order costs a seek per page
+    (offset 50,000: 1.5 ms of SQL skipping rows, 0.5 ms seeking)."""
+    if offset < SEEK_FROM:
+        rows = list(store.page(where, limit=limit + 1, offset=offset))
+    else:
+        start = st.cache.get(
+            ("backups.at", where, offset), lambda: store.key_at(where, offset), generation
+        )
+        if start is None:
+            return []
+        rows = list(store.page(where, limit=limit + 1, start=start))
+    if len(rows) > limit:
+        nxt = rows.pop()
+        if offset + limit >= SEEK_FROM:
+            st.cache.put(
+                ("backups.at", where, offset + limit), (nxt.created_at, nxt.id), generation
+            )
+    return rows
 
 
 def get_backup(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:

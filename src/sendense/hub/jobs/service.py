@@ -84,9 +84,9 @@ def list_jobs(
             repository_ids=None if who.scope is None else tuple(sorted(who.scope.repositories)),
         )
         store = JobStore(s)
-        rows = store.page(where, limit=limit, offset=offset)
+        rows, backup_rows = store.page(where, limit=limit, offset=offset)
         backups: dict[str, list[Any]] = {}
-        for b in BackupStore(s).rows_of_job([j.id for j in rows if j.kind == "backup"]):
+        for b in backup_rows:
             backups.setdefault(b.job_id, []).append(b)
         total = st.cache.get(("jobs.total", where), lambda: store.count(where), generation)
     return {"jobs": [job_view(j, backups.get(j.id, [])) for j in rows], "total": total}
