@@ -269,8 +269,10 @@ def file_restore(
         lat = []
         for _ in range(args.listings):
             t0 = time.monotonic()
-            page = cluster.client.get(
-                f"/api/v1/restore/mounts/{mid}/files", path="/many", partition=1, limit=5000
+            page = cluster.client.request(
+                "GET",
+                f"/api/v1/restore/mounts/{mid}/files",
+                params={"path": "/many", "partition": 1, "limit": 5000},
             )
             lat.append((time.monotonic() - t0) * 1000)
             if page["total"] != 3000:
