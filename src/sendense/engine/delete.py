@@ -132,7 +132,7 @@ def refuse_immutable_files(paths: Iterable[tuple[str, str, datetime | None]], wh
                 f"backup {backup_id}: file {locked[0]} has the immutable attribute; "
                 f"it cannot be {what} until the lock is lifted",
                 backup_id=backup_id,
-                immutable_until=None,
+                immutable_until=until.isoformat() if until is not None else None,
                 file=str(locked[0]),
             )
 

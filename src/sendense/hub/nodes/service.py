@@ -6,6 +6,7 @@ session open; the catalog writes come after, in one short session.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sendense.catalog.stores import NodeStore
@@ -25,7 +26,30 @@ def _monitor(st: HubState) -> NodeHealthMonitor | None:
 
 def _view(st: HubState, node: Any) -> dict[str, Any]:
     m = _monitor(st)
-    return node_view(node, m.health(node.id) if m is not None else None)
+    if m is None:
+        return node_view(node, None)
+    health = m.health(node.id)
+    if health["status"] == "unknown":
+        # Each API worker process keeps its own cache: a node registered
+        # through another one is probed here now, in the background, and
+        # meanwhile shown as the catalog last saw it (a registration or an
+        # edit that talked to it), if that was recent.
+        m.refresh_soon()
+        seen = node.last_seen_at
+        if seen is not None:
+            age = (datetime.now(UTC) - seen).total_seconds()
+            if 0 <= age < RECENT_SECONDS:
+                health = {
+                    **health,
+                    "status": "online",
+                    "checked_at": seen.isoformat(),
+                    "age_seconds": round(age, 1),
+                }
+    return node_view(node, health)
+
+
+# How old a catalog "last seen" may be to stand for this process's own probe.
+RECENT_SECONDS = 60.0
 
 
 def create_node(st: HubState, body: NodeCreate) -> dict[str, Any]:
