@@ -294,3 +294,128 @@ class AuditEntry(Base):
     target: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[int] = mapped_column(Integer)
     client: Mapped[str | None] = mapped_column(String(100), default=None)
+
+
+class Policy(Base):
+    """What to protect, when, where, and what to keep (SPEC §7).
+
+    ``selector`` is ``{"vms": [names], "tags": {key: value}}``: a VM matches
+    when it is named or carries every listed tag. ``retention`` holds the
+    ``keep_*`` counts of ``sendense.policy.retention.RetentionPolicy``;
+    ``window`` is ``{"start": "HH:MM", "end": "HH:MM"}`` in ``timezone`` or
+    null. ``last_scheduled_at`` is the newest scheduled time the scheduler
+    has claimed: runs missed after downtime are those after it.
+    """
+
+    __tablename__ = "policies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    repository_id: Mapped[str] = mapped_column(ForeignKey("repositories.id"))
+    schedule: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(100), default="UTC")
+    full_every: Mapped[int | None] = mapped_column(Integer, default=None)
+    retention: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    verify_after: Mapped[bool] = mapped_column(Boolean, default=False)
+    window: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_by: Mapped[str] = mapped_column(String(200), default="admin")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_scheduled_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class PolicyRun(Base):
+    """One run of a policy: scheduled (claimed once by any hub), caught up, or manual.
+
+    The unique ``(policy_id, scheduled_at)`` is the claim: of several hub
+    processes on one catalog, only the one whose insert succeeds runs it.
+    ``trigger`` is ``schedule``, ``missed`` (one run standing for
+    ``missed_count`` missed ones after downtime) or ``manual``.
+    """
+
+    __tablename__ = "policy_runs"
+    __table_args__ = (
+        UniqueConstraint("policy_id", "scheduled_at", name="uq_policy_runs_policy_scheduled"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    policy_id: Mapped[str] = mapped_column(ForeignKey("policies.id"), index=True)
+    scheduled_at: Mapped[datetime] = mapped_column()
+    trigger: Mapped[str] = mapped_column(String(20), default="schedule")
+    missed_count: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class PolicyRunVm(Base):
+    """One VM of a policy run: the queue the scheduler drains.
+
+    ``status``: ``queued`` (waiting: node limit, busy VM, outside the window),
+    ``started`` (``job_id`` set), ``skipped`` (with ``reason``), ``failed``
+    (could not start, with ``reason``). ``not_before`` delays a retry.
+    """
+
+    __tablename__ = "policy_run_vms"
+    __table_args__ = (Index("ix_policy_run_vms_status", "status", "not_before"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("policy_runs.id"), index=True)
+    policy_id: Mapped[str] = mapped_column(ForeignKey("policies.id"), index=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), index=True)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), default=None)
+    backup_type: Mapped[str] = mapped_column(String(20), default="incremental")
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Webhook(Base):
+    """A JSON POST on job events, for one policy or (``policy_id`` null) for all.
+
+    ``events`` lists ``job.failed``, ``job.completed``, ``run.missed``; the
+    optional secret (sent as a header) is stored encrypted and never answered.
+    """
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    policy_id: Mapped[str | None] = mapped_column(
+        ForeignKey("policies.id"), default=None, index=True
+    )
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    secret_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[str] = mapped_column(String(200), default="admin")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one webhook, retried with backoff until delivered.
+
+    Written in the transaction that records the event, so a hub that stops
+    before sending delivers it after restart (any hub on the catalog may).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id"), index=True)
+    event: Mapped[str] = mapped_column(String(50))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
