@@ -103,6 +103,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("webhook_id", sa.String(36), nullable=False),
         sa.Column("event", sa.String(50), nullable=False),
+        sa.Column("event_key", sa.String(200), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -111,6 +112,7 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.Column("delivered_at", TZ, nullable=True),
         _fk("webhook_deliveries", "webhook_id", "webhooks"),
+        sa.UniqueConstraint("webhook_id", "event_key", name="uq_webhook_deliveries_event"),
     )
     op.create_index("ix_webhook_deliveries_webhook_id", "webhook_deliveries", ["webhook_id"])
     op.create_index(
