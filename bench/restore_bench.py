@@ -9,14 +9,17 @@ Run by ``make bench-restore`` (and ``make bench``). One run:
 2. per round (``--repeat``), for the newest restore point (read through its
    whole chain):
    - ``qemu-img convert -O raw`` of it into the hub's restore directory,
-     flushed (``fsync``) as a restore flushes its file: the reference;
+     flushed (``fsync``) as a restore flushes its file: the reference, as a
+     user would run it; and the same with ``-t none`` (O_DIRECT, as the
+     restore writes): the reference for the copy alone;
    - a Sendense whole-disk restore to a raw file in the same directory
      (``POST /api/v1/restores``), timed from the API call to the job's end
      (planning, the job, the flush and the rename included); the two take
      turns going first, after an untimed convert warmed the page cache;
 3. checks that the restored file reads exactly as the restore point
    (``qemu-img compare``): ``restore_vs_convert`` is convert time / restore
-   time (1.0 is as fast as convert; the target is at least 0.8);
+   time (1.0 is as fast as convert; the target is at least 0.8), and
+   ``restore_vs_convert_direct`` the same against ``convert -t none``;
 4. file-level restore: a second VM whose disk has a GPT with one ext4
    partition holding a ``--file-mib`` (256) MiB file and a 3,000-entry
    directory gets a full and ``--chain`` - 1 (19) incrementals (the guest
@@ -29,7 +32,8 @@ Run by ``make bench-restore`` (and ``make bench``). One run:
    ZIP (MiB/s of archive).
 
 Last line (``key=value``): ``listing_p50_ms= listing_p99_ms= full_vs_raw=
-chain20_vs_full= zip_mib_s= restore_vs_convert=`` and the times behind them.
+chain20_vs_full= zip_mib_s= restore_vs_convert= restore_vs_convert_direct=``
+and the times behind them.
 """
 
 from __future__ import annotations
@@ -115,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         source = cluster.client.get(f"/api/v1/backups/{backup_id}")["file_path"]
         restores = cluster.hub_dir / "restores"
         reference, restored = restores / "reference.raw", restores / "restored.raw"
-        converts, restores_s = [], []
+        converts, directs, restores_s = [], [], []
 
-        def convert() -> float:
+        def convert(*cache: str) -> float:
             # The same work as a restore, made as durable: a restore flushes
             # its file before it is linked into place.
             t0 = time.monotonic()
             subprocess.run(
-                ["qemu-img", "convert", "-U", "-O", "raw", source, str(reference)],
+                ["qemu-img", "convert", "-U", *cache, "-O", "raw", source, str(reference)],
                 check=True,
                 capture_output=True,
             )
@@ -151,23 +155,33 @@ def main(argv: list[str] | None = None) -> int:
         drop(reference)
         for n in range(args.repeat):
             # Alternate which goes first, so neither always finds the cache warmer.
+            # Two references: convert as a user runs it (through the page
+            # cache, then flushed) and with O_DIRECT as the restore writes.
             if n % 2 == 0:
                 converts.append(convert())
                 subprocess.run(["sync"], check=True)
+                drop(reference)
+                directs.append(convert("-t", "none"))
                 restores_s.append(restore())
             else:
                 restores_s.append(restore())
+                directs.append(convert("-t", "none"))
+                drop(reference)
                 subprocess.run(["sync"], check=True)
                 converts.append(convert())
             same = subprocess.run(["qemu-img", "compare", "-U", str(restored), source])
             if same.returncode != 0:
                 raise RuntimeError("the restored disk reads differently from the restore point")
-            say(f"round {n + 1}: convert {converts[-1]:.2f}s, restore {restores_s[-1]:.2f}s")
+            say(
+                f"round {n + 1}: convert {converts[-1]:.2f}s, convert -t none "
+                f"{directs[-1]:.2f}s, restore {restores_s[-1]:.2f}s"
+            )
             drop(reference)
             drop(restored)
         convert_s = sorted(converts)[len(converts) // 2]
+        direct_s = sorted(directs)[len(directs) // 2]
         restore_s = sorted(restores_s)[len(restores_s) // 2]
-        results.update(convert_s=converts, restore_s=restores_s)
+        results.update(convert_s=converts, convert_direct_s=directs, restore_s=restores_s)
         files = file_restore(cluster, work, args, rng)
         results.update(files)
         out = ROOT / "bench" / "results" / f"restore-{time.strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -179,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             f"full_vs_raw={files['full_mib_s'] / files['raw_mib_s']:.3f} "
             f"chain{args.chain}_vs_full={files['chain_mib_s'] / files['full_mib_s']:.3f} "
             f"zip_mib_s={files['zip_mib_s']:.0f} "
-            f"restore_vs_convert={convert_s / restore_s:.3f} restore_s={restore_s:.2f} "
-            f"convert_s={convert_s:.2f} size_gib={size / GiB:g} "
+            f"restore_vs_convert={convert_s / restore_s:.3f} "
+            f"restore_vs_convert_direct={direct_s / restore_s:.3f} restore_s={restore_s:.2f} "
+            f"convert_s={convert_s:.2f} convert_direct_s={direct_s:.2f} size_gib={size / GiB:g} "
             f"raw_mib_s={files['raw_mib_s']:.0f} full_mib_s={files['full_mib_s']:.0f} "
             f"chain_mib_s={files['chain_mib_s']:.0f}"
         )

@@ -22,6 +22,12 @@ backup wrote), and ``convert`` already skips unallocated and zero ranges and
 writes sparse; the figure against a plain ``convert`` of the same restore
 point is in docs/performance.md.
 
+A file is written with ``-t none`` (O_DIRECT) where its filesystem allows
+it: measured here, a 1.5 GiB restore then takes 0.7 s steadily, against
+2.5 to 4.2 s through the page cache and the ``fsync`` a restore needs before
+it links the file into place (the write-back of a virtual disk is slow and
+erratic). Where O_DIRECT is refused (some network shares), the page cache.
+
 The job holds every restore point of the chain: a delete or consolidation
 of any of them answers 409 ``in_use`` until the restore ends.
 """
@@ -135,6 +141,18 @@ def nbd_url(url: str) -> str:
     return url
 
 
+def direct_io_ok(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT."""
+    probe = directory / f".sendense-direct-{os.getpid()}-{threading.get_ident()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+    return True
+
+
 def plan_restore(
     s: Session, b: Backup, destination: dict[str, Any], allowed: list[Path]
 ) -> dict[str, Any]:
@@ -213,9 +231,10 @@ class RestoreJob:
         cancel: threading.Event,
     ) -> dict[str, Any]:
         partial, final = Path(dest["partial"]), Path(dest["path"])
+        cache = ["-t", "none"] if direct_io_ok(partial.parent) else []
         try:
             img.run_with_progress(
-                ["convert", "-p", "-O", dest["format"], params["source"], str(partial)],
+                ["convert", "-p", *cache, "-O", dest["format"], params["source"], str(partial)],
                 progress,
                 die_with_parent=True,
                 cancel=cancel,
