@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv \
-                postgresql e2fsprogs ca-certificates xfsprogs dosfstools mtools ntfs-3g fdisk
+                postgresql e2fsprogs ca-certificates xfsprogs dosfstools mtools ntfs-3g fdisk \
+                golang-go golang-github-vmware-govmomi-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-fast check fmt bench clean
@@ -16,8 +17,10 @@ setup: system-packages venv
 # mkfs.ext4 (e2fsprogs) for the repository tests, mkfs.xfs, mkfs.fat + mtools,
 # mkntfs + ntfscp and sfdisk to build restore test disks without mounting
 # (xfsprogs, dosfstools, mtools, ntfs-3g, fdisk), and CA certificates for
-# HTTPS (pip). Without recommends: Debian 12 with them pulls ~355 packages
-# (systemd, mesa, ffmpeg libraries); without, ~100.
+# HTTPS (pip); Go and govmomi's source to build the vCenter simulator the
+# vmware tests run against (tests/vcsim, built offline, once). Without
+# recommends: Debian 12 with them pulls ~355 packages (systemd, mesa, ffmpeg
+# libraries); without, ~100.
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
