@@ -4,21 +4,25 @@ Nothing is built in memory or on disk first: a file is read piece by piece
 from the filesystem worker as the client takes it; a ZIP is produced by
 zipstream-ng as it is read (ZIP64 when needed); a tar.gz is written by
 ``tarfile`` in a producer thread into a bounded queue the answer drains (at
-most a few MiB in flight). Symlinks go into a tar.gz as links; ZIP has no
-portable link entry here, so ZIP lists them (with their targets) in
-``SENDENSE-MANIFEST.txt``, as it lists the special files both formats skip.
+most a few MiB in flight). Symlinks are stored as links in both: in a tar.gz
+as symlink members, in a ZIP as Info-ZIP does (Unix mode ``S_IFLNK | 0777``
+in the entry's external attributes, the target as its stored content), which
+``unzip``, ``bsdtar`` and 7-Zip restore as links. Special files (devices,
+FIFOs, sockets) are skipped by both and listed in ``SENDENSE-MANIFEST.txt``.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import queue
+import stat
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
-from zipstream import ZIP_DEFLATED, ZipStream
+from zipstream import ZIP_DEFLATED, ZIP_STORED, ZipStream
 
 from sendense.restore.fs.client import FsPool
 from sendense.restore.fs.models import FsEntry
@@ -32,23 +36,87 @@ def relative(entry: FsEntry, root: str) -> str:
     return rel or entry.name
 
 
+class ModeZipStream(ZipStream):
+    """A `ZipStream` whose entries carry a Unix mode of our choosing.
+
+    zipstream-ng gives an entry made from data a fixed mode (0600, or 0775
+    for a directory) and has no per-entry attribute. A ZIP keeps the external
+    attributes only in the central directory, which is written at the end
+    from the entries made so far (``_filelist``): each entry's mode is set
+    once its data has been streamed. ``add`` queues exactly one entry, so the
+    modes are kept in a queue alongside (tests/integration/test_restore_fs_archives.py
+    checks this against the installed zipstream-ng)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._modes: collections.deque[int | None] = collections.deque()
+
+    def add(  # type: ignore[override]
+        self,
+        data: Any,
+        arcname: str,
+        *,
+        size: int | None = None,
+        compress_type: int | None = None,
+        compress_level: int | None = None,
+        mode: int | None = None,
+    ) -> None:
+        """zipstream-ng's ``add`` and the entry's full ``st_mode`` (file type
+        included; None keeps zipstream-ng's)."""
+        super().add(
+            data, arcname, size=size, compress_type=compress_type, compress_level=compress_level
+        )
+        self._modes.append(mode)
+
+    def add_path(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("ModeZipStream takes entries one at a time (add)")
+
+    def add_symlink(self, arcname: str, target: str) -> None:
+        """A symbolic link as Info-ZIP stores one: mode S_IFLNK | 0777, the
+        target as the (uncompressed) content."""
+        self.add(
+            target.encode("utf-8", "surrogateescape"),
+            arcname,
+            mode=stat.S_IFLNK | 0o777,
+            compress_type=ZIP_STORED,
+        )
+
+    def file(self) -> Generator[bytes, None, bool]:  # type: ignore[override]
+        mode = self._modes.popleft() if self._modes and self._queue else None
+        done = yield from super().file()
+        if done and mode is not None:
+            zinfo = self._filelist[-1]
+            zinfo.external_attr = (mode & 0xFFFF) << 16 | (zinfo.external_attr & 0xFFFF)
+        return bool(done)
+
+
+def _perm(mode: int | None, default: int) -> int:
+    """Permission bits for an archive (setuid/setgid/sticky dropped: guest data)."""
+    return default if mode is None else mode & 0o777
+
+
 def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
     """The entries are listed first (names and sizes only); zipstream-ng
     then reads each file piece by piece as the archive is streamed."""
-    zs = ZipStream(compress_type=ZIP_DEFLATED, compress_level=1)
+    zs = ModeZipStream(compress_type=ZIP_DEFLATED, compress_level=1)
     notes: list[str] = []
     for e in pool.walk(partition, root):
         rel = relative(e, root)
         if e.type == "dir":
-            zs.add(None, rel + "/")
+            zs.add(None, rel + "/", mode=stat.S_IFDIR | _perm(e.mode, 0o755))
         elif e.type == "file":
-            zs.add(pool.iter_file(partition, e.path), rel, size=e.size)
+            zs.add(
+                pool.iter_file(partition, e.path),
+                rel,
+                size=e.size,
+                mode=stat.S_IFREG | _perm(e.mode, 0o644),
+            )
         elif e.type == "symlink":
-            notes.append(f"symlink {rel} -> {e.target}")
+            zs.add_symlink(rel, e.target or "")
         else:
             notes.append(f"skipped {e.type} {rel}")
     if notes:
-        zs.add("\n".join(notes) + "\n", MANIFEST)
+        zs.add("\n".join(notes) + "\n", MANIFEST, mode=stat.S_IFREG | 0o644)
     return iter(zs)
 
 
