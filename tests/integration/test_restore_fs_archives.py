@@ -100,6 +100,7 @@ def test_tar_gz_keeps_links_and_lists_special_files(worker: FsWorker) -> None:
         for name, target in LINKS.items():
             assert members[name].issym() and members[name].linkname == target
         assert "nested/pipe" not in members
+        assert members["nested/a/run.sh"].mode == 0o755  # setuid dropped
         f = tar.extractfile(streams.MANIFEST)
         assert f is not None and b"skipped other nested/pipe" in f.read()
 

@@ -170,14 +170,14 @@ def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
                     ti.mtime = (e.mtime_ns or 0) // 1_000_000_000
                     ti.uid, ti.gid = e.uid or 0, e.gid or 0
                     if e.type == "dir":
-                        ti.type, ti.mode = tarfile.DIRTYPE, (e.mode or 0o755) & 0o7777
+                        ti.type, ti.mode = tarfile.DIRTYPE, _perm(e.mode, 0o755)
                         tar.addfile(ti)
                     elif e.type == "symlink":
                         ti.type, ti.linkname = tarfile.SYMTYPE, e.target or ""
                         ti.mode = 0o777
                         tar.addfile(ti)
                     elif e.type == "file":
-                        ti.size, ti.mode = e.size, (e.mode or 0o644) & 0o7777
+                        ti.size, ti.mode = e.size, _perm(e.mode, 0o644)
                         tar.addfile(ti, _IterReader(pool.iter_file(partition, e.path)))
                     else:
                         notes.append(f"skipped {e.type} {relative(e, root)}")
