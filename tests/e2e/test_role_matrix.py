@@ -33,6 +33,7 @@ ROLE: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/vms/discover"): "admin",
     ("GET", "/api/v1/vms"): "viewer",
     ("GET", "/api/v1/vms/{vm_name}"): "viewer",
+    ("PATCH", "/api/v1/vms/{vm_name}"): "admin",
     ("GET", "/api/v1/repositories"): "viewer",
     ("POST", "/api/v1/repositories"): "admin",
     ("GET", "/api/v1/repositories/{repository_id}"): "viewer",
@@ -68,12 +69,20 @@ ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/restore/mounts/{mount_id}/files/info"): "operator",
     ("GET", "/api/v1/restore/mounts/{mount_id}/download"): "operator",
     ("GET", "/api/v1/restore/mounts/{mount_id}/download-directory"): "operator",
+    ("POST", "/api/v1/policies"): "admin",
+    ("GET", "/api/v1/policies"): "viewer",
+    ("GET", "/api/v1/policies/{policy_id}"): "viewer",
+    ("PATCH", "/api/v1/policies/{policy_id}"): "admin",
+    ("DELETE", "/api/v1/policies/{policy_id}"): "admin",
+    ("POST", "/api/v1/policies/{policy_id}/run"): "operator",
+    ("POST", "/api/v1/policies/{policy_id}/retention/plan"): "viewer",
+    ("POST", "/api/v1/policies/{policy_id}/retention/apply"): "admin",
 }
 OPEN = {("GET", "/api/v1/health")}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 # Routes whose answer to an allowed caller names things by id in its path: a
 # tenant outside the scope gets 404 there.
-SCOPED_PARAMS = ("vm_name", "backup_id", "job_id", "repository_id", "mount_id")
+SCOPED_PARAMS = ("vm_name", "backup_id", "job_id", "repository_id", "mount_id", "policy_id")
 
 
 def routes(c: Cluster) -> list[tuple[str, str]]:
@@ -119,6 +128,16 @@ def test_every_route_for_every_kind_of_caller(cluster: Cluster, make_vm) -> None
     ids["mount_id"] = cluster.client.post(
         "/api/v1/restore/mounts", {"backup_id": ids["backup_id"]}
     )["mount_id"]
+    ids["policy_id"] = cluster.client.post(
+        "/api/v1/policies",
+        {
+            "name": "matrix",
+            "selector": {"vms": ["matrix1"]},
+            "repository_id": "default",
+            "schedule": "0 3 1 1 *",
+            "retention": {"keep_last": 5},
+        },
+    )["policy_id"]
     tokens = {
         "viewer": make_token(cluster, "m-viewer", "viewer"),
         "operator": make_token(cluster, "m-operator", "operator"),

@@ -26,6 +26,7 @@ from sendense.hub.jobs.router import router as jobs
 from sendense.hub.limits import RequestGuard
 from sendense.hub.nodes.router import router as nodes
 from sendense.hub.openapi import install_openapi
+from sendense.hub.policies.router import router as policies
 from sendense.hub.repositories.router import router as repositories
 from sendense.hub.restore.router import router as restore
 from sendense.hub.sources.router import router as sources
@@ -37,7 +38,7 @@ from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 
-ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit, restore]
+ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit, restore, policies]
 
 
 def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from sendense.hub.deps import Admin, HubDep, Viewer
 from sendense.hub.openapi import errors
 from sendense.hub.vms import service
-from sendense.hub.vms.schemas import DiscoverRequest, VmList, VmRead
+from sendense.hub.vms.schemas import DiscoverRequest, VmList, VmRead, VmUpdate
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
 
@@ -26,3 +26,10 @@ def list_vms(st: HubDep, who: Viewer) -> Response:
 @router.get("/{vm_name}", response_model=VmRead, responses=errors(404))
 def get_vm(vm_name: str, st: HubDep, who: Viewer) -> dict:
     return service.get_vm(st, who, vm_name)
+
+
+@router.patch("/{vm_name}", response_model=VmRead, responses=errors(404))
+def update_vm(vm_name: str, body: VmUpdate, st: HubDep, who: Admin) -> dict:
+    """Set the VM's tags (replaced whole): policies select VMs by tag, and so
+    do scoped tokens (``tag:key=value``), hence admin only."""
+    return service.update_vm(st, who, vm_name, body.tags)

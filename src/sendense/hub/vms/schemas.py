@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sendense.hub.backups.schemas import BackupRead
 
 
 class DiscoverRequest(BaseModel):
     source_id: str = Field(min_length=1, max_length=36)
+
+
+# No "=" in a key and no spaces: every tag can be named in a token's scope
+# ("tag:key=value") and on the command line (key=value).
+TagKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^=\s\x00-\x1f\x7f]+$")]
+TagValue = Annotated[str, Field(max_length=256, pattern=r"^[^\s\x00-\x1f\x7f]*$")]
+
+
+class VmUpdate(BaseModel):
+    """``tags`` replaces the VM's tags (``{}`` removes them all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[TagKey, TagValue] = Field(max_length=50, examples=[{"tier": "gold"}])
 
 
 class DiskRead(BaseModel):

@@ -68,3 +68,12 @@ def get_vm(st: HubState, who: Principal, vm_name: str) -> dict[str, Any]:
     with st.db.session() as s:
         vm = visible_vm(s, who, vm_name)
         return vm_view(vm, BackupStore(s).latest_for_vm(vm.id, scope_repositories(who)))
+
+
+def update_vm(st: HubState, who: Principal, vm_name: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Replace the VM's tags. The commit changes the catalog generation, so
+    the cached ``GET /vms`` answer is rebuilt (catalog/cache.py)."""
+    with st.db.session() as s:
+        vm = visible_vm(s, who, vm_name)
+        vm.tags = dict(tags)  # a new object: the JSON column sees the change
+    return get_vm(st, who, vm_name)

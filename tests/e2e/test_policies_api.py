@@ -1,0 +1,295 @@
+"""Policies through the API and the CLI, end to end (real hub and node, qsd VMs).
+
+CRUD with every refusal and its error body; VM tags and selectors that
+follow them; next runs in the policy's time zone; run now, then the last run
+per VM; the retention dry run and its application (what goes is gone, what
+stays reads as it did at backup time); what a scoped token sees.
+
+Schedules here never fire during a test (``0 3 1 1 *``: 1 January, 03:00),
+so the in-hub scheduler leaves these policies alone.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from fixtures.cluster import Cluster
+from fixtures.lifecycle import MiB, error_body
+
+NEVER = "0 3 1 1 *"
+
+
+def policy_body(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "gold",
+        "enabled": True,
+        "selector": {"vms": ["web1"], "tags": {}},
+        "repository_id": "default",
+        "schedule": NEVER,
+        "timezone": "UTC",
+        "retention": {"keep_last": 2},
+        "verify_after": False,
+    }
+    body.update(over)
+    return body
+
+
+def create(c: Cluster, **over: Any) -> dict[str, Any]:
+    r = c.http("POST", "/api/v1/policies", json=policy_body(**over))
+    assert r.status_code == 201, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def make_token(c: Cluster, name: str, role: str, scope: dict[str, Any] | None = None) -> str:
+    body: dict[str, Any] = {"name": name, "role": role}
+    if scope is not None:
+        body["scope"] = scope
+    return str(c.client.post("/api/v1/tokens", body)["token"])
+
+
+def refused(r: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    body = error_body(r, status, code)
+    if field is not None:
+        assert field in body["details"].get("fields", []), body
+        assert field in body["message"], body
+    return body
+
+
+def iso(t: str) -> datetime:
+    return datetime.fromisoformat(t.replace("Z", "+00:00"))
+
+
+# ------------------------------------------------------------------- CRUD
+
+
+@pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
+def test_policy_crud_and_every_refusal(cluster: Cluster, make_vm) -> None:
+    c = cluster
+    c.register(make_vm("web1", [8 * MiB]), make_vm("db1", [8 * MiB]))
+
+    made = create(
+        c,
+        selector={"vms": ["web1", "not-yet-there"], "tags": {}},
+        schedule="30 2 * * *",
+        timezone="Europe/Berlin",
+        full_every=7,
+        retention={"keep_last": 2, "keep_daily": 7},
+        window={"start": "22:00", "end": "06:00"},
+    )
+    pid = made["policy_id"]
+    assert made["name"] == "gold" and made["enabled"] is True
+    assert made["selector"] == {"vms": ["web1", "not-yet-there"], "tags": {}}
+    assert made["retention"] == {
+        "keep_last": 2,
+        "keep_hourly": 0,
+        "keep_daily": 7,
+        "keep_weekly": 0,
+        "keep_monthly": 0,
+        "keep_yearly": 0,
+    }
+    assert made["window"] == {"start": "22:00", "end": "06:00"}
+    assert made["full_every"] == 7 and made["verify_after"] is False
+    assert made["created_by"] == "admin" and made["last_runs"] == []
+    assert made["matched_vms"] == ["web1"]
+    # The next runs: 02:30 in Berlin, answered in UTC, ascending, one a day.
+    runs = [iso(t) for t in made["next_runs"]]
+    assert len(runs) == 3 and all(t.utcoffset().total_seconds() == 0 for t in runs)
+    assert all(made["next_runs"][i].endswith("Z") for i in range(3))
+    berlin = [t.astimezone(ZoneInfo("Europe/Berlin")) for t in runs]
+    assert all((t.hour, t.minute) == (2, 30) for t in berlin), berlin
+    assert runs == sorted(runs) and runs[0] > datetime.now(UTC)
+    assert len({t.date() for t in berlin}) == 3
+
+    assert c.client.get(f"/api/v1/policies/{pid}") == {**made, "updated_at": None}
+    listed = c.client.get("/api/v1/policies")
+    assert listed["total"] == 1 and [p["policy_id"] for p in listed["policies"]] == [pid]
+    assert "last_runs" not in listed["policies"][0]
+
+    # Name taken: 409 naming the holder.
+    body = refused(c.http("POST", "/api/v1/policies", json=policy_body()), 409, "conflict")
+    assert body["details"]["policy_id"] == pid
+
+    # Each bad field: 400 invalid_request naming it.
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"schedule": "* * *"}, "schedule"),
+        ({"schedule": "61 * * * *"}, "schedule"),
+        ({"schedule": "0 0 31 2 *"}, "schedule"),  # never runs
+        ({"timezone": "Mars/Olympus"}, "timezone"),
+        ({"repository_id": "nope"}, "repository_id"),
+        ({"retention": {}}, "retention"),
+        ({"retention": {"keep_last": 0, "keep_daily": 0}}, "retention"),
+        ({"retention": {"keep_last": -2}}, "retention.keep_last"),
+        ({"retention": {"keep_last": "2"}}, "retention.keep_last"),
+        ({"retention": {"keep_forever": 1}}, "retention.keep_forever"),
+        ({"full_every": 0}, "full_every"),
+        ({"window": {"start": "25:00", "end": "06:00"}}, "window.start"),
+        ({"window": {"start": "22:00"}}, "window.end"),
+        ({"selector": {"vms": [], "tags": {}}}, "selector"),
+        ({"selector": {"names": ["web1"]}}, "selector.names"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"name": ""}, "name"),
+        ({"colour": "red"}, "colour"),
+    ]
+    for over, field in bad:
+        r = c.http("POST", "/api/v1/policies", json={**policy_body(name="other"), **over})
+        refused(r, 400, "invalid_request", field)
+    body = refused(
+        c.http("POST", "/api/v1/policies", json=policy_body(name="o", schedule="* * *")),
+        400,
+        "invalid_request",
+    )
+    assert "5" in body["message"], body  # the parser's reason: a cron has 5 fields
+    missing = {k: v for k, v in policy_body(name="other").items() if k != "schedule"}
+    refused(c.http("POST", "/api/v1/policies", json=missing), 400, "invalid_request", "schedule")
+    assert c.client.get("/api/v1/policies")["total"] == 1
+
+    # PATCH: partial; the policy is checked whole again.
+    r = c.http("PATCH", f"/api/v1/policies/{pid}", json={"enabled": False, "window": None})
+    assert r.status_code == 200, r.text
+    changed = r.json()
+    assert changed["enabled"] is False and changed["window"] is None
+    assert changed["next_runs"] == [] and changed["updated_at"]
+    assert changed["schedule"] == "30 2 * * *" and changed["full_every"] == 7
+    r = c.http("PATCH", f"/api/v1/policies/{pid}", json={"timezone": "Asia/Tokyo", "enabled": True})
+    tokyo = [iso(t).astimezone(ZoneInfo("Asia/Tokyo")) for t in r.json()["next_runs"]]
+    assert all((t.hour, t.minute) == (2, 30) for t in tokyo), tokyo
+    other = create(c, name="silver")
+    refused(
+        c.http("PATCH", f"/api/v1/policies/{other['policy_id']}", json={"name": "gold"}),
+        409,
+        "conflict",
+    )
+    for over, field in [
+        ({"schedule": "every day"}, "schedule"),
+        ({"timezone": "Nowhere/Land"}, "timezone"),
+        ({"retention": {"keep_last": 0}}, "retention"),
+        ({"repository_id": "gone"}, "repository_id"),
+        ({"name": None}, "name"),
+        ({"full_every": -1}, "full_every"),
+    ]:
+        r = c.http("PATCH", f"/api/v1/policies/{pid}", json=over)
+        refused(r, 400, "invalid_request", field)
+    assert c.client.get(f"/api/v1/policies/{pid}")["timezone"] == "Asia/Tokyo"
+    r = c.http("PATCH", f"/api/v1/policies/{pid}", json={"full_every": None})
+    assert r.json()["full_every"] is None
+    refused(c.http("PATCH", "/api/v1/policies/no-such", json={"enabled": False}), 404, "not_found")
+
+    # Paging and lookup by name.
+    page = c.client.get("/api/v1/policies", limit=1, offset=1)
+    assert page["total"] == 2 and [p["name"] for p in page["policies"]] == ["silver"]
+    assert [p["name"] for p in c.client.get("/api/v1/policies", name="silver")["policies"]] == [
+        "silver"
+    ]
+    assert c.client.get("/api/v1/policies", name="bronze") == {"policies": [], "total": 0}
+
+    # Roles: a viewer reads; writes need an admin.
+    viewer = make_token(c, "v", "viewer")
+    operator = make_token(c, "o", "operator")
+    assert c.http("GET", f"/api/v1/policies/{pid}", token=viewer).status_code == 200
+    for method, path, who in [
+        ("POST", "/api/v1/policies", viewer),
+        ("POST", "/api/v1/policies", operator),
+        ("PATCH", f"/api/v1/policies/{pid}", operator),
+        ("DELETE", f"/api/v1/policies/{pid}", operator),
+        ("POST", f"/api/v1/policies/{pid}/retention/apply", operator),
+        ("POST", f"/api/v1/policies/{pid}/run", viewer),
+    ]:
+        body = refused(
+            c.http(method, path, token=who, json=policy_body(name="x")), 403, "forbidden"
+        )
+        assert body["details"]["role_needed"] in ("admin", "operator"), body
+
+    # DELETE: 204, then gone.
+    r = c.http("DELETE", f"/api/v1/policies/{pid}")
+    assert r.status_code == 204 and r.content == b""
+    refused(c.http("GET", f"/api/v1/policies/{pid}"), 404, "not_found")
+    refused(c.http("DELETE", f"/api/v1/policies/{pid}"), 404, "not_found")
+    refused(c.http("POST", f"/api/v1/policies/{pid}/run"), 404, "not_found")
+    refused(c.http("POST", f"/api/v1/policies/{pid}/retention/plan"), 404, "not_found")
+    assert [p["name"] for p in c.client.get("/api/v1/policies")["policies"]] == ["silver"]
+
+
+# ------------------------------------------------------------------- tags
+
+
+def test_vm_tags_drive_selectors_and_scopes(cluster: Cluster, make_vm) -> None:
+    c = cluster
+    c.register(make_vm("web1", [8 * MiB]), make_vm("db1", [8 * MiB]))
+    assert [v["tags"] for v in c.client.get("/api/v1/vms")["vms"]] == [{}, {}]  # cached now
+    pid = create(c, selector={"vms": [], "tags": {"tier": "gold"}})["policy_id"]
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == []
+
+    r = c.http("PATCH", "/api/v1/vms/web1", json={"tags": {"tier": "gold", "site": "fra"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "web1" and r.json()["tags"] == {"tier": "gold", "site": "fra"}
+    # The list cached before the change shows it at once.
+    assert {v["name"]: v["tags"] for v in c.client.get("/api/v1/vms")["vms"]} == {
+        "db1": {},
+        "web1": {"tier": "gold", "site": "fra"},
+    }
+    assert c.client.get("/api/v1/vms/web1")["tags"] == {"tier": "gold", "site": "fra"}
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == ["web1"]
+
+    c.http("PATCH", "/api/v1/vms/db1", json={"tags": {"tier": "gold"}})
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == ["db1", "web1"]
+    # Every tag of the selector must match.
+    c.http(
+        "PATCH",
+        f"/api/v1/policies/{pid}",
+        json={"selector": {"tags": {"tier": "gold", "site": "fra"}}},
+    )
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == ["web1"]
+    # Tags are replaced whole.
+    r = c.http("PATCH", "/api/v1/vms/web1", json={"tags": {}})
+    assert r.json()["tags"] == {}
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == []
+
+    for tags, field in [
+        ({"a=b": "x"}, "tags.a=b"),
+        ({"tier": "two words"}, "tags.tier"),
+        ({"tier": 5}, "tags.tier"),
+        ({"": "x"}, "tags"),
+        ({f"k{i}": "v" for i in range(51)}, "tags"),
+        ({"x" * 65: "v"}, "tags"),
+    ]:
+        r = c.http("PATCH", "/api/v1/vms/db1", json={"tags": tags})
+        body = error_body(r, 400, "invalid_request")
+        assert any(f.startswith(field) or field.startswith(f) for f in body["details"]["fields"]), (
+            tags,
+            body,
+        )
+    error_body(c.http("PATCH", "/api/v1/vms/db1", json={}), 400, "invalid_request")
+    error_body(c.http("PATCH", "/api/v1/vms/nope", json={"tags": {}}), 404, "not_found")
+    operator = make_token(c, "o", "operator")
+    body = error_body(
+        c.http("PATCH", "/api/v1/vms/db1", json={"tags": {"a": "b"}}, token=operator),
+        403,
+        "forbidden",
+    )
+    assert body["details"]["role_needed"] == "admin"
+    assert c.client.get("/api/v1/vms/db1")["tags"] == {"tier": "gold"}
+
+    # A tenant scoped by tag: the policy (its repository is in scope) shows
+    # only the tenant's VMs, and hides the names of others in the selector.
+    c.http(
+        "PATCH",
+        f"/api/v1/policies/{pid}",
+        json={"selector": {"vms": ["web1"], "tags": {"tier": "gold"}}},
+    )
+    tenant = make_token(c, "t", "operator", {"vms": ["tag:tier=gold"], "repositories": ["default"]})
+    seen = c.http("GET", f"/api/v1/policies/{pid}", token=tenant).json()
+    assert seen["matched_vms"] == ["db1"] and seen["selector"]["vms"] == []
+    assert c.client.get(f"/api/v1/policies/{pid}")["matched_vms"] == ["db1", "web1"]
+    # Running it would back up web1 too, outside the scope: refused.
+    body = error_body(c.http("POST", f"/api/v1/policies/{pid}/run", token=tenant), 403, "forbidden")
+    assert "web1" not in body["message"]
+    # A tenant of another repository does not see the policy at all.
+    other = make_token(c, "t2", "operator", {"vms": ["tag:tier=gold"], "repositories": ["theirs"]})
+    error_body(c.http("GET", f"/api/v1/policies/{pid}", token=other), 404, "not_found")
+    assert c.http("GET", "/api/v1/policies", token=other).json() == {"policies": [], "total": 0}
+    error_body(c.http("POST", f"/api/v1/policies/{pid}/retention/plan", token=other), 404)
