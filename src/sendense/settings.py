@@ -56,6 +56,12 @@ class HubSettings(BaseSettings):
     restore_dirs: str = ""
     # Audit entries older than this many days are removed (hourly); 0: kept.
     audit_retention_days: int = 400
+    # The policy scheduler (scheduler/loop.py): off for hubs that only serve
+    # the API; seconds between two ticks; policy jobs at a time per node
+    # (0: no limit), the rest wait queued in the catalog.
+    scheduler: bool = True
+    scheduler_interval: float = 10.0
+    scheduler_node_limit: int = 4
     log_level: str = "INFO"
 
     @property
