@@ -53,6 +53,16 @@ class DiskView:
     # Why an incremental was turned into a full read, if it was.
     fallback_reason: str | None = None
     new_change_id: str | None = None
+    # The changed areas of an incremental, when the connector knows them itself
+    # (VMware CBT) instead of through a meta context of the export: sorted,
+    # non-overlapping (offset, length) pairs; everything else is unchanged.
+    # None: the export's ``dirty_context`` says (or this is a full read).
+    changed_extents: list[tuple[int, int]] | None = None
+
+    @property
+    def incremental(self) -> bool:
+        """Only the changes since the previous change id are read."""
+        return self.dirty_context is not None or self.changed_extents is not None
 
 
 @dataclass

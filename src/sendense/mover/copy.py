@@ -24,12 +24,13 @@ flight drain and `Cancelled` is raised.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -95,13 +96,18 @@ class CopyResult:
 
 
 def _block_status(
-    h: nbd.NBD, offset: int, length: int, dirty_context: str | None
+    h: nbd.NBD,
+    offset: int,
+    length: int,
+    dirty_context: str | None,
+    dirty_extents: DirtyExtents | None = None,
 ) -> tuple[list[Extent], list[Extent]]:
     """One block status query: (allocation extents, dirty extents).
 
     For a full copy (no dirty context) everything in the window is dirty.
     The server may answer for less than asked; the answer is clipped to the
-    shortest context so both lists cover the same span.
+    shortest context so both lists cover the same span. ``dirty_extents``,
+    when given, are the dirty extents instead of ``dirty_context``'s answer.
     """
     got: dict[str, list[int]] = {}
 
@@ -131,13 +137,33 @@ def _block_status(
         raise NbdError("source did not answer base:allocation")
     end = min(spans)
     alloc = [_clip(e, end) for e in out[ALLOCATION] if e.offset < end]
-    if dirty_context is None:
+    if dirty_extents is not None:
+        dirty = dirty_extents.within(offset, end)
+    elif dirty_context is None:
         dirty = [Extent(offset, end - offset)]
     else:
         if dirty_context not in out:
             raise NbdError(f"source did not answer {dirty_context}")
         dirty = [_clip(e, end) for e in out[dirty_context] if e.offset < end]
     return alloc, dirty
+
+
+class DirtyExtents:
+    """Dirty areas given as a list (sorted, non-overlapping ``(offset, length)``
+    pairs) rather than read from a meta context."""
+
+    def __init__(self, extents: Sequence[tuple[int, int]]) -> None:
+        self.extents = [Extent(o, n) for o, n in extents if n > 0]
+        self.ends = [e.end for e in self.extents]
+
+    def within(self, offset: int, end: int) -> list[Extent]:
+        out = []
+        for e in self.extents[bisect.bisect_right(self.ends, offset) :]:
+            if e.offset >= end:
+                break
+            start, stop = max(e.offset, offset), min(e.end, end)
+            out.append(Extent(start, stop - start))
+        return out
 
 
 def _clip(e: Extent, end: int) -> Extent:
@@ -169,11 +195,16 @@ def _blockify(extents: list[Extent], size: int) -> Iterator[Extent]:
 
 
 def plan_window(
-    h: nbd.NBD, offset: int, length: int, size: int, dirty_context: str | None
+    h: nbd.NBD,
+    offset: int,
+    length: int,
+    size: int,
+    dirty_context: str | None,
+    dirty_extents: DirtyExtents | None = None,
 ) -> tuple[list[Extent], int]:
     """Extents to move in ``[offset, offset+length)``; returns them and how far
     the answer reached (the server may answer less than asked)."""
-    alloc, dirty = _block_status(h, offset, length, dirty_context)
+    alloc, dirty = _block_status(h, offset, length, dirty_context, dirty_extents)
     reached = alloc[-1].end if alloc else offset + length
     dirty = list(merge(align_out(d, dg.BLOCK_SIZE, size) for d in dirty))
     # Alignment may reach past what block status answered: ask again for the tail.
@@ -185,10 +216,14 @@ def plan_window(
     return list(_blockify(list(intersect(dirty, alloc)), size)), reached
 
 
-def iter_plan(h: nbd.NBD, size: int, dirty_context: str | None) -> Iterator[Extent]:
+def iter_plan(
+    h: nbd.NBD, size: int, dirty_context: str | None, dirty_extents: DirtyExtents | None = None
+) -> Iterator[Extent]:
     offset = 0
     while offset < size:
-        extents, reached = plan_window(h, offset, min(WINDOW, size - offset), size, dirty_context)
+        extents, reached = plan_window(
+            h, offset, min(WINDOW, size - offset), size, dirty_context, dirty_extents
+        )
         for e in extents:
             # A block grown by alignment may already have been planned by the
             # previous window.
@@ -210,6 +245,7 @@ class Mover:
         size: int,
         *,
         dirty_context: str | None = None,
+        dirty_extents: Sequence[tuple[int, int]] | None = None,
         target_is_zero: bool = True,
         hashes: dg.BlockHashList | None = None,
         finish_hashes: bool = True,
@@ -223,6 +259,8 @@ class Mover:
         self.dst = dst
         self.size = size
         self.dirty_context = dirty_context
+        # Changed areas the source's connector knows itself (VMware CBT).
+        self.dirty_extents = DirtyExtents(dirty_extents) if dirty_extents is not None else None
         self.target_is_zero = target_is_zero
         self.hashes = hashes
         # dst None: only hash what would be copied (no writes).
@@ -245,7 +283,7 @@ class Mover:
 
     def plan_total(self) -> int:
         total = 0
-        for e in iter_plan(self.src, self.size, self.dirty_context):
+        for e in iter_plan(self.src, self.size, self.dirty_context, self.dirty_extents):
             if not e.zero:
                 total += e.length
         return total
@@ -387,7 +425,7 @@ class Mover:
             self.progress.bytes_done += e.length
 
     def _requests(self) -> Iterator[Extent]:
-        for e in iter_plan(self.src, self.size, self.dirty_context):
+        for e in iter_plan(self.src, self.size, self.dirty_context, self.dirty_extents):
             if e.zero:
                 yield e
             else:

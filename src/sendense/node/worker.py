@@ -136,7 +136,7 @@ def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
             key = view.disk.key
             status.report.disks[str(key)] = DiskStatus(
                 disk_key=key,
-                mode="incremental" if view.dirty_context else "full",
+                mode="incremental" if view.incremental else "full",
                 bytes_done=0,
                 bytes_total=0,
                 status="pending",
@@ -248,14 +248,14 @@ def _copy_disk(
                 f"target for disk {key} is {dst.get_size()} bytes, the disk is {size}",
                 code="target_size_mismatch",
             )
-        if view.dirty_context:
+        if view.incremental:
             prev_list = hdir / f"{previous[key]}.{algorithm}"
             if prev_list.exists():
                 base = prev_list
         hashes = dg.BlockHashList(
             hdir / f"{view.new_change_id}.{algorithm}", size, base=base, algorithm=algorithm
         )
-        if view.dirty_context and base is None:
+        if view.incremental and base is None:
             # No block hash list of the previous restore point on this node:
             # the digest needs every block, so read the unchanged ones too.
             msg = f"disk {key}: no block hash list for {previous[key]}; digest needs a full read"
@@ -277,6 +277,7 @@ def _copy_disk(
             dst,
             size,
             dirty_context=view.dirty_context,
+            dirty_extents=view.changed_extents,
             # A disk with a previous change id has a target with a backing file
             # (even when the change id was unusable): zero runs must be written.
             target_is_zero=key not in previous,
