@@ -11,14 +11,17 @@ so the in-hub scheduler leaves these policies alone.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from fixtures.cluster import Cluster
-from fixtures.lifecycle import MiB, error_body
+from fixtures.cluster import Cluster, cli
+from fixtures.lifecycle import MiB, by_disk, error_body, raw_copy, reference_digest, write_random
+from sendense.qemu import img
 
 NEVER = "0 3 1 1 *"
 
@@ -293,3 +296,144 @@ def test_vm_tags_drive_selectors_and_scopes(cluster: Cluster, make_vm) -> None:
     error_body(c.http("GET", f"/api/v1/policies/{pid}", token=other), 404, "not_found")
     assert c.http("GET", "/api/v1/policies", token=other).json() == {"policies": [], "total": 0}
     error_body(c.http("POST", f"/api/v1/policies/{pid}/retention/plan", token=other), 404)
+
+
+# -------------------------------------------------------------- retention
+
+
+def take(c: Cluster, vm: Any, name: str, kinds: list[str], tmp_path: Path) -> list[dict[str, Any]]:
+    """One backup per kind (disk 0) after new writes, each copied to a raw
+    file as it reads at backup time."""
+    points = []
+    for i, kind in enumerate(kinds):
+        write_random(vm, 0, (i * 2 * MiB) % (6 * MiB), MiB)
+        point = by_disk(c, c.backup(name, kind))[0]
+        raw_copy(point["file_path"], tmp_path / f"{point['backup_id']}.raw")
+        points.append(point)
+    return points
+
+
+def assert_reads_as_before(c: Cluster, point: dict[str, Any], tmp_path: Path) -> None:
+    raw = tmp_path / f"{point['backup_id']}.raw"
+    now = c.client.get(f"/api/v1/backups/{point['backup_id']}")
+    assert now["status"] == "completed", now
+    assert img.compare(now["file_path"], str(raw)), now
+    assert now["digest"] == point["digest"] == reference_digest(raw)
+
+
+def test_retention_plan_then_apply(cluster: Cluster, make_vm, tmp_path: Path) -> None:
+    c = cluster
+    vm = make_vm("ret1", [8 * MiB])
+    c.register(vm)
+    full, inc1, inc2 = take(c, vm, "ret1", ["full", "incremental", "incremental"], tmp_path)
+    pid = create(c, selector={"vms": ["ret1"]}, retention={"keep_last": 2})["policy_id"]
+
+    r = c.http("POST", f"/api/v1/policies/{pid}/retention/plan")
+    assert r.status_code == 200, r.text
+    plan = r.json()
+    (vm_plan,) = plan["vms"]
+    assert vm_plan["vm_name"] == "ret1" and vm_plan["repository_id"] == "default"
+    (disk,) = vm_plan["disks"]
+    assert disk["disk_id"] == 0 and disk["locked"] == []
+    assert [k["backup_id"] for k in disk["keep"]] == [inc2["backup_id"], inc1["backup_id"]]
+    assert all(k["reasons"] for k in disk["keep"])
+    # The full is the base of the kept points: it goes by merging into inc1.
+    assert disk["remove"] == [
+        {
+            "backup_id": full["backup_id"],
+            "action": "consolidate",
+            "reason": disk["remove"][0]["reason"],
+            "into": inc1["backup_id"],
+        }
+    ]
+    assert disk["remove"][0]["reason"]
+    # A dry run changes nothing.
+    assert c.client.get(f"/api/v1/backups/{full['backup_id']}")["status"] == "completed"
+    assert c.client.get("/api/v1/jobs", kind="retention")["total"] == 0
+
+    r = c.http("POST", f"/api/v1/policies/{pid}/retention/apply")
+    assert r.status_code == 202, r.text
+    applied = r.json()
+    assert applied["job_ids"] == [applied["job_id"]]
+    assert applied["vms"] == [{"vm_name": "ret1", "job_id": applied["job_id"], "removes": 1}]
+    job = c.wait_job(applied["job_id"])
+    assert job["status"] == "completed" and job["kind"] == "retention", job
+    assert job["created_by"] == "admin"
+    error_body(c.http("GET", f"/api/v1/backups/{full['backup_id']}"), 404, "not_found")
+    for point in (inc1, inc2):
+        assert_reads_as_before(c, point, tmp_path)
+
+    # Nothing more to remove: the plan keeps both, apply starts no job.
+    again = c.client.post(f"/api/v1/policies/{pid}/retention/plan")
+    assert again["vms"][0]["disks"][0]["remove"] == []
+    r = c.http("POST", f"/api/v1/policies/{pid}/retention/apply")
+    assert r.status_code == 202 and r.json()["job_id"] is None and r.json()["job_ids"] == []
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def test_cli_policy_commands_and_vm_tag(cluster: Cluster, make_vm) -> None:
+    c = cluster
+    vm = make_vm("web1", [8 * MiB])
+    c.register(vm)
+
+    out = cli(c, "vm", "tag", "web1", "tier=gold", "site=fra").stdout
+    assert "web1: site=fra tier=gold" in out
+    out = cli(c, "vm", "tag", "web1", "--remove", "site").stdout
+    assert "web1: tier=gold" in out
+    assert json.loads(cli(c, "--json", "vm", "tag", "web1").stdout) == {
+        "name": "web1",
+        "tags": {"tier": "gold"},
+    }
+    assert c.client.get("/api/v1/vms/web1")["tags"] == {"tier": "gold"}
+    bad = cli(c, "vm", "tag", "web1", "a=two words", ok=False)
+    assert "invalid_request" in bad.stderr
+
+    out = cli(
+        c, "policy", "create", "gold", "--tag", "tier=gold", "--schedule", NEVER,
+        "--timezone", "Europe/Berlin", "--keep-last", "2", "--window", "22:00-06:00",
+    ).stdout  # fmt: skip
+    assert "policy gold created" in out and "web1" in out and "22:00-06:00" in out
+    made = json.loads(cli(c, "--json", "policy", "show", "gold").stdout)
+    assert made["selector"] == {"vms": [], "tags": {"tier": "gold"}}
+    assert made["matched_vms"] == ["web1"] and made["timezone"] == "Europe/Berlin"
+    assert len(made["next_runs"]) == 3
+    # By id as well as by name.
+    assert (
+        json.loads(cli(c, "--json", "policy", "show", made["policy_id"]).stdout)["name"] == "gold"
+    )
+    listed = cli(c, "policy", "ls").stdout
+    assert "gold" in listed and "tier=gold" in listed and "last=2" in listed
+    assert json.loads(cli(c, "--json", "policy", "ls").stdout)["total"] == 1
+
+    refused = cli(c, "policy", "create", "bad", "--vm", "web1", "--schedule", "* *",
+                  "--keep-last", "1", ok=False)  # fmt: skip
+    assert "invalid_request" in refused.stderr and "schedule" in refused.stderr
+    refused = cli(c, "--json", "policy", "create", "gold", "--vm", "web1", "--schedule", NEVER,
+                  "--keep-last", "1", ok=False)  # fmt: skip
+    assert json.loads(refused.stdout)["error"] == "conflict"
+
+    out = cli(c, "policy", "edit", "gold", "--keep-daily", "7", "--disable", "--window", "none")
+    assert "policy gold changed" in out.stdout
+    edited = json.loads(cli(c, "--json", "policy", "show", "gold").stdout)
+    assert edited["retention"]["keep_last"] == 2 and edited["retention"]["keep_daily"] == 7
+    assert edited["enabled"] is False and edited["window"] is None and edited["next_runs"] == []
+    cli(c, "policy", "edit", "gold", "--enable", "--keep-daily", "0")
+
+    for kind in ("full", "incremental", "incremental"):
+        write_random(vm, 0, 0, MiB)
+        c.backup("web1", kind)
+    plan = cli(c, "policy", "plan", "gold").stdout
+    assert plan.count(" keep ") == 2 and "consolidate into" in plan, plan
+    assert "1 restore point(s) would be removed" in plan
+    as_json = json.loads(cli(c, "--json", "policy", "plan", "gold").stdout)
+    assert len(as_json["vms"][0]["disks"][0]["remove"]) == 1
+    applied = json.loads(cli(c, "--json", "policy", "apply", "gold", "--wait").stdout)
+    assert [j["status"] for j in applied["jobs"]] == ["completed"]
+    assert "0 restore point(s) would be removed" in cli(c, "policy", "plan", "gold").stdout
+
+    assert "policy gold deleted" in cli(c, "policy", "rm", "gold").stdout
+    gone = cli(c, "policy", "show", "gold", ok=False)
+    assert "not_found" in gone.stderr
+    assert json.loads(cli(c, "--json", "policy", "ls").stdout) == {"policies": [], "total": 0}

@@ -664,6 +664,12 @@ restore_commands.bind(sys.modules[__name__])
 app.add_typer(restore_commands.restore_app, name="restore")
 app.add_typer(restore_commands.export_app, name="export")
 
+# policy create / ls / show / edit / rm / run / plan / apply, and vm tag.
+from sendense.cli.commands import policy as policy_commands  # noqa: E402
+
+policy_commands.bind(sys.modules[__name__])
+app.add_typer(policy_commands.policy_app, name="policy")
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
