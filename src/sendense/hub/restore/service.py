@@ -269,14 +269,25 @@ def open_mount(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
     return view
 
 
+def _sees_mount(who: Principal, job: BackupJob) -> bool:
+    """A scoped principal sees a session only when it sees both its VM and
+    its repository; a session whose VM row is gone is nobody's tenant's."""
+    if who.scope is None:
+        return True
+    vm = job.vm
+    return (
+        vm is not None
+        and who.can_see_vm(vm.name, vm.tags)
+        and who.can_see_repository(job.repository_id)
+    )
+
+
 def _mount(s: Session, who: Principal, mount_id: str) -> BackupJob:
+    """The session, or NotFound, word for word the same for an id that does
+    not exist and for another tenant's session."""
     job = JobStore(s).get(mount_id)
-    if job is None or job.kind != sessions.KIND:
+    if job is None or job.kind != sessions.KIND or not _sees_mount(who, job):
         raise NotFound(f"restore session {mount_id} not found", mount_id=mount_id)
-    try:
-        visible_job(s, who, mount_id)
-    except NotFound:
-        raise NotFound(f"restore session {mount_id} not found", mount_id=mount_id) from None
     return job
 
 
@@ -292,11 +303,8 @@ def list_mounts(st: HubState, who: Principal, *, include_closed: bool) -> list[d
             q = q.where(BackupJob.status.in_(ACTIVE))
         out = []
         for j in s.scalars(q.order_by(BackupJob.created_at.desc(), BackupJob.id.desc())).all():
-            try:
-                visible_job(s, who, j.id)
-            except NotFound:
-                continue
-            out.append(mount_view(j))
+            if _sees_mount(who, j):
+                out.append(mount_view(j))
         return out
 
 
