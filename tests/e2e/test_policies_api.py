@@ -298,6 +298,55 @@ def test_vm_tags_drive_selectors_and_scopes(cluster: Cluster, make_vm) -> None:
     error_body(c.http("POST", f"/api/v1/policies/{pid}/retention/plan", token=other), 404)
 
 
+# -------------------------------------------------------------------- run
+
+
+def test_run_now_then_last_runs(cluster: Cluster, make_vm) -> None:
+    c = cluster
+    c.register(make_vm("web1", [8 * MiB]), make_vm("db1", [8 * MiB]), make_vm("dev1", [8 * MiB]))
+    for name in ("web1", "db1"):
+        c.http("PATCH", f"/api/v1/vms/{name}", json={"tags": {"tier": "gold"}})
+    pid = create(c, selector={"vms": [], "tags": {"tier": "gold"}}, retention={"keep_last": 5})[
+        "policy_id"
+    ]
+    operator = make_token(c, "ops", "operator")
+    r = c.http("POST", f"/api/v1/policies/{pid}/run", token=operator)
+    assert r.status_code == 202, r.text
+    started = r.json()
+    assert len(started["job_ids"]) == 2 and started["queued"] == [] and started["skipped"] == []
+    jobs = {j["vm_name"]: j for j in (c.wait_job(job_id) for job_id in started["job_ids"])}
+    assert sorted(jobs) == ["db1", "web1"]  # dev1 has no tag: not protected
+    for job in jobs.values():
+        assert job["status"] == "completed", job
+        assert job["created_by"] == "ops" and job["tags"]["policy_id"] == pid
+        assert job["backup_type"] == "full"  # a VM's first run under a policy
+
+    shown = c.client.get(f"/api/v1/policies/{pid}")
+    last = {r["vm_name"]: r for r in shown["last_runs"]}
+    assert sorted(last) == ["db1", "web1"]
+    for name, run in last.items():
+        assert run["job_id"] == jobs[name]["job_id"] and run["job_status"] == "completed"
+        assert run["trigger"] == "manual" and run["backup_type"] == "full"
+        assert run["status"] in ("started", "verifying", "retaining", "done"), run
+        assert run["error"] is None and run["finished_at"]
+    # Backups made by the policy are there, one full per VM.
+    for name in ("web1", "db1"):
+        points = c.client.get("/api/v1/backups", vm_name=name)["backups"]
+        assert [p["backup_type"] for p in points] == ["full"], points
+
+    # A policy that matches no VM: accepted, no job.
+    empty = create(c, name="nobody", selector={"vms": ["not-yet"]})["policy_id"]
+    r = c.http("POST", f"/api/v1/policies/{empty}/run")
+    assert r.status_code == 202 and r.json()["job_ids"] == [], r.text
+    assert c.client.get(f"/api/v1/policies/{empty}")["last_runs"] == []
+
+    # Deleting the policy keeps its jobs and backups, drops its history.
+    assert c.http("DELETE", f"/api/v1/policies/{pid}").status_code == 204
+    for job_id in started["job_ids"]:
+        assert c.client.get(f"/api/v1/jobs/{job_id}")["status"] == "completed"
+    assert len(c.client.get("/api/v1/backups", vm_name="web1")["backups"]) == 1
+
+
 # -------------------------------------------------------------- retention
 
 

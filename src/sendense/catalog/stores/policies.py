@@ -1,9 +1,7 @@
 """Queries of the policies tables: policies, their runs and per-VM queue.
 
-A policy's selector, ``{"vms": [names], "tags": {key: value}}``, matches a
-VM that is named in ``vms`` or carries every tag of ``tags`` (an empty
-``tags`` matches no VM by tags: ``{}`` is not "every VM"). `selects` is that
-rule, for the API and the scheduler alike.
+Selectors are matched by `sendense.scheduler.selector.selector_matches`,
+the one rule the API and the scheduler share.
 """
 
 from __future__ import annotations
@@ -23,16 +21,7 @@ from sendense.catalog.models import (
     Webhook,
     WebhookDelivery,
 )
-
-
-def selects(selector: Mapping[str, Any] | None, name: str, tags: Mapping[str, Any] | None) -> bool:
-    """Whether a policy's selector matches the VM ``name`` with ``tags``."""
-    selector = selector or {}
-    if name in (selector.get("vms") or []):
-        return True
-    wanted = selector.get("tags") or {}
-    have = tags or {}
-    return bool(wanted) and all(k in have and str(have[k]) == str(v) for k, v in wanted.items())
+from sendense.scheduler.selector import selector_matches
 
 
 class PolicyStore:
@@ -64,7 +53,7 @@ class PolicyStore:
 
     def matched_vms(self, selector: Mapping[str, Any] | None) -> list[Row[Any]]:
         """(id, name, tags) of the VMs the selector matches now, by name."""
-        return [r for r in self.vm_rows() if selects(selector, r.name, r.tags)]
+        return [r for r in self.vm_rows() if selector_matches(selector, r.name, r.tags or {})]
 
     def last_run_vms(self, policy_id: str) -> list[Row[Any]]:
         """Per VM, the newest queue entry of the policy with its run and job.

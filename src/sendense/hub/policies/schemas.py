@@ -110,7 +110,10 @@ class PolicyLastRun(BaseModel):
     trigger: str = Field(description="schedule, missed or manual")
     scheduled_at: datetime | None
     missed_count: int
-    status: str = Field(description="queued, started, skipped or failed (could not start)")
+    status: str = Field(
+        description="queued, starting, started (backup running), verifying, retaining, "
+        "done, failed (with reason) or skipped (superseded by a newer run)"
+    )
     reason: str | None
     backup_type: str
     attempts: int

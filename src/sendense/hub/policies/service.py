@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from sendense.catalog.models import Policy
 from sendense.catalog.stores import JobStore, RepositoryStore
-from sendense.catalog.stores.policies import PolicyStore, selects
+from sendense.catalog.stores.policies import PolicyStore
 from sendense.core.access import Principal
 from sendense.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from sendense.engine import retention
@@ -42,6 +42,8 @@ from sendense.hub.policies.schemas import PolicyCreate, PolicyUpdate
 from sendense.hub.state import HubState
 from sendense.policy.retention import RULES, RetentionRules
 from sendense.policy.schedule import Schedule, Window
+from sendense.scheduler.runs import run_policy_now
+from sendense.scheduler.selector import selector_matches
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,8 @@ def _matched(policy: Policy, who: Principal, vm_rows: list[Any]) -> list[Any]:
     return [
         r
         for r in vm_rows
-        if selects(policy.selector, r.name, r.tags) and who.can_see_vm(r.name, r.tags)
+        if selector_matches(policy.selector, r.name, r.tags or {})
+        and who.can_see_vm(r.name, r.tags)
     ]
 
 
@@ -327,8 +330,6 @@ def run_policy(st: HubState, who: Principal, policy_id: str) -> dict[str, Any]:
                     f"{who.name}; an unscoped operator may run it",
                     vms_outside_scope=len(hidden),
                 )
-    from sendense.scheduler.runs import run_policy_now
-
     result = dict(run_policy_now(st, policy_id, created_by=who.name))
     result.setdefault("job_ids", [])
     return result
