@@ -28,6 +28,7 @@ from sendense.nbd.ports import PortAllocator
 from sendense.restore.disk import RestoreJob
 from sendense.restore.export import ExportJob
 from sendense.restore.sessions import MountJob, SessionPools
+from sendense.scheduler.loop import Scheduler
 from sendense.secretbox import SecretBox
 from sendense.settings import HubSettings
 
@@ -62,6 +63,9 @@ class HubState:
     cache: CatalogCache = None  # type: ignore[assignment]  # set by open()
     # This process's filesystem workers of restore sessions (restore/sessions.py).
     restore_pools: SessionPools = None  # type: ignore[assignment]  # set by open()
+    # The policy scheduler (scheduler/loop.py): in API worker 0 only, when
+    # settings.scheduler; hub hosts sharing a catalog rely on its claims.
+    scheduler: Scheduler | None = None
 
     @classmethod
     def open(cls, settings: HubSettings) -> HubState:
@@ -106,6 +110,9 @@ class HubState:
         state.node_health = NodeHealthMonitor(db, secrets, interval=settings.node_health_interval)
         state.node_health.start()
         state.audit = AuditWriter(db, settings.audit_retention_days)
+        if settings.scheduler and settings.worker_index == 0:
+            state.scheduler = Scheduler(state)
+            state.scheduler.start()
         return state
 
     def take_over_orphans(self) -> None:
@@ -116,6 +123,8 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self.restore_pools is not None:
             self.restore_pools.shutdown()
         if self.audit is not None:
