@@ -77,7 +77,7 @@ def test_api_documentation_needs_the_token(api: Api, path: str) -> None:
     [
         (
             {"source": {"type": "vmware", "config": {"password": "x"}}},
-            "source.type 'vmware' is not supported by this node (supported: qemu)",
+            "source.type 'vmware' is not supported by this node (supported: qemu, file)",
         ),
         ({"source": {"type": "qemu", "config": {}}}, "source.config.vms must be a non-empty list"),
         (

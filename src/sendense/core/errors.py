@@ -232,3 +232,17 @@ class ParserLimit(Conflict):
     (``details.limit``: ``memory`` or ``time``)."""
 
     code = "parser_limit"
+
+
+class ImageInUse(Conflict):
+    """A file source's image is open for writing by a running QEMU (it holds
+    QEMU's write lock): its backup would not be a point in time."""
+
+    code = "image_in_use"
+
+
+class ImageChanged(Conflict):
+    """A file source's image changed while it was read (mtime or size moved):
+    the copy is not a point in time and is refused."""
+
+    code = "image_changed"

@@ -36,7 +36,7 @@ from sendense.storage import backends, immutability
 log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("qemu", "vmware", "file")
-SUPPORTED_SOURCE_TYPES = ("qemu",)
+SUPPORTED_SOURCE_TYPES = ("qemu", "file")
 DEFAULT_REPOSITORY_ID = "default"
 
 
@@ -184,7 +184,9 @@ def register_source(
     if kind not in SOURCE_TYPES:
         raise InvalidRequest(f"type must be one of {', '.join(SOURCE_TYPES)}")
     if kind not in SUPPORTED_SOURCE_TYPES:
-        raise InvalidRequest(f"type {kind} is not supported yet (supported: qemu)")
+        raise InvalidRequest(
+            f"type {kind} is not supported yet (supported: {', '.join(SUPPORTED_SOURCE_TYPES)})"
+        )
     if kind == "qemu":
         vms = config.get("vms")
         if not isinstance(vms, list) or not vms:
@@ -192,6 +194,10 @@ def register_source(
         for i, vm in enumerate(vms):
             if not isinstance(vm, dict) or not vm.get("name") or not vm.get("qmp_socket"):
                 raise InvalidRequest(f"config.vms[{i}] needs name and qmp_socket")
+    if kind == "file":  # the shape only: the node checks the paths when it reads them
+        from sendense.connectors.file.config import parse_config
+
+        parse_config(config)
     public, secret = split_secrets(config)
     source = Source(
         name=name,

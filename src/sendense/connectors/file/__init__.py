@@ -1,0 +1,1 @@
+"""The ``file`` source: raw or qcow2 images and block devices the node reads."""

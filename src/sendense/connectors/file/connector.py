@@ -1,0 +1,255 @@
+"""File connector: a VM is a list of images or block devices on the node.
+
+Config: ``{"vms": [{"name", "paths": ["/images/a.qcow2", "/dev/vg/lv", ...]}]}``
+(`connectors.file.config`). Each path is one disk, key 2000 + its position;
+its format (raw or qcow2) is detected with ``qemu-img info`` and its capacity
+is the virtual size.
+
+Point in time. Nothing can freeze a plain image, so the image must not
+change while it is read: the VM is stopped, or the path is a snapshot (an
+LVM snapshot, a reflink copy). The connector checks what it can:
+
+- a running QEMU that has the image open for writing holds QEMU's write
+  lock: discovery and backup refuse the image (`ImageInUse`, 409);
+- from before the read to after the copy the images stay open read-only in
+  one ``qemu-storage-daemon`` (`image.ImageServer`), whose lock keeps any
+  QEMU from opening them for writing meanwhile;
+- each image's `image.Fingerprint` (mtime and size of a file, size of a
+  block device) is taken before and compared after the copy; if it moved,
+  the backup fails (`ImageChanged`) instead of keeping a mixed-up copy.
+
+Change tracking. A full backup exports the image as it is: the mover reads
+the allocated extents (``base:allocation``: qcow2's allocation map, a raw
+file's holes; a block device is all data). An incremental needs the block
+hash list of the previous change id on this node (`changes`): the image is
+read once, hashed per 64 KiB block, compared, and the export carries a
+dirty bitmap of the changed blocks, so the mover moves only those. Without
+the list (another node made that restore point, the list was pruned, the
+disk was resized, or the change id is not ours), the disk is read in full
+and the job says why. The change id names the restore point's list:
+``sendense-file-<16 hex digits>``.
+
+Release stops the server, always; after a successful copy it is where a
+moved fingerprint fails the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nbd
+
+from sendense.connectors.base import DiskInfo, DiskView, PointInTime, VmInfo
+from sendense.connectors.file import changes
+from sendense.connectors.file.config import FileVm, check_readable, parse_config
+from sendense.connectors.file.image import Fingerprint, ImageInfo, ImageServer, probe
+from sendense.core.errors import ImageChanged, NotFound
+from sendense.mover import digest as dg
+
+log = logging.getLogger(__name__)
+
+FIRST_DISK_KEY = 2000
+CHANGE_ID_PREFIX = "sendense-file-"
+BITMAP = "sendense-changed"
+
+
+def new_change_id() -> str:
+    return f"{CHANGE_ID_PREFIX}{uuid.uuid4().hex[:16]}"
+
+
+def hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
+    """Where the worker keeps a disk's block hash lists, one per change id
+    (``node/worker.py``, ``_hash_list_dir``: the same layout)."""
+    return data_dir / "blockhash" / vm_name.replace("/", "_") / str(key)
+
+
+def node_data_dir(workdir: Path) -> Path | None:
+    """The node's data dir, from a job's work dir ``<data>/jobs/<job id>/work``."""
+    if workdir.parent.parent.name == "jobs":
+        return workdir.parent.parent.parent
+    return None
+
+
+class FileConnector:
+    """Connector over the ``file`` source config. Building it checks the
+    config only; discovery and freeze read the images."""
+
+    def __init__(self, config: dict[str, Any], *, workdir: str) -> None:
+        self.vms = {vm.name: vm for vm in parse_config(config)}
+        self.workdir = Path(workdir)
+        self.server: ImageServer | None = None
+        self._before: dict[str, Fingerprint] = {}
+        self._fields: dict[str, str] = {}
+
+    # -- discovery ---------------------------------------------------------
+
+    def _images(self, vm: FileVm) -> list[ImageInfo]:
+        out = []
+        for i, path in enumerate(vm.paths):
+            field = vm.field(i)
+            device = check_readable(path, field)
+            out.append(probe(path, field, device=device))
+        return out
+
+    def _disks(self, vm: FileVm, images: list[ImageInfo]) -> list[DiskInfo]:
+        return [
+            DiskInfo(
+                index=i,
+                key=FIRST_DISK_KEY + i,
+                label=os.path.basename(image.path),
+                capacity_bytes=image.virtual_size,
+                path=image.path,
+                node_name=f"src{i}",
+            )
+            for i, image in enumerate(images)
+        ]
+
+    def discover(self) -> list[VmInfo]:
+        out = []
+        for vm in self.vms.values():
+            disks = self._disks(vm, self._images(vm))
+            out.append(VmInfo(name=vm.name, path=vm.paths[0], disks=disks))
+        return out
+
+    # -- point in time -----------------------------------------------------
+
+    def freeze(
+        self, vm_name: str, disk_keys: list[int], previous_change_ids: dict[int, str]
+    ) -> PointInTime:
+        vm = self.vms.get(vm_name)
+        if vm is None:
+            raise NotFound(f"VM {vm_name} is not in this source")
+        images = self._images(vm)
+        disks = {d.key: d for d in self._disks(vm, images)}
+        unknown = [k for k in disk_keys if k not in disks]
+        if unknown:
+            raise NotFound(f"disk key(s) {unknown} not found in VM {vm_name}")
+        self._fields = {image.path: vm.field(i) for i, image in enumerate(images)}
+        self._before = {image.path: Fingerprint.of(image.path) for image in images}
+        server = ImageServer(self.workdir, images)
+        self.server = server
+        server.start([vm.field(i) for i in range(len(images))])
+        change_id = new_change_id()
+        data_dir = node_data_dir(self.workdir)
+        views = []
+        for key in disk_keys:
+            disk = disks[key]
+            prev = previous_change_ids.get(key)
+            bitmap = None
+            reason = None
+            if prev:
+                hashes, algorithm, reason = self._previous_list(data_dir, vm_name, disk, prev)
+                if hashes is not None:
+                    self._mark_changes(server, disk, hashes, algorithm)
+                    bitmap = f"chg{disk.index}/{BITMAP}"
+            export = f"sendense-{change_id}-{key}"
+            url = server.export(export, disk.node_name, bitmap=bitmap)
+            views.append(
+                DiskView(
+                    disk=disk,
+                    nbd_url=url,
+                    dirty_context=f"qemu:dirty-bitmap:{BITMAP}" if bitmap else None,
+                    fallback_reason=reason,
+                    new_change_id=change_id,
+                )
+            )
+        # Reading for the hashes took a while: a change already shows.
+        self._check_unchanged()
+        return PointInTime(views=views)
+
+    def _previous_list(
+        self, data_dir: Path | None, vm_name: str, disk: DiskInfo, prev: str
+    ) -> tuple[Path | None, str, str | None]:
+        """The block hash list of ``prev`` and its algorithm, or why there is none."""
+        if not prev.startswith(CHANGE_ID_PREFIX):
+            return None, "", f"change id {prev} of disk {disk.key} is not a file source's"
+        if data_dir is None:
+            return None, "", "the node's block hash lists are not reachable from this job"
+        folder = hash_list_dir(data_dir, vm_name, disk.key)
+        for algorithm in (dg.DEFAULT_ALGORITHM, *dg.ALGORITHMS):
+            path = folder / f"{prev}.{algorithm}"
+            if path.exists():
+                _, hash_size = changes.leaf_of(algorithm)
+                if path.stat().st_size != dg.block_count(disk.capacity_bytes) * hash_size:
+                    return (
+                        None,
+                        "",
+                        (
+                            f"the block hash list of change id {prev} does not match disk "
+                            f"{disk.key} (resized?)"
+                        ),
+                    )
+                return path, algorithm, None
+        return (
+            None,
+            "",
+            (
+                f"no block hash list for change id {prev} of disk {disk.key} on this node "
+                "(made by another node, or pruned)"
+            ),
+        )
+
+    def _mark_changes(
+        self, server: ImageServer, disk: DiskInfo, hashes: Path, algorithm: str
+    ) -> None:
+        node = f"chg{disk.index}"
+        server.add_bitmap_node(node, disk.capacity_bytes, BITMAP, dg.BLOCK_SIZE)
+        read_export, mark_export = f"hash-{disk.index}", f"mark-{disk.index}"
+        src = nbd.NBD()
+        src.add_meta_context("base:allocation")
+        mark = nbd.NBD()
+        try:
+            src.connect_uri(server.export(read_export, disk.node_name))
+            mark.connect_uri(server.export(mark_export, node, writable=True))
+            summary = changes.find_changes(
+                src,
+                disk.capacity_bytes,
+                hashes,
+                changes.ChangeMarker(mark, disk.capacity_bytes),
+                algorithm=algorithm,
+            )
+        finally:
+            for h in (src, mark):
+                with contextlib.suppress(Exception):
+                    h.shutdown()
+        server.remove_export(read_export)
+        server.remove_export(mark_export)
+        # An enabled bitmap cannot go with a read-only export (qemu nbd/server.c).
+        server.execute("block-dirty-bitmap-disable", node=node, name=BITMAP)
+        log.info(
+            "disk=%d hashed blocks=%d changed=%d read_bytes=%d seconds=%.3f rate=%.0f",
+            disk.key,
+            summary.blocks,
+            summary.changed_blocks,
+            summary.read_bytes,
+            summary.seconds,
+            summary.rate,
+        )
+
+    def _check_unchanged(self) -> None:
+        for path, before in self._before.items():
+            try:
+                moved = before.changes(Fingerprint.of(path))
+            except OSError as e:
+                moved = [f"cannot stat it any more: {e.strerror or e}"]
+            if moved:
+                field = self._fields.get(path, "")
+                raise ImageChanged(
+                    f"{field}: {path} changed while it was read ({', '.join(moved)}): "
+                    "the copy is not a point in time and is refused. The image must not "
+                    "change during a backup: stop the VM or back up a snapshot of it",
+                    field=field,
+                    path=path,
+                )
+
+    def release(self, success: bool) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+        if success and self._before:
+            self._check_unchanged()

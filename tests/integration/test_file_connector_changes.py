@@ -1,0 +1,200 @@
+"""The file connector on real qemu-img / qemu-storage-daemon, without hub or
+node: what it discovers, what it refuses, and that the dirty bitmap its
+incremental export carries names exactly the blocks whose hash changed
+(checked against hashes computed here, from a raw copy, independently of
+the connector's own hashing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+import xxhash
+
+from sendense.connectors.file.connector import FileConnector
+from sendense.core.errors import ImageChanged, ImageInUse, InvalidRequest
+from sendense.qemu import img
+from sendense.qemu.qsd import QsdVm
+
+MiB = 1 << 20
+BLOCK = 64 * 1024
+
+
+def qemu_io(path: Path, *commands: str) -> None:
+    args = ["qemu-io"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, str(path)], check=True, capture_output=True)
+
+
+def hash_list(path: Path, tmp: Path) -> bytes:
+    """x3-64k leaf hashes of the image as read by qemu-img (independent check)."""
+    raw = tmp / f"{path.name}.raw"
+    img.convert(str(path), str(raw), dst_fmt="raw")
+    data = raw.read_bytes()
+    raw.unlink()
+    return b"".join(xxhash.xxh3_128_digest(data[i : i + BLOCK]) for i in range(0, len(data), BLOCK))
+
+
+def dirty_blocks(url: str, context: str, size: int) -> set[int]:
+    h = nbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.add_meta_context(context)
+    h.connect_uri(url)
+    found: set[int] = set()
+    reached = [0]
+
+    def cb(ctx: str, off: int, entries: list[int], err: Any) -> int:
+        if ctx != context:
+            return 0
+        pos = off
+        for i in range(0, len(entries), 2):
+            if entries[i + 1] & 1:
+                found.update(range(pos // BLOCK, -(-(pos + entries[i]) // BLOCK)))
+            pos += entries[i]
+        reached[0] = pos
+        return 0
+
+    offset = 0
+    try:
+        while offset < size:
+            h.block_status(size - offset, offset, cb)
+            offset = max(reached[0], offset + BLOCK)
+    finally:
+        h.shutdown()
+    return found
+
+
+def connector(tmp: Path, paths: list[Path]) -> FileConnector:
+    # A job's work dir: <node data>/jobs/<job id>/work (the lists are under <node data>).
+    return FileConnector(
+        {"vms": [{"name": "vm1", "paths": [str(p) for p in paths]}]},
+        workdir=str(tmp / "node" / "jobs" / "job1" / "work"),
+    )
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_incremental_bitmap_is_exactly_the_changed_blocks(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"disk.{fmt}"
+    size = 16 * MiB + 4096  # a short last block
+    img.create(str(path), size, fmt=fmt)
+    qemu_io(path, "write -P 7 0 3M", "write -P 9 8M 100k", f"write -P 5 {size - 4096} 4096")
+    lists = tmp_path / "node" / "blockhash" / "vm1" / "2000"
+    lists.mkdir(parents=True)
+    (lists / "sendense-file-prev.x3-64k").write_bytes(hash_list(path, tmp_path))
+    # Data over data, zeroes over data (block 128 = 8 MiB), data into a hole,
+    # the short last block, and a write of the same bytes (no change).
+    qemu_io(
+        path,
+        "write -P 1 65536 10",
+        "write -z 8M 64k",
+        "write -P 3 15M 200k",
+        f"write -P 6 {size - 100} 100",
+        "write -P 7 1M 64k",
+    )
+    c = connector(tmp_path, [path])
+    pit = c.freeze("vm1", [2000], {2000: "sendense-file-prev"})
+    try:
+        view = pit.views[0]
+        assert view.fallback_reason is None and view.dirty_context is not None
+        assert view.new_change_id and view.new_change_id.startswith("sendense-file-")
+        got = dirty_blocks(view.nbd_url, view.dirty_context, size)
+    finally:
+        c.release(True)
+    last = size // BLOCK
+    assert got == {1, 128, *range(240, 244), last}
+
+
+def test_unknown_change_id_reads_in_full_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    img.create(str(path), 4 * MiB, fmt="raw")
+    c = connector(tmp_path, [path])
+    pit = c.freeze("vm1", [2000], {2000: "sendense-file-gone"})
+    try:
+        view = pit.views[0]
+        assert view.dirty_context is None
+        assert view.fallback_reason is not None
+        assert "no block hash list for change id sendense-file-gone" in view.fallback_reason
+    finally:
+        c.release(True)
+    c = connector(tmp_path, [path])
+    pit = c.freeze("vm1", [2000], {2000: "sendense-0123"})  # a qemu source's change id
+    c.release(False)
+    assert "is not a file source's" in str(pit.views[0].fallback_reason)
+
+
+def test_discovery_formats_and_refusals(tmp_path: Path) -> None:
+    raw, qcow2 = tmp_path / "a.raw", tmp_path / "b.qcow2"
+    img.create(str(raw), 3 * MiB + 512, fmt="raw")
+    img.create(str(qcow2), 5 * MiB, fmt="qcow2")
+    vm = connector(tmp_path, [raw, qcow2]).discover()[0]
+    assert [(d.key, d.capacity_bytes, d.path) for d in vm.disks] == [
+        (2000, 3 * MiB + 512, str(raw)),
+        (2001, 5 * MiB, str(qcow2)),
+    ]
+
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({}, "config.vms"),
+        ({"vms": [{"paths": ["/a"]}]}, "config.vms[0].name"),
+        ({"vms": [{"name": "x", "paths": []}]}, "config.vms[0].paths"),
+        ({"vms": [{"name": "x", "paths": ["a.raw"]}]}, "config.vms[0].paths[0]"),
+        (
+            {"vms": [{"name": "x", "paths": ["/a"]}, {"name": "x", "paths": ["/b"]}]},
+            "config.vms[1].name",
+        ),
+    ]
+    for config, field in bad:
+        with pytest.raises(InvalidRequest) as e:
+            FileConnector(config, workdir=str(tmp_path / "w"))
+        assert e.value.details["field"] == field, (config, e.value.message)
+
+    with pytest.raises(InvalidRequest, match=r"config.vms\[0\].paths\[1\]: cannot read"):
+        connector(tmp_path, [raw, tmp_path / "missing.raw"]).discover()
+    with pytest.raises(InvalidRequest, match="neither an image file nor a block device"):
+        connector(tmp_path, [tmp_path]).discover()
+    vmdk = tmp_path / "c.vmdk"
+    img.create(str(vmdk), MiB, fmt="vmdk")
+    with pytest.raises(InvalidRequest, match="is a vmdk image"):
+        connector(tmp_path, [vmdk]).discover()
+
+
+def test_an_image_a_running_vm_writes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "busy.qcow2"
+    img.create(str(path), 4 * MiB)
+    holder = QsdVm(tmp_path / "holder", "holder")
+    holder.disks = [path]
+    holder.start(guest_exports=False)
+    try:
+        with pytest.raises(ImageInUse, match="open for writing by a running VM"):
+            connector(tmp_path, [path]).discover()
+        c = connector(tmp_path, [path])
+        with pytest.raises(ImageInUse):
+            c.freeze("vm1", [2000], {})
+        c.release(False)
+    finally:
+        holder.stop()
+    # While a backup reads it, no VM can open it for writing.
+    c = connector(tmp_path, [path])
+    c.freeze("vm1", [2000], {})
+    try:
+        with pytest.raises(Exception, match="exited"):
+            holder.start(guest_exports=False)
+        assert "lock" in (holder.workdir / "holder.log").read_text()
+    finally:
+        holder.kill()
+        c.release(True)
+
+
+def test_a_change_during_the_copy_fails_at_release(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    img.create(str(path), 4 * MiB, fmt="raw")
+    c = connector(tmp_path, [path])
+    c.freeze("vm1", [2000], {})
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))  # as a writer would
+    with pytest.raises(ImageChanged, match=r"config.vms\[0\].paths\[0\]: .* changed while"):
+        c.release(True)
+    assert c.server is None  # the server is stopped all the same
