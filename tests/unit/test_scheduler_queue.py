@@ -200,13 +200,24 @@ class World:
             s.flush()
             return p.id
 
-    def finish(self, job_id: str, status: str = "completed", *, at: datetime | None = None) -> None:
+    def finish(
+        self,
+        job_id: str,
+        status: str = "completed",
+        *,
+        at: datetime | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
         """End a job as the engine would (its restore points completed too)."""
         with self.db.session() as s:
             s.execute(
                 update(BackupJob)
                 .where(BackupJob.id == job_id)
-                .values(status=status, error_code=None if status == "completed" else "boom")
+                .values(
+                    status=status,
+                    error_code=None if status == "completed" else "boom",
+                    result=result or {},
+                )
             )
             s.execute(
                 update(Backup)
@@ -428,17 +439,31 @@ def test_verify_then_retention_after_a_completed_backup(world: World) -> None:
     assert world.run(second["run_id"]).status == "completed"
 
 
-def test_failed_verify_fails_the_vm_and_skips_retention(world: World) -> None:
+@pytest.mark.parametrize(
+    "status, result",
+    [
+        ("failed", {}),
+        # The verify job completes and says the restore point is bad.
+        ("completed", {"backup_id": "b1", "verify_status": "failed", "verify_error": "digest"}),
+    ],
+    ids=["job-failed", "point-failed"],
+)
+def test_failed_verify_fails_the_vm_and_skips_retention(
+    world: World, status: str, result: dict[str, Any]
+) -> None:
     world.vm("a", tags={"tier": "gold"})
     pid = world.policy(verify_after=True, retention={"keep_last": 1})
     answer = run_policy_now(world.st, pid, created_by="alice", now=T0)
     world.finish(answer["job_ids"][0])
     follow_up(world.st, T0)
     verify_id = world.run(answer["run_id"]).summary["vms"]["a"]["verify_job_ids"][0]
-    world.finish(verify_id, "failed")
+    world.finish(verify_id, status, result=result)
     follow_up(world.st, T0)
     item = world.items(answer["run_id"])["a"]
     assert item.status == "failed"
+    if result:
+        assert "b1 failed verification (digest)" in (item.reason or "")
+    assert not any(j.kind == "retention" for j in map(world.job, world.lifecycle.launched))
     assert verify_id in (item.reason or "") and "retention not run" in (item.reason or "")
     finish_runs(world.st, T0)
     run = world.run(answer["run_id"])

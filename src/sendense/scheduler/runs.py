@@ -561,7 +561,17 @@ def _ended(s: Session, job_ids: Iterable[str]) -> list[BackupJob] | None:
     return [j for j in jobs if j is not None]
 
 
+def _verify_failed(job: BackupJob) -> bool:
+    return job.kind == verification.KIND and (job.result or {}).get("verify_status") == "failed"
+
+
 def _job_error(job: BackupJob) -> str:
+    if job.status == "completed" and _verify_failed(job):
+        result = job.result or {}
+        return (
+            f"verify job {job.id}: restore point {result.get('backup_id') or '?'} failed "
+            f"verification ({result.get('verify_error') or 'no detail'})"
+        )
     detail = ": ".join(x for x in (job.error_code, job.error_message) if x)
     return f"{job.kind} job {job.id} {job.status}" + (f" ({detail})" if detail else "")
 
@@ -596,7 +606,9 @@ def _advance(st: HubState, item_id: str, status: str, now: datetime) -> list[str
             return None  # another hub process moved it meanwhile
         policy = s.get(Policy, item.policy_id)
         jobs = _ended(s, waiting_on) or []
-        failed = [j for j in jobs if j.status != "completed"]
+        # A verify job completes even when the restore point is bad: its
+        # result says (engine/verify.py).
+        failed = [j for j in jobs if j.status != "completed" or _verify_failed(j)]
         launch: list[str] = []
         if status == STARTED and (failed or not jobs):
             _finish_item(
