@@ -301,6 +301,7 @@ def test_vm_tags_drive_selectors_and_scopes(cluster: Cluster, make_vm) -> None:
 # -------------------------------------------------------------------- run
 
 
+@pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
 def test_run_now_then_last_runs(cluster: Cluster, make_vm) -> None:
     c = cluster
     c.register(make_vm("web1", [8 * MiB]), make_vm("db1", [8 * MiB]), make_vm("dev1", [8 * MiB]))
