@@ -1,0 +1,1 @@
+"""The ``vmware`` source: vSphere VMs through pyVmomi, CBT and nbdkit."""

@@ -1,0 +1,130 @@
+"""A managed ``nbdkit`` process serving one disk read-only on a unix socket.
+
+`NbdkitServer` is configured, then `start()`ed; start returns once a full NBD
+handshake succeeds, and `stop()` always leaves no process behind (SIGTERM,
+then SIGKILL). ``--exit-with-parent`` also ends it if the worker dies.
+Secrets never go on its command line (visible in /proc to every user): the
+caller passes them as ``key=+FILE`` parameters (nbdkit(1), "Reading
+passwords and secrets"), files it keeps mode 0600 and removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nbd
+
+from sendense.connectors.vmware.errors import DiskReadFailed
+
+log = logging.getLogger(__name__)
+
+
+class NbdkitServer:
+    def __init__(
+        self,
+        plugin: str,
+        params: list[tuple[str, str]],
+        *,
+        socket_path: str,
+        filters: list[str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.plugin = plugin
+        self.params = params
+        self.filters = filters or []
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nbd+unix:///?socket={self.socket_path}"
+
+    def argv(self) -> list[str]:
+        args = [
+            "nbdkit",
+            "--foreground",
+            "--readonly",
+            "--exit-with-parent",
+            "--unix",
+            self.socket_path,
+        ]
+        args += [f"--filter={f}" for f in self.filters]
+        args.append(self.plugin)
+        args += [f"{k}={v}" for k, v in self.params]
+        return args
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        argv = self.argv()
+        log.debug("start argv=%s", argv)
+        stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        except FileNotFoundError as e:
+            raise DiskReadFailed("nbdkit not found (install nbdkit)") from e
+        finally:
+            if self.log_path and hasattr(stderr, "close"):
+                stderr.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _detail(self) -> str:
+        if self.log_path and os.path.exists(self.log_path):
+            return Path(self.log_path).read_text(errors="replace")[-1000:].strip()
+        return ""
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise DiskReadFailed(
+                    f"nbdkit {self.plugin} exited with code {rc} before serving: {self._detail()}"
+                )
+            if self._accepts():
+                return
+            if time.monotonic() > deadline:
+                raise DiskReadFailed(f"nbdkit {self.plugin} did not start serving in {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _accepts(self) -> bool:
+        if not os.path.exists(self.socket_path):
+            return False
+        h = nbd.NBD()
+        try:
+            h.set_opt_mode(True)
+            h.connect_uri(self.url)
+            h.opt_abort()
+            return True
+        except nbd.Error:
+            return False
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.proc = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)

@@ -1,0 +1,1 @@
+"""A vCenter for the vmware tests: govmomi's simulator (vcsim) with a CBT double."""
