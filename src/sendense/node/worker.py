@@ -15,9 +15,11 @@ lets a job finish its cleanup even when the node agent itself dies.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -42,6 +44,8 @@ from sendense.protocol.node import parse_targets as parse_targets  # re-exported
 log = logging.getLogger("sendense.node.worker")
 
 KEEP_HASH_LISTS = 3
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
+HASHED_PREFIX = "cid-"
 
 
 def peak_rss() -> int:
@@ -112,6 +116,16 @@ def _open_source(view: DiskView) -> nbd.NBD:
         h.add_meta_context(view.dirty_context)
     h.connect_uri(view.nbd_url)
     return h
+
+
+def _hash_list_name(change_id: str, algorithm: str) -> str:
+    """The file name of a change id's block hash list: the change id itself
+    when it is a safe name (QEMU's ``sendense-...``), else a hash of it
+    (VMware's look like ``52 de 0a ... 3e/12``: spaces and a slash)."""
+    if SAFE_NAME.fullmatch(change_id):
+        return f"{change_id}.{algorithm}"
+    digest = hashlib.sha256(change_id.encode()).hexdigest()[:32]
+    return f"{HASHED_PREFIX}{digest}.{algorithm}"
 
 
 def _hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
@@ -249,11 +263,14 @@ def _copy_disk(
                 code="target_size_mismatch",
             )
         if view.incremental:
-            prev_list = hdir / f"{previous[key]}.{algorithm}"
+            prev_list = hdir / _hash_list_name(previous[key], algorithm)
             if prev_list.exists():
                 base = prev_list
         hashes = dg.BlockHashList(
-            hdir / f"{view.new_change_id}.{algorithm}", size, base=base, algorithm=algorithm
+            hdir / _hash_list_name(str(view.new_change_id), algorithm),
+            size,
+            base=base,
+            algorithm=algorithm,
         )
         if view.incremental and base is None:
             # No block hash list of the previous restore point on this node:
@@ -342,7 +359,11 @@ def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
 def _prune_hash_lists(data_dir: Path, vm_name: str, status: StatusFile) -> None:
     for key in status.report.disks:
         hdir = _hash_list_dir(data_dir, vm_name, int(key))
-        lists = sorted(hdir.glob("sendense-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        lists = sorted(
+            [*hdir.glob("sendense-*"), *hdir.glob(f"{HASHED_PREFIX}*")],
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
         for old in lists[KEEP_HASH_LISTS:]:
             old.unlink(missing_ok=True)
 
