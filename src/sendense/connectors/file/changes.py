@@ -26,6 +26,8 @@ asks for, never a wrong one under a name in use.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
@@ -102,32 +104,134 @@ def block_runs(h: nbd.NBD, size: int) -> Iterator[tuple[int, int, bool]]:
         end_block = count if reached >= size else reached // B
         if end_block <= block:  # less than a block answered: take it as data
             end_block = block + 1
-        runs: list[tuple[int, int, bool]] = []
-        for off, length, zero in extents:
-            first = off // B
-            last = -(-(off + length) // B)
-            if zero:
-                first = -(-off // B)
-                last = (off + length) // B if off + length < size else count
-            first, last = max(first, block), min(last, end_block)
-            if last > first:
-                runs.append((first, last, zero))
-        # Data wins over zero where a block is partly both.
-        is_zero = bytearray(end_block - block)
-        for first, last, zero in runs:
-            if zero:
-                is_zero[first - block : last - block] = b"\1" * (last - first)
-        for first, last, zero in runs:
-            if not zero:
-                is_zero[first - block : last - block] = bytes(last - first)
-        i = 0
-        while i < len(is_zero):
-            j = i
-            while j < len(is_zero) and is_zero[j] == is_zero[i]:
-                j += 1
-            yield block + i, j - i, bool(is_zero[i])
-            i = j
+        yield from _block_runs_of(extents, block, end_block, size)
         block = end_block
+
+
+def _block_runs_of(
+    extents: list[tuple[int, int, bool]], block: int, end_block: int, size: int
+) -> Iterator[tuple[int, int, bool]]:
+    """Runs of whole blocks in ``[block, end_block)`` from byte extents: a
+    block is zero only when zero extents cover all of it (data wins)."""
+    count = dg.block_count(size)
+    runs: list[tuple[int, int, bool]] = []
+    for off, length, zero in extents:
+        first = off // B
+        last = -(-(off + length) // B)
+        if zero:
+            first = -(-off // B)
+            last = (off + length) // B if off + length < size else count
+        first, last = max(first, block), min(last, end_block)
+        if last > first:
+            runs.append((first, last, zero))
+    is_zero = bytearray(end_block - block)
+    for first, last, zero in runs:
+        if zero:
+            is_zero[first - block : last - block] = b"\1" * (last - first)
+    for first, last, zero in runs:
+        if not zero:
+            is_zero[first - block : last - block] = bytes(last - first)
+    i = 0
+    while i < len(is_zero):
+        j = i
+        while j < len(is_zero) and is_zero[j] == is_zero[i]:
+            j += 1
+        yield block + i, j - i, bool(is_zero[i])
+        i = j
+
+
+def nbd_chunks(h: nbd.NBD, size: int) -> Iterator[tuple[int, int, memoryview | None]]:
+    """The image in disk order as ``(offset, length, data)``, ``data`` None for
+    a run of zero blocks, read from an NBD export with ``base:allocation``,
+    ``IN_FLIGHT`` reads at a time. A buffer is reused once the next chunk is
+    asked for."""
+    reads: deque[tuple[int, int, int, bytearray]] = deque()
+    free: list[bytearray] = []
+
+    def retire() -> tuple[int, int, memoryview]:
+        cookie, offset, length, buf = reads.popleft()
+        while not h.aio_command_completed(cookie):
+            h.poll(-1)
+        return offset, length, memoryview(buf)[:length]
+
+    for first, n, zero in block_runs(h, size):
+        offset = first * B
+        end = min((first + n) * B, size)
+        if zero:
+            while reads:
+                off, length, view = retire()
+                yield off, length, view
+                free.append(view.obj)  # type: ignore[arg-type]
+            yield offset, end - offset, None
+            continue
+        while offset < end:
+            length = min(READ_SIZE, end - offset)
+            buf = free.pop() if free else bytearray(READ_SIZE)
+            target = memoryview(buf)[:length] if length < READ_SIZE else buf
+            reads.append((h.aio_pread(target, offset), offset, length, buf))
+            offset += length
+            while len(reads) >= IN_FLIGHT:
+                off, length_done, view = retire()
+                yield off, length_done, view
+                free.append(view.obj)  # type: ignore[arg-type]
+    while reads:
+        off, length, view = retire()
+        yield off, length, view
+
+
+def file_chunks(path: str, size: int) -> Iterator[tuple[int, int, memoryview | None]]:
+    """The same from a raw image read directly (``SEEK_DATA``/``SEEK_HOLE``
+    skip a sparse file's holes; a block device is all data). About three times
+    the rate of reading through the NBD server (measured: 2.9 against
+    1.0 GiB/s from the page cache): the server still holds the image's lock
+    meanwhile, and a raw image reads the same either way."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(READ_SIZE)
+        for first, n, zero in _file_runs(fd, size):
+            offset = first * B
+            end = min((first + n) * B, size)
+            if zero:
+                yield offset, end - offset, None
+                continue
+            while offset < end:
+                length = min(READ_SIZE, end - offset)
+                view = memoryview(buf)[:length]
+                got = os.preadv(fd, [view], offset)
+                if got < length:  # a file shorter than its size: reads as zeroes
+                    view[got:] = bytes(length - got)
+                yield offset, length, view
+                offset += length
+    finally:
+        os.close(fd)
+
+
+def _file_runs(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    extents: list[tuple[int, int, bool]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only a hole from pos to the end
+                    raise
+                data = size
+            data = min(data, size)
+            if data > pos:
+                extents.append((pos, data - pos, True))
+            if data >= size:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            extents.append((data, hole - data, False))
+            pos = hole
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        extents = [(0, size, False)]  # no hole information: all data
+    yield from _block_runs_of(extents, 0, dg.block_count(size), size)
 
 
 class ChangeMarker:
@@ -177,16 +281,16 @@ class ChangeMarker:
 
 
 def find_changes(
-    src: nbd.NBD,
+    chunks: Iterator[tuple[int, int, memoryview | None]],
     size: int,
     previous: Path,
     marker: ChangeMarker,
     *,
     algorithm: str = dg.DEFAULT_ALGORITHM,
 ) -> ChangeSummary:
-    """Hash every block of ``src`` (an NBD export of the image, with
-    ``base:allocation``), compare with the list ``previous`` and mark the
-    blocks that differ. The caller checked the list's size."""
+    """Hash every block of the image (``chunks``: `nbd_chunks` or
+    `file_chunks`), compare with the list ``previous`` and mark the blocks
+    that differ. The caller checked the list's size."""
     leaf, hash_size = leaf_of(algorithm)
     zero_hash = leaf(bytes(B))
     tail = size % B
@@ -196,47 +300,23 @@ def find_changes(
     t0 = time.monotonic()
     fd = os.open(previous, os.O_RDONLY | os.O_CLOEXEC)
     try:
-
-        def stored(first: int, n: int) -> bytes:
-            return os.pread(fd, n * hash_size, first * hash_size)
-
-        reads: deque[tuple[int, int, int, bytearray]] = deque()
-        free: list[bytearray] = []
-
-        def retire() -> None:
-            cookie, first, length, buf = reads.popleft()
-            while not src.aio_command_completed(cookie):
-                src.poll(-1)
-            mv = memoryview(buf)
-            old = stored(first, -(-length // B))
-            for k, pos in enumerate(range(0, length, B)):
-                if leaf(mv[pos : min(pos + B, length)]) != old[k * hash_size : (k + 1) * hash_size]:
-                    marker.add(first + k)
-            summary.read_bytes += length
-            free.append(buf)
-
-        for first, n, zero in block_runs(src, size):
-            if zero:
-                while reads:  # keep the marks in disk order
-                    retire()
-                old = stored(first, n)
+        for offset, length, data in chunks:
+            first = offset // B
+            n = -(-length // B)
+            old = os.pread(fd, n * hash_size, first * hash_size)
+            if data is None:
                 for k in range(n):
                     want = tail_zero_hash if first + k == count - 1 else zero_hash
                     if old[k * hash_size : (k + 1) * hash_size] != want:
                         marker.add(first + k)
                 continue
-            offset = first * B
-            end = min((first + n) * B, size)
-            while offset < end:
-                length = min(READ_SIZE, end - offset)
-                buf = free.pop() if free else bytearray(READ_SIZE)
-                view = memoryview(buf)[:length] if length < READ_SIZE else buf
-                reads.append((src.aio_pread(view, offset), offset // B, length, buf))
-                offset += length
-                while len(reads) >= IN_FLIGHT:
-                    retire()
-        while reads:
-            retire()
+            for k, pos in enumerate(range(0, length, B)):
+                if (
+                    leaf(data[pos : min(pos + B, length)])
+                    != old[k * hash_size : (k + 1) * hash_size]
+                ):
+                    marker.add(first + k)
+            summary.read_bytes += length
     finally:
         os.close(fd)
     marker.finish()

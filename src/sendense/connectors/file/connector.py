@@ -85,6 +85,7 @@ class FileConnector:
         self.server: ImageServer | None = None
         self._before: dict[str, Fingerprint] = {}
         self._fields: dict[str, str] = {}
+        self._images_by_key: dict[int, ImageInfo] = {}
 
     # -- discovery ---------------------------------------------------------
 
@@ -126,6 +127,7 @@ class FileConnector:
             raise NotFound(f"VM {vm_name} is not in this source")
         images = self._images(vm)
         disks = {d.key: d for d in self._disks(vm, images)}
+        self._images_by_key = {FIRST_DISK_KEY + i: image for i, image in enumerate(images)}
         unknown = [k for k in disk_keys if k not in disks]
         if unknown:
             raise NotFound(f"disk key(s) {unknown} not found in VM {vm_name}")
@@ -206,8 +208,14 @@ class FileConnector:
         try:
             src.connect_uri(server.export(read_export, disk.node_name))
             mark.connect_uri(server.export(mark_export, node, writable=True))
+            image = self._images_by_key[disk.key]
+            chunks = (
+                changes.file_chunks(image.path, disk.capacity_bytes)
+                if image.format == "raw"
+                else changes.nbd_chunks(src, disk.capacity_bytes)
+            )
             summary = changes.find_changes(
-                src,
+                chunks,
                 disk.capacity_bytes,
                 hashes,
                 changes.ChangeMarker(mark, disk.capacity_bytes),
