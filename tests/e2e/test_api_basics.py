@@ -85,7 +85,7 @@ def test_source_credentials_are_never_returned(cluster: Cluster, make_vm) -> Non
         json={"name": "v", "node_id": reg["node"]["node_id"], "type": "vmware", "config": {}},
     )
     assert r.status_code == 400
-    assert "not supported" in r.json()["message"]
+    assert r.json()["message"] == "config.host is required"  # the field named
 
 
 def node_post(

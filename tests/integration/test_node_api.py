@@ -76,8 +76,12 @@ def test_api_documentation_needs_the_token(api: Api, path: str) -> None:
     ("changes", "message"),
     [
         (
+            {"source": {"type": "hyperv", "config": {"password": "x"}}},
+            "source.type 'hyperv' is not supported by this node (supported: qemu, vmware)",
+        ),
+        (
             {"source": {"type": "vmware", "config": {"password": "x"}}},
-            "source.type 'vmware' is not supported by this node (supported: qemu, file)",
+            "source.config.host is required",
         ),
         ({"source": {"type": "qemu", "config": {}}}, "source.config.vms must be a non-empty list"),
         (

@@ -36,7 +36,7 @@ from sendense.storage import backends, immutability
 log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("qemu", "vmware", "file")
-SUPPORTED_SOURCE_TYPES = ("qemu", "file")
+SUPPORTED_SOURCE_TYPES = ("qemu", "vmware")
 DEFAULT_REPOSITORY_ID = "default"
 
 
@@ -194,10 +194,10 @@ def register_source(
         for i, vm in enumerate(vms):
             if not isinstance(vm, dict) or not vm.get("name") or not vm.get("qmp_socket"):
                 raise InvalidRequest(f"config.vms[{i}] needs name and qmp_socket")
-    if kind == "file":  # the shape only: the node checks the paths when it reads them
-        from sendense.connectors.file.config import parse_config
+    if kind == "vmware":  # the shape only: discovery logs in
+        from sendense.connectors.vmware.config import VmwareConfig
 
-        parse_config(config)
+        VmwareConfig.parse(config, where="config")
     public, secret = split_secrets(config)
     source = Source(
         name=name,
