@@ -351,3 +351,14 @@ def test_the_thread_ticks_with_the_clock_and_stops(world: World) -> None:
 def _no_hooks_left() -> Any:
     yield
     assert not events._hooks
+
+
+def test_a_manual_run_at_a_scheduled_time_is_a_run_of_its_own(world: World) -> None:
+    world.vm("a", tags={"tier": "gold"})
+    pid = world.policy(schedule="0 * * * *")
+    clock = FakeClock(at(9))
+    assert len(scheduler(world, clock).tick().claimed) == 1
+    answer = run_policy_now(world.st, pid, created_by="alice", now=at(9))
+    manual = [r for r in runs_of(world, pid) if r.id == answer["run_id"]]
+    assert manual[0].trigger == "manual" and manual[0].scheduled_at > at(9)
+    assert len(runs_of(world, pid)) == 2

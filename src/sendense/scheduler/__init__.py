@@ -7,11 +7,17 @@
 - `events`: where a missed or finished run is told to others (webhooks).
 """
 
+from sendense.scheduler.loop import Clock, PolicyTiming, Scheduler, SystemClock, due_set
 from sendense.scheduler.runs import drain, finish_runs, follow_up, run_policy_now
 from sendense.scheduler.selector import matched_vms, selector_matches
 
 __all__ = [
+    "Clock",
+    "PolicyTiming",
+    "Scheduler",
+    "SystemClock",
     "drain",
+    "due_set",
     "finish_runs",
     "follow_up",
     "matched_vms",

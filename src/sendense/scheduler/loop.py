@@ -145,6 +145,19 @@ def due_set(
     return out
 
 
+def since(last_scheduled_at: datetime | None, created_at: datetime) -> datetime:
+    """Where a policy's due runs are counted from: its last claimed run, or
+    its creation if it never ran.
+
+    Not its last edit (``updated_at``): an edit a few seconds after a
+    scheduled time, before the next tick, would silently drop that run. So a
+    policy re-enabled after a while catches up once (one ``missed`` run),
+    and one given a new schedule runs at once if the new schedule had a time
+    since its last run; the API may set ``last_scheduled_at`` to now on such
+    edits to avoid it."""
+    return last_scheduled_at or created_at
+
+
 # ---------------------------------------------------------------- scheduler
 
 
@@ -217,7 +230,7 @@ class Scheduler:
                     Policy.created_at,
                 ).where(Policy.enabled.is_(True))
             ).all()
-        timings = [PolicyTiming(r[0], r[1], r[2] or "UTC", r[3] or r[4]) for r in rows]
+        timings = [PolicyTiming(r[0], r[1], r[2] or "UTC", since(*r[3:])) for r in rows]
         t0 = time.perf_counter()
         due = due_set(timings, now, self.cache)
         report.due_set_ms = (time.perf_counter() - t0) * 1000
@@ -249,7 +262,7 @@ class Scheduler:
                 if d.missed_count:
                     trigger = "missed"
                     first_missed = Schedule.parse(policy.schedule, policy.timezone).next_run(
-                        last or policy.created_at
+                        since(last, policy.created_at)
                     )
                 run = runs.create_run(
                     s,

@@ -50,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import (
@@ -203,20 +204,28 @@ def run_policy_now(
     (``skipped``: could not start, e.g. 409 ``no_parent``); `NotFound` for an
     unknown policy."""
     now = _now(now)
-    with st.db.session() as s:
-        policy = s.get(Policy, policy_id)
-        if policy is None:
-            raise NotFound(f"policy {policy_id} not found", policy_id=policy_id)
-        run = create_run(
-            s,
-            policy,
-            scheduled_at=now,
-            trigger="manual",
-            now=now,
-            claimed_by=getattr(st.lifecycle, "owner", None),
-            created_by=created_by,
-        )
-        run_id = run.id
+    for attempt in range(3):
+        try:
+            with st.db.session() as s:
+                policy = s.get(Policy, policy_id)
+                if policy is None:
+                    raise NotFound(f"policy {policy_id} not found", policy_id=policy_id)
+                run = create_run(
+                    s,
+                    policy,
+                    # A scheduled run (or another manual one) may hold this
+                    # very time: the next microsecond then.
+                    scheduled_at=now + timedelta(microseconds=attempt),
+                    trigger="manual",
+                    now=now,
+                    claimed_by=getattr(st.lifecycle, "owner", None),
+                    created_by=created_by,
+                )
+                run_id = run.id
+            break
+        except IntegrityError:
+            if attempt == 2:
+                raise
     log.info("policy run created policy_id=%s run_id=%s trigger=manual", policy_id, run_id)
     drain(st, now, run_id=run_id)
     with st.db.session() as s:
@@ -535,8 +544,20 @@ def follow_up(st: HubState, now: datetime | None = None) -> int:
     many moved."""
     now = _now(now)
     with st.db.session() as s:
+        # Started items only once their backup job ended (most ticks find
+        # them running: one query, not one per item).
         rows = s.execute(
-            select(PolicyRunVm.id, PolicyRunVm.status).where(PolicyRunVm.status.in_(FOLLOWING))
+            select(PolicyRunVm.id, PolicyRunVm.status)
+            .join(BackupJob, BackupJob.id == PolicyRunVm.job_id, isouter=True)
+            .where(
+                or_(
+                    PolicyRunVm.status.in_((VERIFYING, RETAINING)),
+                    and_(
+                        PolicyRunVm.status == STARTED,
+                        or_(BackupJob.id.is_(None), BackupJob.status.not_in(ACTIVE)),
+                    ),
+                )
+            )
         ).all()
     moved = 0
     for item_id, status in rows:
