@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from sendense import __version__
+from sendense.console import create_console
 from sendense.hub.audit.middleware import AuditMiddleware
 from sendense.hub.audit.router import router as audit
 from sendense.hub.backups.router import router as backups
@@ -78,6 +79,8 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+
+    app.mount("/ui", create_console(app))  # the web console (src/sendense/console/)
 
     @app.get("/", include_in_schema=False)
     def root() -> JSONResponse:

@@ -1,0 +1,118 @@
+"""Backups: list with the API's filters, a restore point's details, verify,
+delete (409 reasons in words), consolidate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+
+from sendense.console.page import Form, Signed, build, done, field_int
+from sendense.console.render import quote
+from sendense.core.errors import NotFound
+from sendense.hub.backups import service as backups
+from sendense.hub.backups.schemas import ConsolidateRequest
+from sendense.hub.repositories import service as repositories
+from sendense.hub.restore import service as restore
+from sendense.hub.validation import IsoDateTime
+
+router = APIRouter()
+
+PAGE = 50
+
+
+@router.get("/backups", response_class=HTMLResponse)
+def backup_list(
+    page: Signed,
+    vm_name: str = Query(default="", max_length=200),
+    repository_id: str = Query(default="", max_length=36),
+    backup_type: Literal["", "full", "incremental"] = "",
+    status: Literal["", "pending", "running", "completed", "failed", "cancelled"] = "",
+    verify_status: Literal["", "ok", "failed", "never"] = "",
+    disk_id: int | None = Query(default=None, ge=0, le=1_000_000),
+    since: IsoDateTime = None,
+    until: IsoDateTime = None,
+    offset: int = Query(default=0, ge=0, le=10_000_000),
+) -> HTMLResponse:
+    found = backups.list_backups(
+        page.st,
+        page.who,
+        backups.BackupFilter(
+            vm_name=vm_name or None,
+            repository_id=repository_id or None,
+            backup_type=backup_type or None,
+            status=status or None,
+            verify_status=verify_status or None,
+            disk_index=disk_id,
+            since=since,
+            until=until,
+        ),
+        limit=PAGE,
+        offset=offset,
+    )
+    return page.render(
+        "backups.html",
+        recent=found["backups"],
+        total=found["total"],
+        offset=offset,
+        limit=PAGE,
+        f={
+            "vm_name": vm_name,
+            "repository_id": repository_id,
+            "backup_type": backup_type,
+            "status": status,
+            "verify_status": verify_status,
+            "disk_id": "" if disk_id is None else disk_id,
+        },
+        repositories=repositories.list_repositories(page.st, page.who),
+    )
+
+
+@router.get("/backups/{backup_id}", response_class=HTMLResponse)
+def backup_page(backup_id: str, page: Signed) -> HTMLResponse:
+    b = backups.get_backup(page.st, page.who, backup_id)
+    export = None
+    try:
+        export = restore.get_export(page.st, page.who, backup_id)
+    except NotFound:
+        pass
+    sessions = [
+        m
+        for m in restore.list_mounts(page.st, page.who, include_closed=False)
+        if m["backup_id"] == backup_id
+    ]
+    return page.render(
+        "backup.html",
+        b=b,
+        export=export,
+        sessions=sessions,
+        restore_dirs=[str(d) for d in page.st.settings.restore_directories],
+    )
+
+
+@router.post("/backups/{backup_id}/verify")
+def verify(backup_id: str, page: Signed, form: Form) -> Response:
+    page.require("operator")
+    started = backups.verify_backup(page.st, page.who, backup_id)
+    return done(f"/ui/jobs/{quote(started['job_id'])}", "Verification started")
+
+
+@router.post("/backups/{backup_id}/delete")
+def delete(backup_id: str, page: Signed, form: Form) -> Response:
+    page.require("admin")
+    b = backups.get_backup(page.st, page.who, backup_id)
+    result = backups.delete_backup(
+        page.st, page.who, backup_id, cascade=form.get("cascade") == "on"
+    )
+    gone = len(result.get("deleted") or result.get("backup_ids") or [backup_id])
+    target = f"/ui/vms/{quote(b['vm_name'])}" if b.get("vm_name") else "/ui/backups"
+    return done(target, f"Deleted {gone} restore point{'s' if gone != 1 else ''}")
+
+
+@router.post("/backups/{backup_id}/consolidate")
+def consolidate(backup_id: str, page: Signed, form: Form) -> Response:
+    page.require("admin")
+    body = build(ConsolidateRequest, chain_id=backup_id, keep=field_int(form, "keep"))
+    started = backups.consolidate(page.st, page.who, body, dry_run=False)
+    return done(f"/ui/jobs/{quote(started['job_id'])}", "Consolidation started")

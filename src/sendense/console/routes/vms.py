@@ -1,0 +1,76 @@
+"""VMs: the list (last backup, tags) and a VM's page (each disk's chain,
+"back up now", tags)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, Response
+
+from sendense.console.page import Form, Signed, build, done, field_int
+from sendense.console.render import quote
+from sendense.hub.backups import service as backups
+from sendense.hub.backups.schemas import BackupCreate
+from sendense.hub.repositories import service as repositories
+from sendense.hub.vms import service as vms
+
+router = APIRouter()
+
+PAGE = 50
+
+
+@router.get("/vms", response_class=HTMLResponse)
+def vm_list(
+    page: Signed,
+    q: str = Query(default="", max_length=200),
+    offset: int = Query(default=0, ge=0),
+) -> HTMLResponse:
+    every = vms.list_vms(page.st, page.who)
+    if q:
+        needle = q.lower()
+        every = [
+            v
+            for v in every
+            if needle in v["name"].lower()
+            or any(needle in f"{k}={t}".lower() for k, t in (v["tags"] or {}).items())
+        ]
+    every.sort(key=lambda v: v["name"])
+    return page.render(
+        "vms.html",
+        vms=every[offset : offset + PAGE],
+        total=len(every),
+        offset=offset,
+        limit=PAGE,
+        q=q,
+    )
+
+
+@router.get("/vms/{vm_name:path}", response_class=HTMLResponse)
+def vm_page(vm_name: str, page: Signed) -> HTMLResponse:
+    vm = vms.get_vm(page.st, page.who, vm_name)
+    chains = backups.chain(page.st, page.who, vm_name=vm_name)
+    recent = backups.list_backups(
+        page.st, page.who, backups.BackupFilter(vm_name=vm_name), limit=10, offset=0
+    )
+    repos = repositories.list_repositories(page.st, page.who) if page.can("operator") else []
+    return page.render(
+        "vm.html",
+        vm=vm,
+        chains=chains["disks"],
+        recent=recent["backups"],
+        recent_total=recent["total"],
+        repositories=repos,
+    )
+
+
+@router.post("/vms/{vm_name:path}/backup")
+def back_up_now(vm_name: str, page: Signed, form: Form) -> Response:
+    page.require("operator")
+    body = build(
+        BackupCreate,
+        vm_name=vm_name,
+        repository_id=form.get("repository_id", ""),
+        backup_type=form.get("backup_type", "auto"),
+        disk_id=field_int(form, "disk_id"),
+    )
+    started = backups.start_backup(page.st, page.who, body)
+    return done(f"/ui/jobs/{quote(started['job_id'])}", f"Backup of {vm_name} started")

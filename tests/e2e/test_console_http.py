@@ -1,0 +1,195 @@
+"""The web console (/ui/) over plain HTTP: sign-in, cookies, CSRF, security
+headers, roles, scopes and escaping, against a real hub process.
+
+The browser suite (tests/browser/) drives the same pages in Chromium; these
+tests check what a browser hides: headers, cookie attributes, status codes,
+the raw HTML.
+"""
+
+from __future__ import annotations
+
+import re
+from http.cookies import SimpleCookie
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from fixtures.cluster import Cluster
+
+XSS = "<script>alert(1)</script>"
+HEADERS = {
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "x-content-type-options": "nosniff",
+}
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "no CSRF field in the page"
+    return m.group(1)
+
+
+def console(c: Cluster) -> httpx.Client:
+    return httpx.Client(base_url=c.hub_url, timeout=60, follow_redirects=False)
+
+
+def sign_in(c: Cluster, token: str) -> httpx.Client:
+    client = console(c)
+    form = client.get("/ui/signin")
+    r = client.post("/ui/signin", data={"csrf": csrf_of(form.text), "token": token, "next": "/ui/"})
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/ui/"
+    return client
+
+
+def assert_secure_headers(r: httpx.Response) -> None:
+    for name, value in HEADERS.items():
+        assert r.headers.get(name) == value, (r.url, name, r.headers.get(name))
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "frame-ancestors 'none'" in csp
+
+
+def assert_no_inline_code(html: str) -> None:
+    """What the CSP would block anyway, and must not be needed: inline
+    scripts, event handler attributes, inline styles."""
+    for tag in re.findall(r"<script\b[^>]*>", html):
+        assert "src=" in tag, tag
+    assert not re.search(r"<[^>]+\son[a-z]+\s*=", html), "event handler attribute in the page"
+    assert not re.search(r"<[^>]+\sstyle\s*=", html), "inline style in the page"
+
+
+def make_token(c: Cluster, name: str, role: str, scope: dict[str, Any] | None = None) -> str:
+    body: dict[str, Any] = {"name": name, "role": role}
+    if scope is not None:
+        body["scope"] = scope
+    r = c.http("POST", "/api/v1/tokens", json=body)
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def audit(c: Cluster, route: str) -> list[dict[str, Any]]:
+    r = c.http("GET", "/api/v1/audit", params={"route": route})
+    assert r.status_code == 200, r.text
+    entries: list[dict[str, Any]] = r.json()["entries"]
+    return entries
+
+
+def test_sign_in_cookie_headers_csrf_and_revocation(cluster: Cluster) -> None:
+    c = cluster
+    anon = console(c)
+    r = anon.get("/ui/")
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
+    assert_secure_headers(r)
+    form = anon.get("/ui/signin")
+    assert form.status_code == 200
+    assert_secure_headers(form)
+    assert_no_inline_code(form.text)
+
+    # A wrong token: refused, no session cookie.
+    bad = anon.post("/ui/signin", data={"csrf": csrf_of(form.text), "token": "nope"})
+    assert bad.status_code == 401 and "not valid" in bad.text
+    assert "sendense_session" not in bad.headers.get("set-cookie", "")
+    # The sign-in form without its pre-session cookie (another site's form): 403.
+    stranger = console(c)
+    r = stranger.post("/ui/signin", data={"csrf": csrf_of(form.text), "token": c.admin_token})
+    assert r.status_code == 403 and "Form refused" in r.text
+
+    admin = sign_in(c, c.admin_token)
+    raw = admin.cookies.jar
+    session = next(k for k in raw if k.name == "sendense_session")
+    assert session.path == "/ui" and not session.secure  # plain http here
+    r = sign_in_raw(c, c.admin_token)
+    line = next(v for v in r.headers.get_list("set-cookie") if v.startswith("sendense_session="))
+    cookie = SimpleCookie(line)["sendense_session"]
+    assert cookie["httponly"] and cookie["samesite"].lower() == "strict", line
+    assert c.admin_token not in line  # the token never goes to the browser
+
+    page = admin.get("/ui/")
+    assert page.status_code == 200 and "Dashboard" in page.text
+    assert_secure_headers(page)
+    assert_no_inline_code(page.text)
+    assert "cache-control" in page.headers and "no-store" in page.headers["cache-control"]
+    js = admin.get("/ui/static/htmx-2.0.10.min.js")
+    assert js.status_code == 200 and 'version:"2.0.10"' in js.text
+
+    # CSRF: a form without its token, or with another session's, is refused.
+    r = admin.post("/ui/signout", data={})
+    assert r.status_code == 403 and "Form refused" in r.text
+    assert_secure_headers(r)
+    other = sign_in(c, c.admin_token)
+    r = admin.post("/ui/signout", data={"csrf": csrf_of(other.get("/ui/").text)})
+    assert r.status_code == 403
+    refused = audit(c, "/ui/signout")
+    assert any(e["status"] == 403 and e["method"] == "POST" for e in refused), refused
+
+    # A changed cookie is no session.
+    forged = console(c)
+    value = session.value
+    forged.cookies.set("sendense_session", value[:-2] + ("AA" if value[-2:] != "AA" else "BB"))
+    assert forged.get("/ui/").status_code == 303
+
+    # Revoking a token ends its console sessions at once.
+    token = make_token(c, "ops", "operator")
+    ops = sign_in(c, token)
+    assert ops.get("/ui/jobs").status_code == 200
+    token_id = c.http("GET", "/api/v1/tokens").json()["tokens"][0]["token_id"]
+    assert c.http("DELETE", f"/api/v1/tokens/{token_id}").status_code == 200
+    r = ops.get("/ui/jobs")
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
+
+    # Sign-out clears the cookie.
+    r = admin.post("/ui/signout", data={"csrf": csrf_of(admin.get("/ui/").text)})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+    assert (
+        'sendense_session=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
+    )
+    assert admin.get("/ui/").status_code == 303
+
+
+def sign_in_raw(c: Cluster, token: str) -> httpx.Response:
+    client = console(c)
+    form = client.get("/ui/signin")
+    return client.post("/ui/signin", data={"csrf": csrf_of(form.text), "token": token})
+
+
+def test_roles_scopes_and_escaping(cluster: Cluster, make_vm: Any) -> None:
+    """A viewer gets no buttons and a 403 page for a forced POST; a scoped
+    token sees only its VM; a VM named like a script renders as text."""
+    c = cluster
+    vm = make_vm("plain", [16 << 20])
+    odd = SimpleNamespace(name=XSS, qmp_socket=vm.qmp_socket)
+    c.register(vm, odd)  # the same qsd twice: two VMs in the catalog
+    viewer = sign_in(c, make_token(c, "watcher", "viewer"))
+    admin = sign_in(c, c.admin_token)
+
+    listing = admin.get("/ui/vms")
+    assert listing.status_code == 200
+    assert XSS not in listing.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in listing.text
+    page = admin.get("/ui/vms/" + quote(XSS, safe=""))
+    assert page.status_code == 200, page.text
+    assert XSS not in page.text and "&lt;script&gt;" in page.text
+    assert_no_inline_code(page.text)
+    assert 'id="backup-now"' in page.text  # admin: the button is there
+
+    vm_page = viewer.get("/ui/vms/plain")
+    assert vm_page.status_code == 200
+    assert 'id="backup-now"' not in vm_page.text and "<button" in vm_page.text  # only sign-out
+    assert vm_page.text.count("<button") == 1
+    assert 'href="/ui/tokens"' not in vm_page.text
+    assert viewer.get("/ui/tokens").status_code == 403
+    r = viewer.post(
+        "/ui/vms/plain/backup",
+        data={"csrf": csrf_of(vm_page.text), "backup_type": "full", "repository_id": "default"},
+    )
+    assert r.status_code == 403 and "operator" in r.text
+    assert c.http("GET", "/api/v1/jobs").json()["total"] == 0  # nothing started
+
+    tenant = sign_in(c, make_token(c, "tenant", "operator", {"vms": ["plain"]}))
+    seen = tenant.get("/ui/vms").text
+    assert "/ui/vms/plain" in seen and "&lt;script&gt;" not in seen
+    assert tenant.get("/ui/vms/" + quote(XSS, safe="")).status_code == 404
