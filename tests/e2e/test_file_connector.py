@@ -12,6 +12,7 @@ without mtime) is in the connector's docstring, not tested here.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, cli
 from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
@@ -67,18 +68,6 @@ def write(path: Path, fmt: str, offset: int, data: bytes) -> None:
         capture_output=True,
     )
     pattern.unlink()
-
-
-def register_files(c: Cluster, vms: dict[str, list[str]]) -> dict[str, Any]:
-    node = c.client.post(
-        "/api/v1/nodes", {"name": "node1", "url": c.node_url, "token": c.node_token}
-    )
-    config = {"vms": [{"name": name, "paths": paths} for name, paths in vms.items()]}
-    src = c.client.post(
-        "/api/v1/sources",
-        {"name": "files1", "node_id": node["node_id"], "type": "file", "config": config},
-    )
-    return {"node": node, "source": src}
 
 
 def backups_of(c: Cluster, job: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -131,11 +120,26 @@ def test_file_source_raw_qcow2_and_device_standin_full_then_incremental(
     lv.symlink_to(lv_target)
     paths = [raw, qcow2, lv]
     fmts = ["raw", "qcow2", "raw"]
-    register_files(cluster, {"files1": [str(p) for p in paths]})
-    found = cluster.client.post(
-        "/api/v1/vms/discover",
-        {"source_id": cluster.client.get("/api/v1/sources")["sources"][0]["source_id"]},
-    )["vms"]
+    # Through the CLI, as an administrator would (a VM's disks in --vm order).
+    cli(
+        cluster,
+        "node",
+        "add",
+        "node1",
+        cluster.node_url,
+        "--token-file",
+        str(cluster.node_dir / "node.token"),
+    )
+    cli(
+        cluster,
+        "source",
+        "add-file",
+        "files",
+        "--node",
+        "node1",
+        *(f"--vm=files1={p}" for p in paths),
+    )
+    found = json.loads(cli(cluster, "--json", "vm", "discover", "files").stdout)["vms"]
     disks = found[0]["disks"]
     assert [d["disk_key"] for d in disks] == [2000, 2001, 2002]
     assert [d["capacity_bytes"] for d in disks] == [24 * MiB, 16 * MiB, 8 * MiB + 4096]

@@ -292,6 +292,35 @@ def source_add_qemu(
     out(data) if ctx.json else console.print(f"source {name} registered: {data['source_id']}")
 
 
+@source_app.command("add-file")
+def source_add_file(
+    name: str,
+    node: Annotated[str, typer.Option(help="node_id or node name")],
+    vm: Annotated[
+        list[str],
+        typer.Option(help="NAME=PATH, repeatable; a VM's disks in the order given"),
+    ],
+) -> None:
+    """Register a file source: raw/qcow2 images or block devices on the node
+    (``--vm db1=/images/db1.qcow2 --vm db1=/dev/vg0/db1-data``)."""
+    c = client()
+    node_id = _node_id(c, node)
+    paths: dict[str, list[str]] = {}
+    for item in vm:
+        vm_name, sep, path = item.partition("=")
+        if not sep or not path:
+            err.print(f"[red]--vm {item!r}: expected NAME=PATH")
+            raise typer.Exit(2)
+        paths.setdefault(vm_name, []).append(path)
+    config = {"vms": [{"name": n, "paths": p} for n, p in paths.items()]}
+    data = call(
+        c.post,
+        "/api/v1/sources",
+        {"name": name, "node_id": node_id, "type": "file", "config": config},
+    )
+    out(data) if ctx.json else console.print(f"source {name} registered: {data['source_id']}")
+
+
 def _node_id(c: HubClient, ref: str) -> str:
     for n in call(c.get, "/api/v1/nodes")["nodes"]:
         if ref in (n["node_id"], n["name"]):

@@ -169,20 +169,23 @@ class ImageServer:
         with open(self.log_path, "wb") as logf:
             proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
         self.proc = proc
+        # The socket file appears at bind(), a moment before listen(): connect
+        # until it answers (refused meanwhile), or the daemon exits.
         deadline = time.monotonic() + 15
-        while not self.qmp_path.exists():
+        while True:
             if proc.poll() is not None:
                 self.proc = None
                 self._raise_start_failure(fields)
+            if self.qmp_path.exists():
+                try:
+                    self.qmp = QmpClient(str(self.qmp_path)).connect()
+                    return
+                except QmpError:
+                    pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise Error("qemu-storage-daemon did not start within 15 s", code="qsd_failed")
             time.sleep(0.01)
-        try:
-            self.qmp = QmpClient(str(self.qmp_path)).connect()
-        except BaseException:
-            self.stop()
-            raise
 
     def _raise_start_failure(self, fields: list[str]) -> None:
         text = self.log_path.read_text(errors="replace").strip()
