@@ -15,7 +15,9 @@ its first run is claimed, so nothing else starts behind them.
 
 from __future__ import annotations
 
+import itertools
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -142,6 +144,78 @@ def test_a_scheduled_run_backs_up_verifies_and_applies_retention(tmp_path: Path,
             [item] = s.scalars(select(PolicyRunVm).where(PolicyRunVm.run_id == run.id))
         assert item.status == "done" and entry["retention_job_id"] in (item.reason or "")
         assert "policy run claimed" in c.log("hub")
+    finally:
+        db.dispose()
+        c.stop()
+
+
+def test_runs_missed_while_the_hub_was_down_run_once_and_say_so(tmp_path: Path, make_vm) -> None:  # type: ignore[no-untyped-def]
+    c = Cluster(tmp_path, hub_env=SCHEDULER)
+    c.start_node()
+    c.start_hub()
+    db = catalog(c)
+    try:
+        vm = make_vm("miss1", [16 * MiB])
+        c.register(vm)
+        c.kill("hub", signal.SIGTERM)
+        # Created three minutes before the last boundary while the hub was
+        # down: four one-minute runs are due, the newest runs, 3 were missed.
+        boundary = due_now() + timedelta(seconds=1)
+        pid = add_policy(
+            db, "missed", ["miss1"], created_at=boundary - timedelta(minutes=3, seconds=1)
+        )
+        c.start_hub()
+        [run] = wait_for("the catch-up run", lambda: runs(db, pid), timeout=30)
+        disable(db, pid)
+        assert (run.trigger, run.missed_count) == ("missed", 3)
+        assert run.scheduled_at == boundary
+        [job] = jobs_of_vm(db, "miss1")
+        assert c.wait_job(job.id)["status"] == "completed"
+        tags = c.client.get(f"/api/v1/jobs/{job.id}")["tags"]
+        assert tags["trigger"] == "missed" and tags["missed_runs"] == "3"
+        assert tags["first_missed"] == (boundary - timedelta(minutes=3)).isoformat()
+        audit = c.client.get("/api/v1/audit", route="scheduler")["entries"]
+        assert [
+            (e["token_name"], e["target"]["run_id"], e["target"]["missed_count"]) for e in audit
+        ] == [("scheduler", run.id, "3")]
+        time.sleep(2)  # more ticks: still the one run
+        assert len(runs(db, pid)) == 1 and len(jobs_of_vm(db, "miss1")) == 1
+        wait_for("the run to end", lambda: runs(db, pid)[0].status == "completed", 30)
+    finally:
+        db.dispose()
+        c.stop()
+
+
+def test_node_limit_queues_in_the_catalog_and_the_scheduler_starts_the_rest(
+    tmp_path: Path, make_vm
+) -> None:  # type: ignore[no-untyped-def]
+    c = Cluster(tmp_path, hub_env={**SCHEDULER, "SENDENSE_SCHEDULER_NODE_LIMIT": "1"})
+    c.start_node()
+    c.start_hub()
+    db = catalog(c)
+    try:
+        vms = [make_vm(f"lim{i}", [16 * MiB]) for i in range(3)]
+        c.register(*vms)
+        pid = add_policy(
+            db, "limited", ["lim0", "lim1", "lim2"], enabled=False, created_at=datetime.now(UTC)
+        )
+        answer = c.client.post(f"/api/v1/policies/{pid}/run")
+        assert len(answer["job_ids"]) == 1 and answer["queued"] == ["lim1", "lim2"], answer
+        # The scheduler (not the request) starts the others, one at a time.
+        wait_for(
+            "every VM's job",
+            lambda: all(jobs_of_vm(db, f"lim{i}") for i in range(3)),
+            timeout=120,
+        )
+        jobs = sorted(
+            (j for i in range(3) for j in jobs_of_vm(db, f"lim{i}")), key=lambda j: j.created_at
+        )
+        assert len(jobs) == 3
+        done = [c.wait_job(j.id) for j in jobs]
+        assert [j["status"] for j in done] == ["completed"] * 3
+        for before, after in itertools.pairwise(done):  # never two at once on the node
+            assert before["finished_at"] <= after["created_at"], (before, after)
+        wait_for("the run to end", lambda: runs(db, pid)[0].status == "completed", 30)
     finally:
         db.dispose()
         c.stop()
