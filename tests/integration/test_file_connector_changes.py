@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import nbd
 import pytest
 import xxhash
 
+from sendense.connectors.file import changes
 from sendense.connectors.file.connector import FileConnector
-from sendense.core.errors import ImageChanged, ImageInUse, InvalidRequest
+from sendense.core.errors import Cancelled, ImageChanged, ImageInUse, InvalidRequest
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
 
@@ -198,3 +200,38 @@ def test_a_change_during_the_copy_fails_at_release(tmp_path: Path) -> None:
     with pytest.raises(ImageChanged, match=r"config.vms\[0\].paths\[0\]: .* changed while"):
         c.release(True)
     assert c.server is None  # the server is stopped all the same
+
+
+def test_hash_pass_stops_on_cancel_and_the_server_goes(tmp_path: Path) -> None:
+    """The worker's cancel flag, given to the connector, stops an
+    incremental's hash pass (it reads the whole image inside freeze)."""
+    path = tmp_path / "disk.qcow2"
+    img.create(str(path), 8 * MiB)
+    qemu_io(path, "write -P 7 0 4M")
+    lists = tmp_path / "node" / "blockhash" / "vm1" / "2000"
+    lists.mkdir(parents=True)
+    (lists / "sendense-file-prev.x3-64k").write_bytes(hash_list(path, tmp_path))
+    c = connector(tmp_path, [path])
+    c.cancel_event = threading.Event()
+    c.cancel_event.set()
+    with pytest.raises(Cancelled, match="while hashing"):
+        c.freeze("vm1", [2000], {2000: "sendense-file-prev"})
+    c.release(False)
+    assert c.server is None
+    # Nothing holds the image any more: a writer can open it.
+    qemu_io(path, "write -P 1 0 64k")
+
+
+def test_hash_rate_helpers_count_changed_blocks(tmp_path: Path) -> None:
+    """What the benchmark drives: file_chunks + find_changes + CountMarker."""
+    path = tmp_path / "disk.raw"
+    size = 4 * MiB
+    path.write_bytes(os.urandom(size))
+    previous = tmp_path / "prev.x3-64k"
+    previous.write_bytes(hash_list(path, tmp_path))
+    with open(path, "r+b") as f:
+        f.seek(3 * BLOCK)
+        f.write(b"x")
+    marker = changes.CountMarker()
+    summary = changes.find_changes(changes.file_chunks(str(path), size), size, previous, marker)
+    assert (summary.blocks, summary.changed_blocks, summary.read_bytes) == (64, 1, size)

@@ -30,15 +30,17 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import nbd
 
-from sendense.core.errors import NbdError
+from sendense.core.errors import Cancelled, NbdError
 from sendense.mover import digest as dg
 
 log = logging.getLogger(__name__)
@@ -234,6 +236,29 @@ def _file_runs(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
     yield from _block_runs_of(extents, 0, dg.block_count(size), size)
 
 
+class Marks(Protocol):
+    """Where `find_changes` puts the changed blocks (in disk order)."""
+
+    changed_blocks: int
+
+    def add(self, block: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class CountMarker:
+    """Counts changed blocks and keeps nothing: for measuring the hash pass."""
+
+    def __init__(self) -> None:
+        self.changed_blocks = 0
+
+    def add(self, block: int) -> None:
+        self.changed_blocks += 1
+
+    def finish(self) -> None:
+        pass
+
+
 class ChangeMarker:
     """Writes zeroes over runs of changed blocks into a writable export of
     the bitmap's ``null-co`` node, a bounded number in flight."""
@@ -284,13 +309,18 @@ def find_changes(
     chunks: Iterator[tuple[int, int, memoryview | None]],
     size: int,
     previous: Path,
-    marker: ChangeMarker,
+    marker: Marks,
     *,
     algorithm: str = dg.DEFAULT_ALGORITHM,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ChangeSummary:
     """Hash every block of the image (``chunks``: `nbd_chunks` or
     `file_chunks`), compare with the list ``previous`` and mark the blocks
-    that differ. The caller checked the list's size."""
+    that differ. The caller checked the list's size.
+
+    ``cancel`` is checked between chunks (`Cancelled`); ``on_progress(done,
+    size)`` gets the bytes covered so far, at most every half second."""
     leaf, hash_size = leaf_of(algorithm)
     zero_hash = leaf(bytes(B))
     tail = size % B
@@ -299,8 +329,14 @@ def find_changes(
     summary = ChangeSummary(blocks=count)
     t0 = time.monotonic()
     fd = os.open(previous, os.O_RDONLY | os.O_CLOEXEC)
+    last_report = t0
     try:
         for offset, length, data in chunks:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled while hashing the image")
+            if on_progress is not None and time.monotonic() - last_report >= 0.5:
+                last_report = time.monotonic()
+                on_progress(offset, size)
             first = offset // B
             n = -(-length // B)
             old = os.pread(fd, n * hash_size, first * hash_size)

@@ -38,7 +38,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,11 @@ class FileConnector:
         self._before: dict[str, Fingerprint] = {}
         self._fields: dict[str, str] = {}
         self._images_by_key: dict[int, ImageInfo] = {}
+        # Set by the worker when it can (the hash pass of an incremental reads
+        # the whole image inside freeze): its cancel flag, and a callback
+        # taking a step text for the job's status.
+        self.cancel_event: threading.Event | None = None
+        self.on_step: Callable[[str], None] | None = None
 
     # -- discovery ---------------------------------------------------------
 
@@ -220,6 +227,8 @@ class FileConnector:
                 hashes,
                 changes.ChangeMarker(mark, disk.capacity_bytes),
                 algorithm=algorithm,
+                cancel=self.cancel_event,
+                on_progress=self._progress(disk.key),
             )
         finally:
             for h in (src, mark):
@@ -238,6 +247,16 @@ class FileConnector:
             summary.seconds,
             summary.rate,
         )
+
+    def _progress(self, key: int) -> Callable[[int, int], None] | None:
+        on_step = self.on_step
+        if on_step is None:
+            return None
+
+        def report(done: int, size: int) -> None:
+            on_step(f"hashing disk {key}: {100 * done // max(size, 1)}%")
+
+        return report
 
     def _check_unchanged(self) -> None:
         for path, before in self._before.items():
