@@ -235,3 +235,27 @@ def test_hash_rate_helpers_count_changed_blocks(tmp_path: Path) -> None:
     marker = changes.CountMarker()
     summary = changes.find_changes(changes.file_chunks(str(path), size), size, previous, marker)
     assert (summary.blocks, summary.changed_blocks, summary.read_bytes) == (64, 1, size)
+
+
+def test_paths_outside_the_allowed_roots_or_in_the_data_dir_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, other = tmp_path / "images", tmp_path / "other"
+    images.mkdir()
+    other.mkdir()
+    ok, outside = images / "a.raw", other / "b.raw"
+    for p in (ok, outside):
+        img.create(str(p), MiB, fmt="raw")
+    link = images / "escape.raw"
+    link.symlink_to(outside)  # the check is on the resolved path
+    monkeypatch.setenv("SENDENSE_NODE_FILE_ROOTS", f"{images}:/nonexistent")
+    assert connector(tmp_path, [ok]).discover()[0].disks[0].capacity_bytes == MiB
+    for path in (outside, link):
+        with pytest.raises(InvalidRequest, match="not under the folders this node reads"):
+            connector(tmp_path, [path]).discover()
+    monkeypatch.delenv("SENDENSE_NODE_FILE_ROOTS")
+    token = tmp_path / "node" / "node.token"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text("secret")
+    with pytest.raises(InvalidRequest, match=r"paths\[0\]: .* is inside the node's data directory"):
+        connector(tmp_path, [token]).discover()

@@ -70,6 +70,37 @@ def parse_config(config: dict[str, Any]) -> list[FileVm]:
     return out
 
 
+ROOTS_ENV = "SENDENSE_NODE_FILE_ROOTS"
+
+
+def allowed_roots() -> list[str]:
+    """``SENDENSE_NODE_FILE_ROOTS``: colon-separated folders the node may read
+    images from (after symlinks); unset or empty: any path. The node's own
+    settings are environment variables; this one is read where it is used."""
+    value = os.environ.get(ROOTS_ENV, "")
+    return [os.path.realpath(r) for r in value.split(":") if r.strip()]
+
+
+def check_allowed(path: str, field: str, *, data_dir: str | None) -> None:
+    """A path the node may serve: never inside its own data dir (its token,
+    job logs), and under one of `allowed_roots` when they are set. Checked
+    on the path with its symlinks resolved."""
+    real = os.path.realpath(path)
+
+    def under(root: str) -> bool:
+        return real == root or real.startswith(root.rstrip("/") + "/")
+
+    if data_dir is not None and under(os.path.realpath(data_dir)):
+        raise InvalidRequest(f"{field}: {path} is inside the node's data directory", field=field)
+    roots = allowed_roots()
+    if roots and not any(under(r) for r in roots):
+        raise InvalidRequest(
+            f"{field}: {path} is not under the folders this node reads images from "
+            f"({ROOTS_ENV}={':'.join(roots)})",
+            field=field,
+        )
+
+
 def check_readable(path: str, field: str) -> bool:
     """That the node can open ``path`` for reading and it is a regular file or
     a block device (after symlinks, as LVM's ``/dev/vg/lv`` are). Returns

@@ -48,7 +48,7 @@ import nbd
 
 from sendense.connectors.base import DiskInfo, DiskView, PointInTime, VmInfo
 from sendense.connectors.file import changes
-from sendense.connectors.file.config import FileVm, check_readable, parse_config
+from sendense.connectors.file.config import FileVm, check_allowed, check_readable, parse_config
 from sendense.connectors.file.image import Fingerprint, ImageInfo, ImageServer, probe
 from sendense.core.errors import ImageChanged, NotFound
 from sendense.mover import digest as dg
@@ -71,9 +71,12 @@ def hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
 
 
 def node_data_dir(workdir: Path) -> Path | None:
-    """The node's data dir, from a job's work dir ``<data>/jobs/<job id>/work``."""
+    """The node's data dir, from a job's work dir ``<data>/jobs/<job id>/work``
+    or discovery's ``<data>/discover`` (node/app.py)."""
     if workdir.parent.parent.name == "jobs":
         return workdir.parent.parent.parent
+    if workdir.name == "discover":
+        return workdir.parent
     return None
 
 
@@ -94,12 +97,17 @@ class FileConnector:
         self.cancel_event: threading.Event | None = None
         self.on_step: Callable[[str], None] | None = None
 
+    def _data_dir(self) -> str | None:
+        found = node_data_dir(self.workdir)
+        return str(found) if found is not None else None
+
     # -- discovery ---------------------------------------------------------
 
     def _images(self, vm: FileVm) -> list[ImageInfo]:
         out = []
         for i, path in enumerate(vm.paths):
             field = vm.field(i)
+            check_allowed(path, field, data_dir=self._data_dir())
             device = check_readable(path, field)
             out.append(probe(path, field, device=device))
         return out
