@@ -366,3 +366,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_reader_stops_at_once_although_the_worker_blocks_sigterm(tmp_path: Path) -> None:
+    """The node's worker blocks SIGTERM/SIGINT in every thread (it takes them
+    with sigwait); nbdkit must not inherit that mask, or neither a stop nor
+    --exit-with-parent would reach it."""
+    import signal
+    import time
+
+    from sendense.connectors.vmware.nbdkit import NbdkitServer
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        server = NbdkitServer("memory", [("size", "1M")], socket_path=str(tmp_path / "m.sock"))
+        server.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    started = time.monotonic()
+    server.stop(timeout=5)
+    assert time.monotonic() - started < 2
+    assert server.poll() == 0

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -40,7 +39,8 @@ class NbdkitServer:
         self.filters = filters or []
         self.socket_path = socket_path
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self._returncode: int | None = None
 
     @property
     def url(self) -> str:
@@ -63,21 +63,44 @@ class NbdkitServer:
     def start(self, *, timeout: float = 30.0) -> None:
         argv = self.argv()
         log.debug("start argv=%s", argv)
-        stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = self.log_path or os.devnull
+        # posix_spawn, not Popen: the node's worker blocks SIGTERM and SIGINT
+        # in all its threads (it takes them with sigwait), and a child inherits
+        # that mask through exec. nbdkit would then ignore the SIGTERM that
+        # stops it and the one --exit-with-parent sends (PR_SET_PDEATHSIG), so
+        # it starts with an empty mask; SIGPIPE back to its default as well.
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 2, out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+        ]
         try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            self.pid = os.posix_spawnp(
+                "nbdkit",
+                argv,
+                os.environ,
+                file_actions=actions,
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
             )
         except FileNotFoundError as e:
             raise DiskReadFailed("nbdkit not found (install nbdkit)") from e
-        finally:
-            if self.log_path and hasattr(stderr, "close"):
-                stderr.close()
         try:
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def poll(self) -> int | None:
+        """The exit status once the process has ended (and is reaped), else None."""
+        if self.pid is None:
+            return self._returncode
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.pid = None
+        self._returncode = os.waitstatus_to_exitcode(status)
+        return self._returncode
 
     def _detail(self) -> str:
         if self.log_path and os.path.exists(self.log_path):
@@ -85,11 +108,10 @@ class NbdkitServer:
         return ""
 
     def _wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None
         deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
-            rc = self.proc.poll()
+            rc = self.poll()
             if rc is not None:
                 raise DiskReadFailed(
                     f"nbdkit {self.plugin} exited with code {rc} before serving: {self._detail()}"
@@ -114,17 +136,18 @@ class NbdkitServer:
             return False
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
+        if self.pid is not None and self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.proc = None
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    log.warning("nbdkit pid=%s ignored SIGTERM: killed", self.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    self.pid = None
+                    break
+                time.sleep(0.01)
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
