@@ -9,7 +9,7 @@ inserted by the real planners and recorded instead of run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -34,7 +34,7 @@ from sendense.catalog.stores.common import ACTIVE
 from sendense.core.errors import DiskBusy, NoParent, NotFound
 from sendense.engine.backup import BackupRequest
 from sendense.scheduler import events, matched_vms, run_policy_now
-from sendense.scheduler.runs import drain, finish_runs, follow_up
+from sendense.scheduler.runs import create_run, drain, finish_runs, follow_up
 
 if TYPE_CHECKING:
     from sendense.hub.state import HubState
@@ -49,8 +49,11 @@ class FakeEngine:
         self.db = db
         self.requests: list[BackupRequest] = []
         self.refuse: dict[str, Exception] = {}
+        self.on_start: Callable[[BackupRequest], None] | None = None
 
     def start(self, req: BackupRequest) -> str:
+        if self.on_start is not None:
+            self.on_start(req)
         if req.vm_name in self.refuse:
             raise self.refuse[req.vm_name]
         with self.db.session() as s:
@@ -369,6 +372,32 @@ def test_busy_vm_waits_and_is_retried_later_in_the_run(world: World) -> None:
     started = drain(world.st, T0 + timedelta(seconds=45))
     assert len(started) == 1
     assert world.items(answer["run_id"])["a"].status == "started"
+
+
+def test_a_busy_item_is_skipped_when_a_newer_run_came_meanwhile(world: World) -> None:
+    world.vm("a", tags={"tier": "gold"})
+    pid = world.policy()
+    world.engine.refuse["a"] = DiskBusy("VM a is busy")
+    newer: list[str] = []
+
+    def a_newer_run_is_claimed(req: BackupRequest) -> None:
+        if not newer:
+            with world.db.session() as s:
+                run = create_run(
+                    s,
+                    s.get_one(Policy, pid),
+                    scheduled_at=T0 + timedelta(hours=1),
+                    trigger="schedule",
+                    now=T0 + timedelta(seconds=1),
+                )
+                newer.append(run.id)
+
+    world.engine.on_start = a_newer_run_is_claimed
+    answer = run_policy_now(world.st, pid, created_by="alice", now=T0)
+    item = world.items(answer["run_id"])["a"]
+    # Not queued again behind the newer run's own entry for the VM.
+    assert item.status == "skipped" and item.reason == f"superseded by run {newer[0]}"
+    assert world.items(newer[0])["a"].status == "queued"
 
 
 def test_a_refused_start_fails_the_item_with_its_reason(world: World) -> None:

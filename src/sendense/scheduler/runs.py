@@ -492,6 +492,10 @@ def _start(st: HubState, c: _Candidate, backup_type: str, now: datetime) -> str 
             )
         job_id = None
     with st.db.session() as s:
+        if values["status"] == QUEUED:
+            newer = _newer_run(s, c)
+            if newer is not None:  # created while this one was being tried
+                values = {"status": SKIPPED, "reason": f"superseded by run {newer}"}
         s.execute(
             update(PolicyRunVm)
             .where(PolicyRunVm.id == c.item_id, PolicyRunVm.status == STARTING)
@@ -508,6 +512,22 @@ def _start(st: HubState, c: _Candidate, backup_type: str, now: datetime) -> str 
                 reason=values["reason"],
             )
     return job_id
+
+
+def _newer_run(s: Session, c: _Candidate) -> str | None:
+    """A later run of the policy that has this VM too (it takes the place of
+    this item when the item goes back to the queue)."""
+    return s.execute(
+        select(PolicyRun.id)
+        .join(PolicyRunVm, PolicyRunVm.run_id == PolicyRun.id)
+        .where(
+            PolicyRun.policy_id == c.policy_id,
+            PolicyRun.id != c.run_id,
+            PolicyRun.created_at > s.get_one(PolicyRun, c.run_id).created_at,
+            PolicyRunVm.vm_id == c.vm_id,
+        )
+        .limit(1)
+    ).scalar_one_or_none()
 
 
 def recover_starting(st: HubState, now: datetime | None = None) -> int:
