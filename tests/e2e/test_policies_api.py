@@ -12,6 +12,7 @@ so the in-hub scheduler leaves these policies alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,27 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from fixtures.cluster import Cluster, cli
-from fixtures.lifecycle import MiB, by_disk, error_body, raw_copy, reference_digest, write_random
+from fixtures.lifecycle import (
+    MiB,
+    by_disk,
+    cluster_env,
+    error_body,
+    lifecycle_cluster,
+    raw_copy,
+    reference_digest,
+    wait_for,
+    write_random,
+)
 from sendense.qemu import img
 
 NEVER = "0 3 1 1 *"
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """The conftest's hub and node (SQLite, or indirect ``"postgresql"``),
+    with the environment a test sets with `cluster_env`."""
+    yield from lifecycle_cluster(request, tmp_path)
 
 
 def policy_body(**over: Any) -> dict[str, Any]:
@@ -302,38 +320,76 @@ def test_vm_tags_drive_selectors_and_scopes(cluster: Cluster, make_vm) -> None:
 
 
 @pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
+@cluster_env(hub={"SENDENSE_SCHEDULER_INTERVAL": "0.5"})
 def test_run_now_then_last_runs(cluster: Cluster, make_vm) -> None:
     c = cluster
     c.register(make_vm("web1", [8 * MiB]), make_vm("db1", [8 * MiB]), make_vm("dev1", [8 * MiB]))
     for name in ("web1", "db1"):
         c.http("PATCH", f"/api/v1/vms/{name}", json={"tags": {"tier": "gold"}})
-    pid = create(c, selector={"vms": [], "tags": {"tier": "gold"}}, retention={"keep_last": 5})[
-        "policy_id"
-    ]
+    pid = create(
+        c,
+        selector={"vms": [], "tags": {"tier": "gold"}},
+        retention={"keep_last": 5},
+        verify_after=True,
+    )["policy_id"]
     operator = make_token(c, "ops", "operator")
     r = c.http("POST", f"/api/v1/policies/{pid}/run", token=operator)
     assert r.status_code == 202, r.text
     started = r.json()
-    assert len(started["job_ids"]) == 2 and started["queued"] == [] and started["skipped"] == []
-    jobs = {j["vm_name"]: j for j in (c.wait_job(job_id) for job_id in started["job_ids"])}
+    # Each VM is started here, or (being claimed by the in-hub scheduler at
+    # that very moment) reported queued and started by it.
+    assert started["skipped"] == [], started
+    assert len(started["job_ids"]) + len(started["queued"]) == 2, started
+
+    # The scheduler follows up: verify (verify_after), then retention, then done.
+    def settled(run_id: str) -> Any:
+        def check() -> dict[str, Any] | None:
+            shown: dict[str, Any] = c.client.get(f"/api/v1/policies/{pid}")
+            runs = shown["last_runs"]
+            ok = [(r["run_id"], r["status"]) for r in runs] == [(run_id, "done")] * 2
+            return shown if ok else None
+
+        return check
+
+    shown = wait_for("both VMs done", settled(started["run_id"]), timeout=60)
+    job_ids = [r["job_id"] for r in shown["last_runs"]]
+    assert set(started["job_ids"]) <= set(job_ids)
+    jobs = {j["vm_name"]: j for j in (c.wait_job(job_id) for job_id in job_ids)}
     assert sorted(jobs) == ["db1", "web1"]  # dev1 has no tag: not protected
     for job in jobs.values():
         assert job["status"] == "completed", job
         assert job["created_by"] == "ops" and job["tags"]["policy_id"] == pid
         assert job["backup_type"] == "full"  # a VM's first run under a policy
 
-    shown = c.client.get(f"/api/v1/policies/{pid}")
     last = {r["vm_name"]: r for r in shown["last_runs"]}
     assert sorted(last) == ["db1", "web1"]
     for name, run in last.items():
-        assert run["job_id"] == jobs[name]["job_id"] and run["job_status"] == "completed"
+        job = jobs[name]
+        assert run["job_id"] == job["job_id"] and run["job_status"] == "completed"
         assert run["trigger"] == "manual" and run["backup_type"] == "full"
-        assert run["status"] in ("started", "verifying", "retaining", "done"), run
         assert run["error"] is None and run["finished_at"]
-    # Backups made by the policy are there, one full per VM.
-    for name in ("web1", "db1"):
-        points = c.client.get("/api/v1/backups", vm_name=name)["backups"]
-        assert [p["backup_type"] for p in points] == ["full"], points
+        assert run["backup_ids"] == job["backups"] and len(job["backups"]) == 1
+        (verify_id,) = run["verify_job_ids"]
+        verify = c.client.get(f"/api/v1/jobs/{verify_id}")
+        assert verify["kind"] == "verify" and verify["status"] == "completed", verify
+        point = c.client.get(f"/api/v1/backups/{job['backups'][0]}")
+        assert point["verify_status"] == "ok", point
+        # keep_last=5 of one point: nothing to remove, no retention job.
+        assert run["retention_job_id"] is None and "nothing to remove" in run["reason"], run
+    assert c.client.get("/api/v1/backups", vm_name="dev1")["backups"] == []
+
+    # Keep one: the next run's retention merges the full into the new point.
+    c.http("PATCH", f"/api/v1/policies/{pid}", json={"retention": {"keep_last": 1}})
+    again = c.client.post(f"/api/v1/policies/{pid}/run")
+    assert len(again["job_ids"]) + len(again["queued"]) == 2 and again["skipped"] == []
+    shown = wait_for("the second run done", settled(again["run_id"]), timeout=90)
+    for run in shown["last_runs"]:
+        assert run["backup_type"] == "incremental" and run["job_status"] == "completed"
+        retention = c.client.get(f"/api/v1/jobs/{run['retention_job_id']}")
+        assert retention["kind"] == "retention" and retention["status"] == "completed"
+        assert retention["created_by"] == "scheduler"
+        points = c.client.get("/api/v1/backups", vm_name=run["vm_name"])["backups"]
+        assert [p["backup_id"] for p in points] == run["backup_ids"], points
 
     # A policy that matches no VM: accepted, no job.
     empty = create(c, name="nobody", selector={"vms": ["not-yet"]})["policy_id"]

@@ -13,6 +13,7 @@ from sqlalchemy import Row, delete, func, select
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import (
+    Backup,
     BackupJob,
     Policy,
     PolicyRun,
@@ -100,6 +101,21 @@ class PolicyStore:
             if row.PolicyRunVm.vm_id not in seen:
                 seen.add(row.PolicyRunVm.vm_id)
                 out.append(row)
+        return out
+
+    def backups_of_jobs(self, job_ids: Iterable[str]) -> dict[str, list[str]]:
+        """Per job, the ids of the restore points it made (by disk)."""
+        ids = sorted(set(job_ids))
+        out: dict[str, list[str]] = {}
+        if not ids:
+            return out
+        rows = self.s.execute(
+            select(Backup.job_id, Backup.id)
+            .where(Backup.job_id.in_(ids))
+            .order_by(Backup.job_id, Backup.disk_index)
+        ).all()
+        for job_id, backup_id in rows:
+            out.setdefault(job_id, []).append(backup_id)
         return out
 
     def remove(self, policy: Policy) -> dict[str, int]:

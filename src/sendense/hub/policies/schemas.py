@@ -120,6 +120,9 @@ class PolicyLastRun(BaseModel):
     job_id: str | None
     job_status: str | None = Field(description="the job's: pending, running, completed, ...")
     error: JobOutcome | None
+    backup_ids: list[str] = Field(description="Restore points the backup job made (by disk)")
+    verify_job_ids: list[str] = Field(description="verify_after: the verify jobs of those points")
+    retention_job_id: str | None = Field(description="The retention job run after the backup")
     queued_at: datetime | None
     finished_at: datetime | None
 

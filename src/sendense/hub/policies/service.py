@@ -184,11 +184,14 @@ def _tags_of(vm_rows: list[Any], name: str) -> dict[str, Any] | None:
 
 
 def _last_runs(s: Session, who: Principal, policy: Policy) -> list[dict[str, Any]]:
+    store = PolicyStore(s)
+    rows = [r for r in store.last_run_vms(policy.id) if who.can_see_vm(r.vm_name, r.vm_tags)]
+    made = store.backups_of_jobs(r.PolicyRunVm.job_id for r in rows if r.PolicyRunVm.job_id)
     out = []
-    for row in PolicyStore(s).last_run_vms(policy.id):
-        if not who.can_see_vm(row.vm_name, row.vm_tags):
-            continue
+    for row in rows:
         entry, run = row.PolicyRunVm, row.PolicyRun
+        # What the scheduler noted for this VM: its verify and retention jobs.
+        noted = ((run.summary or {}).get("vms") or {}).get(row.vm_name) or {}
         error = None
         if row.job_error_code or row.job_error_message:
             error = {"code": row.job_error_code, "message": row.job_error_message}
@@ -206,6 +209,9 @@ def _last_runs(s: Session, who: Principal, policy: Policy) -> list[dict[str, Any
                 "job_id": entry.job_id,
                 "job_status": row.job_status,
                 "error": error,
+                "backup_ids": made.get(entry.job_id or "", []),
+                "verify_job_ids": list(noted.get("verify_job_ids") or []),
+                "retention_job_id": noted.get("retention_job_id"),
                 "queued_at": _t(entry.created_at),
                 "finished_at": _t(row.job_finished_at),
             }
