@@ -177,6 +177,13 @@ def test_an_image_a_running_vm_writes_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ImageInUse):
             c.freeze("vm1", [2000], {})
         c.release(False)
+        # A backup of the VM's other disk alone only opens that one.
+        other = tmp_path / "other.raw"
+        img.create(str(other), MiB, fmt="raw")
+        c = connector(tmp_path, [path, other])
+        pit = c.freeze("vm1", [2001], {})
+        assert [v.disk.key for v in pit.views] == [2001]
+        c.release(True)
     finally:
         holder.stop()
     # While a backup reads it, no VM can open it for writing.

@@ -103,32 +103,26 @@ class FileConnector:
 
     # -- discovery ---------------------------------------------------------
 
-    def _images(self, vm: FileVm) -> list[ImageInfo]:
-        out = []
-        for i, path in enumerate(vm.paths):
-            field = vm.field(i)
-            check_allowed(path, field, data_dir=self._data_dir())
-            device = check_readable(path, field)
-            out.append(probe(path, field, device=device))
-        return out
+    def _image(self, vm: FileVm, index: int) -> ImageInfo:
+        path, field = vm.paths[index], vm.field(index)
+        check_allowed(path, field, data_dir=self._data_dir())
+        device = check_readable(path, field)
+        return probe(path, field, device=device)
 
-    def _disks(self, vm: FileVm, images: list[ImageInfo]) -> list[DiskInfo]:
-        return [
-            DiskInfo(
-                index=i,
-                key=FIRST_DISK_KEY + i,
-                label=os.path.basename(image.path),
-                capacity_bytes=image.virtual_size,
-                path=image.path,
-                node_name=f"src{i}",
-            )
-            for i, image in enumerate(images)
-        ]
+    def _disk(self, index: int, image: ImageInfo) -> DiskInfo:
+        return DiskInfo(
+            index=index,
+            key=FIRST_DISK_KEY + index,
+            label=os.path.basename(image.path),
+            capacity_bytes=image.virtual_size,
+            path=image.path,
+            node_name=f"src{index}",
+        )
 
     def discover(self) -> list[VmInfo]:
         out = []
         for vm in self.vms.values():
-            disks = self._disks(vm, self._images(vm))
+            disks = [self._disk(i, self._image(vm, i)) for i in range(len(vm.paths))]
             out.append(VmInfo(name=vm.name, path=vm.paths[0], disks=disks))
         return out
 
@@ -140,17 +134,18 @@ class FileConnector:
         vm = self.vms.get(vm_name)
         if vm is None:
             raise NotFound(f"VM {vm_name} is not in this source")
-        images = self._images(vm)
-        disks = {d.key: d for d in self._disks(vm, images)}
-        self._images_by_key = {FIRST_DISK_KEY + i: image for i, image in enumerate(images)}
-        unknown = [k for k in disk_keys if k not in disks]
+        unknown = [k for k in disk_keys if not 0 <= k - FIRST_DISK_KEY < len(vm.paths)]
         if unknown:
             raise NotFound(f"disk key(s) {unknown} not found in VM {vm_name}")
-        self._fields = {image.path: vm.field(i) for i, image in enumerate(images)}
-        self._before = {image.path: Fingerprint.of(image.path) for image in images}
+        # Only the disks asked for are opened, locked and watched.
+        images = {k - FIRST_DISK_KEY: self._image(vm, k - FIRST_DISK_KEY) for k in disk_keys}
+        disks = {FIRST_DISK_KEY + i: self._disk(i, image) for i, image in images.items()}
+        self._images_by_key = {FIRST_DISK_KEY + i: image for i, image in images.items()}
+        self._fields = {image.path: vm.field(i) for i, image in images.items()}
+        self._before = {image.path: Fingerprint.of(image.path) for image in images.values()}
         server = ImageServer(self.workdir, images)
         self.server = server
-        server.start([vm.field(i) for i in range(len(images))])
+        server.start({i: vm.field(i) for i in images})
         change_id = new_change_id()
         data_dir = node_data_dir(self.workdir)
         views = []

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sendense.core.errors import Error, ImageInUse, InvalidRequest, QemuImgError, QmpError
 from sendense.qemu import img
@@ -111,12 +111,12 @@ class Fingerprint:
 class ImageServer:
     """``qemu-storage-daemon`` serving images read-only over NBD (unix socket).
 
-    Nodes: ``file<i>`` (protocol) -> ``src<i>`` (format), both read-only;
-    `add_bitmap_node` adds ``chg<i>`` (null-co). Exports are added and removed
-    over QMP.
+    ``images``: disk index -> image. Nodes: ``file<i>`` (protocol) ->
+    ``src<i>`` (format), both read-only; `add_bitmap_node` adds ``chg<i>``
+    (null-co). Exports are added and removed over QMP.
     """
 
-    def __init__(self, workdir: Path, images: list[ImageInfo]) -> None:
+    def __init__(self, workdir: Path, images: dict[int, ImageInfo]) -> None:
         self.workdir = workdir
         self.images = images
         # Sockets in a short private folder (made at start): a unix socket
@@ -134,7 +134,7 @@ class ImageServer:
             # A worker killed outright must not leave the images locked.
             args += ["setpriv", "--pdeathsig", "KILL"]
         args.append("qemu-storage-daemon")
-        for i, image in enumerate(self.images):
+        for i, image in self.images.items():
             # JSON syntax: a path may hold commas, which the key=value syntax splits on.
             protocol = {
                 "driver": "host_device" if image.device else "file",
@@ -160,7 +160,7 @@ class ImageServer:
         ]
         return args
 
-    def start(self, fields: list[str]) -> None:
+    def start(self, fields: dict[int, str]) -> None:
         """Start and connect; `ImageInUse` naming ``fields[i]`` when image i is locked."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sockets = Path(tempfile.mkdtemp(prefix="sendense-file-"))
@@ -187,13 +187,14 @@ class ImageServer:
                 raise Error("qemu-storage-daemon did not start within 15 s", code="qsd_failed")
             time.sleep(0.01)
 
-    def _raise_start_failure(self, fields: list[str]) -> None:
+    def _raise_start_failure(self, fields: dict[int, str]) -> NoReturn:
         text = self.log_path.read_text(errors="replace").strip()
         if LOCK_MARKER in text:
-            for i, image in enumerate(self.images):
+            for i, image in self.images.items():
                 if image.path in text:
                     raise _in_use(image.path, fields[i])
-            raise _in_use(self.images[0].path, fields[0])
+            first = min(self.images)
+            raise _in_use(self.images[first].path, fields[first])
         raise Error(f"qemu-storage-daemon failed: {text[-1000:]}", code="qsd_failed")
 
     def execute(self, command: str, **arguments: Any) -> Any:
