@@ -21,7 +21,7 @@ import pytest
 
 from fixtures import disks
 from sendense.hub.restore import streams
-from sendense.restore.fs import FsWorker
+from sendense.restore.fs import FsWorker, WorkerLimits
 
 pytestmark = pytest.mark.skipif(
     bool(disks.tools_missing()), reason=f"missing tools: {disks.tools_missing()}"
@@ -109,3 +109,38 @@ def test_zip_of_a_subdirectory_names_entries_from_it(worker: FsWorker) -> None:
     data = b"".join(streams.zip_stream(worker, 0, "/nested"))  # type: ignore[arg-type]
     names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
     assert {"a/", "a/mid.txt", "a/run.sh", streams.MANIFEST} == names
+
+
+def test_archives_of_a_hostile_filesystem_note_what_could_not_be_read(tmp_path: Path) -> None:
+    """A FAT32 whose /nested cluster chain loops through hello.txt's: listing
+    /nested hits the worker's memory limit, reading hello.txt is corruption.
+    Both archives still come out valid, with the rest and a manifest."""
+    tree = tmp_path / "tree"
+    (tree / "nested").mkdir(parents=True)
+    (tree / "hello.txt").write_bytes(b"hello, world\n")
+    (tree / "other.txt").write_bytes(b"untouched\n")
+    (tree / "nested/deep.txt").write_bytes(b"deep\n")
+    image = tmp_path / "loop.fat"
+    disks.build_fat(image, tree, size=40 * disks.MiB)
+    disks.fat_loop_directory(image, "/nested", "/hello.txt")
+    with FsWorker(image, limits=WorkerLimits(memory=512 * disks.MiB, request_timeout=120)) as w:
+        z = zipfile.ZipFile(io.BytesIO(b"".join(streams.zip_stream(w, 0, "/"))))  # type: ignore[arg-type]
+        assert z.testzip() is None
+        assert z.read("other.txt") == b"untouched\n" and z.read("hello.txt") == b""
+        notes = z.read(streams.MANIFEST).decode()
+        assert "unreadable directory /nested: " in notes and "memory limit" in notes
+        assert "unreadable hello.txt (cut at byte 0): " in notes and "loops" in notes
+
+        data = b"".join(streams.tar_gz_stream(w, 0, "/"))  # type: ignore[arg-type]
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            hello = tar.extractfile(members["hello.txt"])
+            assert hello is not None and hello.read() == bytes(13)  # padded to its size
+            other = tar.extractfile(members["other.txt"])
+            assert other is not None and other.read() == b"untouched\n"
+            manifest = tar.extractfile(members[streams.MANIFEST])
+            assert manifest is not None
+            notes = manifest.read().decode()
+        assert "unreadable hello.txt (zeros from byte 0)" in notes
+        assert "unreadable directory /nested" in notes
+        assert "nested" in members and "nested/deep.txt" not in members

@@ -6,7 +6,14 @@ import pytest
 
 from sendense.core.errors import FilesystemCorrupt, PathRefused
 from sendense.restore.fs.models import FsEntry, FsPartition, WorkerProtocolError
-from sendense.restore.fs.paths import resolve_link, split_path
+from sendense.restore.fs.paths import (
+    escape,
+    has_raw_bytes,
+    resolve_link,
+    shown,
+    split_path,
+    unescape,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,3 +89,40 @@ def test_records_from_the_worker_are_checked() -> None:
         assert isinstance(wrong.value, FilesystemCorrupt)
     with pytest.raises(WorkerProtocolError):
         FsPartition.from_wire({**part.to_wire(), "warnings": [1]})
+
+
+# ---------------------------------------------------------------- names as bytes
+
+
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        (b"caf\xe9.txt", "caf%E9.txt"),
+        (b"/dir\xff/in\xfe.bin", "/dir%FF/in%FE.bin"),
+        (b"100%\xff", "100%25%FF"),
+        ("h\u00e9llo \u540d\u524d".encode(), "h\u00e9llo \u540d\u524d"),
+        (b"\xc3", "%C3"),  # a cut UTF-8 sequence
+        (b"%41", "%2541"),
+    ],
+)
+def test_escape_round_trip(raw: bytes, escaped: str) -> None:
+    name = raw.decode("utf-8", "surrogateescape")  # as the worker decodes names
+    assert escape(name) == escaped
+    assert unescape(escaped) == name
+    assert unescape(escaped).encode("utf-8", "surrogateescape") == raw
+    escape(name).encode("utf-8")  # always writable as UTF-8
+
+
+def test_shown_escapes_only_what_must_be() -> None:
+    assert shown("100%.txt") == "100%.txt" and not has_raw_bytes("100%.txt")
+    assert shown("caf\udce9%") == "caf%E9%25" and has_raw_bytes("caf\udce9")
+    assert escape("a\ud800b") == "a\ufffdb"  # a lone surrogate that is not a byte
+    # escaped UTF-8 gives the character back
+    assert unescape("%C3%A9") == "\u00e9"
+
+
+@pytest.mark.parametrize("bad", ["%", "%4", "/a%zz", "x%4g", "a\ud800"])
+def test_unescape_refuses_bad_escapes(bad: str) -> None:
+    with pytest.raises(PathRefused) as e:
+        unescape(bad)
+    assert e.value.details["reason"] == "bad_escape"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape as markup_escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -113,13 +114,24 @@ def restore_sessions() -> None:
     m.out(data, t)
 
 
+EscapedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--escaped", help="PATH is in escaped form, as `restore ls` shows a name that is not UTF-8."
+    ),
+]
+
+
 @restore_app.command("ls")
 def restore_ls(
     session: str,
     path: Annotated[str, typer.Argument(help="Directory inside the filesystem.")] = "/",
     partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+    escaped: EscapedOpt = False,
 ) -> None:
-    """List a directory of a restore session (all pages)."""
+    """List a directory of a restore session (all pages). Names that are not
+    UTF-8 are shown escaped (%XX for each such byte) and marked [escaped]:
+    give such a path with --escaped."""
     m = _m()
     c = m.client()
     entries: list[dict[str, Any]] = []
@@ -128,6 +140,8 @@ def restore_ls(
         params: dict[str, Any] = {"path": path, "offset": offset, "limit": 5000}
         if partition is not None:
             params["partition"] = partition
+        if escaped:
+            params["escaped"] = "true"
         page = m.call(c.request, "GET", f"/api/v1/restore/mounts/{session}/files", params=params)
         entries += page["entries"]
         total = page["total"]
@@ -137,7 +151,10 @@ def restore_ls(
     t = Table("type", "size", "mtime", "name")
     for e in entries:
         name = e["name"] + (f" -> {e['target']}" if e["target"] else "")
-        t.add_row(e["type"], m.human(e["size"]), str(e["mtime"] or ""), name)
+        if e.get("escaped"):
+            name += " [escaped]"
+        # guest names are data, not rich markup ("[bold]x" is a valid file name)
+        t.add_row(e["type"], m.human(e["size"]), str(e["mtime"] or ""), markup_escape(name))
     m.out({"path": path, "entries": entries, "total": total}, t)
 
 
@@ -165,7 +182,7 @@ def _save(session: str, route: str, params: dict[str, Any], out: str, label: str
                 disable=m.ctx.json,
             ) as bar,
         ):
-            task = bar.add_task(label, total=total)
+            task = bar.add_task(markup_escape(label), total=total)
             for chunk in r.iter_bytes():
                 f.write(chunk)
                 done += len(chunk)
@@ -181,11 +198,14 @@ def restore_get(
     path: str,
     output: Annotated[str, typer.Option("-o", "--output", help="File to write (must not exist).")],
     partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+    escaped: EscapedOpt = False,
 ) -> None:
     """Download a file of a restore session, with a progress bar."""
     params: dict[str, Any] = {"path": path}
     if partition is not None:
         params["partition"] = partition
+    if escaped:
+        params["escaped"] = "true"
     _save(session, "download", params, output, path)
 
 
@@ -198,11 +218,14 @@ def restore_get_dir(
     ],
     format: Annotated[str, typer.Option(help="zip or tar.gz.")] = "zip",
     partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
+    escaped: EscapedOpt = False,
 ) -> None:
     """Download a directory of a restore session as a ZIP or tar.gz archive."""
     params: dict[str, Any] = {"path": path, "format": format}
     if partition is not None:
         params["partition"] = partition
+    if escaped:
+        params["escaped"] = "true"
     _save(session, "download-directory", params, output, path)
 
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -28,6 +30,7 @@ from sendense.hub.restore.schemas import (
     RestoreCreate,
 )
 from sendense.restore.fs.models import FsEntry
+from sendense.restore.fs.paths import escape, has_raw_bytes, shown, unescape
 
 router = APIRouter(tags=["restore"])
 
@@ -85,6 +88,17 @@ PathQ = Query(default="/", max_length=4096, description="absolute path inside th
 PartitionQ = Query(
     default=None, ge=0, le=1024, description="partition index (default: the only filesystem)"
 )
+EscapedQ = Query(
+    default=False,
+    description="path is in the escaped form of an entry with escaped=true "
+    "(%XX = the byte XX, %25 = '%')",
+)
+
+
+def fs_path(path: str, escaped: bool) -> str:
+    """The path as the filesystem worker takes it (raw bytes of a name that
+    is not UTF-8 as surrogates, see restore/fs/paths.py)."""
+    return unescape(path) if escaped else path
 
 
 @router.post(
@@ -121,16 +135,21 @@ def close_mount(mount_id: str, st: HubDep, who: Operator) -> dict:
 
 
 def _entry(e: FsEntry) -> dict[str, Any]:
+    """An entry as the API shows it: names that are not UTF-8 (and so their
+    paths, and a link's target that is not) escaped, with ``escaped``."""
+    escaped = has_raw_bytes(e.path) or has_raw_bytes(e.target or "")
+    show = escape if escaped else str
     return {
-        "name": e.name,
-        "path": e.path,
+        "name": show(e.name),
+        "path": show(e.path),
+        "escaped": escaped,
         "type": e.type,
         "size": e.size,
         "mode": e.mode,
         "uid": e.uid,
         "gid": e.gid,
         "mtime": e.mtime,
-        "target": e.target,
+        "target": None if e.target is None else show(e.target),
     }
 
 
@@ -146,12 +165,18 @@ def list_files(
     offset: int = Query(default=0, ge=0, le=MAX_INT),
     limit: int = Query(default=1000, ge=1, le=10000),
     show_system: bool = Query(default=False, description="NTFS: also $ system files"),
+    escaped: bool = EscapedQ,
 ) -> dict:
-    """A directory, sorted by name, paged (``total`` entries in all)."""
+    """A directory, sorted by name, paged (``total`` entries in all). A name
+    that is not UTF-8 is shown escaped (``escaped``: raw bytes as ``%XX``, ``%``
+    as ``%25``); pass such a ``path`` back with ``escaped=true``."""
     fs, part = service.session_fs(st, who, mount_id, partition)
-    page = fs.list_dir(part, path, offset=offset, limit=limit, show_system=show_system)
+    page = fs.list_dir(
+        part, fs_path(path, escaped), offset=offset, limit=limit, show_system=show_system
+    )
     return {
-        "path": page.path,
+        "path": shown(page.path),
+        "escaped": has_raw_bytes(page.path),
         "partition": part,
         "entries": [_entry(e) for e in page.entries],
         "total": page.total,
@@ -164,10 +189,15 @@ def list_files(
     "/api/v1/restore/mounts/{mount_id}/files/info", response_model=FileEntry, responses=errors(404)
 )
 def file_info(
-    mount_id: str, st: HubDep, who: Operator, path: str = PathQ, partition: int | None = PartitionQ
+    mount_id: str,
+    st: HubDep,
+    who: Operator,
+    path: str = PathQ,
+    partition: int | None = PartitionQ,
+    escaped: bool = EscapedQ,
 ) -> dict:
     fs, part = service.session_fs(st, who, mount_id, partition)
-    return _entry(fs.stat(part, path))
+    return _entry(fs.stat(part, fs_path(path, escaped)))
 
 
 def _ranges(header: str | None, size: int) -> tuple[int, int] | None:
@@ -215,20 +245,23 @@ def download(
     who: Operator,
     path: str = PathQ,
     partition: int | None = PartitionQ,
+    escaped: bool = EscapedQ,
 ) -> Response:
     """A file, streamed, with Content-Length, ETag and single-range requests (206)."""
     fs, part = service.session_fs(st, who, mount_id, partition)
-    entry = fs.stat(part, path, follow=True)
+    entry = fs.stat(part, fs_path(path, escaped), follow=True)
     if entry.type != "file":
         raise NotAFile(f"{path} is a {entry.type}, not a file", path=path)
     etag = (
         '"'
         + hashlib.sha256(
-            f"{mount_id}:{part}:{entry.path}:{entry.size}:{entry.mtime_ns}".encode()
+            f"{mount_id}:{part}:{entry.path}:{entry.size}:{entry.mtime_ns}".encode(
+                "utf-8", "surrogateescape"
+            )
         ).hexdigest()[:32]
         + '"'
     )
-    name = quote(entry.name)
+    name = quote(shown(entry.name))
     headers = {
         "ETag": etag,
         "Accept-Ranges": "bytes",
@@ -246,17 +279,31 @@ def download(
     if wanted is None:
         headers["Content-Length"] = str(entry.size)
         return StreamingResponse(
-            fs.iter_file(part, entry.path), media_type="application/octet-stream", headers=headers
+            _first_read(fs.iter_file(part, entry.path)),
+            media_type="application/octet-stream",
+            headers=headers,
         )
     start, end = wanted
     headers["Content-Length"] = str(end - start + 1)
     headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
     return StreamingResponse(
-        fs.iter_file(part, entry.path, offset=start, length=end - start + 1),
+        _first_read(fs.iter_file(part, entry.path, offset=start, length=end - start + 1)),
         status_code=206,
         media_type="application/octet-stream",
         headers=headers,
     )
+
+
+def _first_read(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """The first piece read before the answer starts: a file the parser
+    cannot read (corrupt, a looping chain, a limit hit) is an error answer
+    (409 ``filesystem_corrupt`` / ``parser_limit``), not a 200 cut short. A
+    failure further on can only end the stream early (Content-Length tells
+    the client)."""
+    first = next(pieces, None)
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), pieces)
 
 
 @router.get(
@@ -274,14 +321,17 @@ def download_directory(
     path: str = PathQ,
     partition: int | None = PartitionQ,
     format: Literal["zip", "tar.gz"] = "zip",
+    escaped: bool = EscapedQ,
 ) -> Response:
     """A directory as a ZIP (ZIP64 when needed) or tar.gz, streamed as it is
-    read; special files are skipped and listed in SENDENSE-MANIFEST.txt."""
+    read; symlinks stored as links; special files are skipped and listed in
+    SENDENSE-MANIFEST.txt. Names that are not UTF-8 keep their bytes in a
+    tar.gz; a ZIP holds them escaped (listed in the manifest)."""
     fs, part = service.session_fs(st, who, mount_id, partition)
-    root = fs.stat(part, path, follow=True)
+    root = fs.stat(part, fs_path(path, escaped), follow=True)
     if root.type != "dir":
         raise NotADirectory(f"{path} is a {root.type}, not a directory", path=path)
-    base = root.name or "root"
+    base = shown(root.name) or "root"
     if format == "zip":
         body, media, name = (
             streams.zip_stream(fs, part, root.path),
@@ -295,7 +345,7 @@ def download_directory(
             f"{base}.tar.gz",
         )
     return StreamingResponse(
-        body,
+        _first_read(body),
         media_type=media,
         headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
     )

@@ -89,19 +89,27 @@ class MountList(BaseModel):
 
 
 class FileEntry(BaseModel):
-    name: str
-    path: str
+    name: str = Field(description="as stored; escaped when ``escaped``")
+    path: str = Field(description="from the filesystem's root; escaped when ``escaped``")
+    escaped: bool = Field(
+        description="the name (or a directory above it, or the link target) is not UTF-8: "
+        "name, path and target are written with each such byte as %XX and '%' as %25; "
+        "pass path back with escaped=true"
+    )
     type: str = Field(description="file, dir, symlink, or a special file type")
     size: int
     mode: int | None
     uid: int | None
     gid: int | None
     mtime: datetime | None
-    target: str | None = Field(description="a symlink's target, as stored")
+    target: str | None = Field(
+        description="a symlink's target, as stored (escaped when ``escaped``)"
+    )
 
 
 class FileListing(BaseModel):
     path: str
+    escaped: bool = Field(description="path is escaped (see FileEntry.escaped)")
     partition: int
     entries: list[FileEntry]
     total: int

@@ -8,7 +8,15 @@ most a few MiB in flight). Symlinks are stored as links in both: in a tar.gz
 as symlink members, in a ZIP as Info-ZIP does (Unix mode ``S_IFLNK | 0777``
 in the entry's external attributes, the target as its stored content), which
 ``unzip``, ``bsdtar`` and 7-Zip restore as links. Special files (devices,
-FIFOs, sockets) are skipped by both and listed in ``SENDENSE-MANIFEST.txt``.
+FIFOs, sockets) are skipped by both and listed in ``SENDENSE-MANIFEST.txt``,
+as is what the parser could not read (a damaged or hostile filesystem): a
+directory that cannot be listed is left out, a file that cannot be read is
+cut short in a ZIP or padded with zeros to its size in a tar.gz (whose
+header already holds the size). The archive itself stays valid.
+A name that is not UTF-8 keeps its bytes in a tar.gz (PAX, as GNU tar
+does); a ZIP cannot hold it (its names are UTF-8 or CP437), so the entry is
+named in the escaped form (restore/fs/paths.py: ``%XX`` for each such byte)
+and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -24,8 +32,16 @@ from typing import Any
 
 from zipstream import ZIP_DEFLATED, ZIP_STORED, ZipStream
 
-from sendense.restore.fs.client import FsPool
+from sendense.core.errors import (
+    FilesystemCorrupt,
+    FsPathNotFound,
+    NotADirectory,
+    NotAFile,
+    ParserLimit,
+)
+from sendense.restore.fs.client import WALK_MAX_DEPTH, WALK_PAGE, FsPool
 from sendense.restore.fs.models import FsEntry
+from sendense.restore.fs.paths import escape, has_raw_bytes, shown
 
 MANIFEST = "SENDENSE-MANIFEST.txt"
 
@@ -95,18 +111,86 @@ def _perm(mode: int | None, default: int) -> int:
     return default if mode is None else mode & 0o777
 
 
+# What one unreadable entry of a hostile or damaged filesystem raises: the
+# archive goes on without it (noted in the manifest). Unavailable (the
+# session closed, the disk gone) ends the archive.
+UNREADABLE = (FilesystemCorrupt, ParserLimit, FsPathNotFound, NotAFile, NotADirectory)
+
+
+def walk(pool: FsPool, partition: int, root: str, notes: list[str]) -> Iterator[FsEntry]:
+    """`FsPool.walk`, but a directory below ``root`` that cannot be listed
+    is noted and left out instead of ending the walk (the root itself must
+    be readable: its error is the answer)."""
+    stack: list[tuple[Iterator[FsEntry], int]] = [(_entries(pool, partition, root), 1)]
+    while stack:
+        entries, depth = stack[-1]
+        try:
+            entry = next(entries, None)
+        except UNREADABLE as e:
+            if len(stack) == 1:
+                raise
+            stack.pop()
+            notes.append(f"unreadable directory {shown(e.details.get('path', '?'))}: {e.message}")
+            continue
+        if entry is None:
+            stack.pop()
+            continue
+        yield entry
+        if entry.type == "dir" and depth < WALK_MAX_DEPTH:
+            stack.append((_entries(pool, partition, entry.path), depth + 1))
+
+
+def _entries(pool: FsPool, partition: int, path: str) -> Iterator[FsEntry]:
+    offset = 0
+    while True:
+        try:
+            page = pool.list_dir(partition, path, offset=offset, limit=WALK_PAGE)
+        except UNREADABLE as e:
+            e.details.setdefault("path", shown(path))
+            raise
+        yield from page.entries
+        offset += len(page.entries)
+        if not page.entries or offset >= page.total:
+            return
+
+
+def guarded(
+    pieces: Iterator[bytes], rel: str, size: int, notes: list[str], *, pad: bool
+) -> Iterator[bytes]:
+    """A file's pieces; when the parser fails on it, the failure is noted
+    and the content ends there (``pad``: zeros up to ``size``, for a tar
+    member whose size is already written)."""
+    done = 0
+    try:
+        for piece in pieces:
+            done += len(piece)
+            yield piece
+    except UNREADABLE as e:
+        what = f"zeros from byte {done}" if pad else f"cut at byte {done}"
+        notes.append(f"unreadable {shown(rel)} ({what}): {e.message}")
+        if pad:
+            while done < size:
+                n = min(1 << 20, size - done)
+                done += n
+                yield bytes(n)
+
+
 def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
     """The entries are listed first (names and sizes only); zipstream-ng
-    then reads each file piece by piece as the archive is streamed."""
+    then reads each file piece by piece as the archive is streamed. The
+    manifest goes last, once every file was read (read failures too)."""
     zs = ModeZipStream(compress_type=ZIP_DEFLATED, compress_level=1)
     notes: list[str] = []
-    for e in pool.walk(partition, root):
+    for e in walk(pool, partition, root, notes):
         rel = relative(e, root)
+        if has_raw_bytes(rel):  # ZIP names are UTF-8 (or CP437): the escaped form
+            rel = escape(rel)
+            notes.append(f"escaped {rel} (the name is not UTF-8: %XX is the byte XX)")
         if e.type == "dir":
             zs.add(None, rel + "/", mode=stat.S_IFDIR | _perm(e.mode, 0o755))
         elif e.type == "file":
             zs.add(
-                pool.iter_file(partition, e.path),
+                guarded(pool.iter_file(partition, e.path), rel, e.size, notes, pad=False),
                 rel,
                 size=e.size,
                 mode=stat.S_IFREG | _perm(e.mode, 0o644),
@@ -114,10 +198,16 @@ def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
         elif e.type == "symlink":
             zs.add_symlink(rel, e.target or "")
         else:
-            notes.append(f"skipped {e.type} {rel}")
-    if notes:
-        zs.add("\n".join(notes) + "\n", MANIFEST, mode=stat.S_IFREG | 0o644)
-    return iter(zs)
+            notes.append(f"skipped {e.type} {shown(rel)}")
+
+    def stream() -> Iterator[bytes]:
+        yield from zs.all_files()
+        if notes:
+            zs.add("\n".join(notes) + "\n", MANIFEST, mode=stat.S_IFREG | 0o644)
+            yield from zs.all_files()
+        yield from zs.footer()
+
+    return stream()
 
 
 class _QueueWriter(io.RawIOBase):
@@ -165,8 +255,9 @@ def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
         try:
             notes: list[str] = []
             with tarfile.open(fileobj=_QueueWriter(q, stop), mode="w|gz", bufsize=1 << 20) as tar:
-                for e in pool.walk(partition, root):
-                    ti = tarfile.TarInfo(relative(e, root))
+                for e in walk(pool, partition, root, notes):
+                    rel = relative(e, root)
+                    ti = tarfile.TarInfo(rel)
                     ti.mtime = (e.mtime_ns or 0) // 1_000_000_000
                     ti.uid, ti.gid = e.uid or 0, e.gid or 0
                     if e.type == "dir":
@@ -178,9 +269,10 @@ def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
                         tar.addfile(ti)
                     elif e.type == "file":
                         ti.size, ti.mode = e.size, _perm(e.mode, 0o644)
-                        tar.addfile(ti, _IterReader(pool.iter_file(partition, e.path)))
+                        pieces = pool.iter_file(partition, e.path)
+                        tar.addfile(ti, _IterReader(guarded(pieces, rel, e.size, notes, pad=True)))
                     else:
-                        notes.append(f"skipped {e.type} {relative(e, root)}")
+                        notes.append(f"skipped {e.type} {shown(rel)}")
                 if notes:
                     data = ("\n".join(notes) + "\n").encode()
                     ti = tarfile.TarInfo(MANIFEST)

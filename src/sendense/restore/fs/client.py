@@ -45,6 +45,7 @@ from sendense.restore.fs.models import (
     FsPartition,
     WorkerProtocolError,
 )
+from sendense.restore.fs.paths import shown
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +338,14 @@ class FsWorker(_FsCalls):
         if cls in (errors.FilesystemCorrupt, errors.ParserLimit):
             # It exits after such an answer: wait for it, so the next request starts afresh.
             self._retire()
+        # Paths in messages may hold a name's raw bytes: shown escaped, so that
+        # the answer can be written as UTF-8 (see paths.escape).
         safe: dict[str, Any] = {
-            str(k): v for k, v in details.items() if k != "code" and isinstance(v, str | int | bool)
+            shown(str(k)): shown(v) if isinstance(v, str) else v
+            for k, v in details.items()
+            if k != "code" and isinstance(v, str | int | bool)
         }
-        raise cls(message, **safe)
+        raise cls(shown(message), **safe)
 
     def _died(self) -> errors.Error:
         assert self.proc is not None
