@@ -537,3 +537,21 @@ def test_run_finished_event_is_emitted_once(world: World) -> None:
         events.unsubscribe(hook)
     assert [e for e, _ in seen] == ["run.finished"]
     assert seen[0][1]["status"] == "completed" and seen[0][1]["run_id"] == answer["run_id"]
+
+
+@pytest.mark.parametrize(
+    "counts, status",
+    [
+        ({}, "completed"),
+        ({"done": 2}, "completed"),
+        ({"done": 1, "failed": 1}, "partial"),
+        ({"done": 1, "skipped": 1}, "partial"),
+        ({"failed": 2}, "failed"),
+        ({"failed": 1, "skipped": 1}, "failed"),
+        ({"skipped": 2}, "skipped"),
+    ],
+)
+def test_run_status(counts: dict[str, int], status: str) -> None:
+    from sendense.scheduler.runs import run_status
+
+    assert run_status(counts) == status

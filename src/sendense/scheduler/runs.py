@@ -33,7 +33,7 @@ queues without starting anything twice::
   job id is kept in the run's ``summary["vms"][vm_name]`` and in the item's
   ``reason`` (what a user reads). Any failure fails the item with its reason.
 - `finish_runs`: a run whose items all ended (done / failed / skipped) is
-  ``completed`` (all done), ``failed`` (none done) or ``partial``.
+  ``completed`` (all done), ``partial``, ``failed`` or ``skipped`` (`run_status`).
 
 Which backup: the first run of a VM under a policy is a full, then every
 ``full_every``-th one (``full_every`` null: only the first); the others ask
@@ -804,9 +804,20 @@ def finish_runs(
     return finished
 
 
+def run_status(counts: dict[str, int]) -> str:
+    """A run's end from its entries' ends: ``completed`` (all done, or no VM
+    matched), ``partial`` (some done), ``failed`` (none done, some failed),
+    ``skipped`` (every VM superseded before it could start: no backup)."""
+    done, failed, skipped = (counts.get(s, 0) for s in (DONE, FAILED, SKIPPED))
+    if not failed and not skipped:
+        return "completed"
+    if done:
+        return "partial"
+    return "failed" if failed else "skipped"
+
+
 def _finish_run(st: HubState, run_id: str, counts: dict[str, int], now: datetime) -> bool:
-    done, failed = counts.get(DONE, 0), counts.get(FAILED, 0)
-    status = "completed" if not failed else ("failed" if not done else "partial")
+    status = run_status(counts)
     with st.db.session() as s:
         lock_row(s, PolicyRun, run_id)
         run = s.execute(
