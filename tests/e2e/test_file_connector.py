@@ -16,8 +16,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +288,61 @@ def test_file_source_refusals_and_a_failed_backup_does_not_poison_the_next(
     assert b["backup_type"] == "full" and b["bytes_transferred"] == 16 * MiB + BLOCK, (
         b
     )  # data + the writer block
+
+
+def test_file_source_worker_killed_mid_copy_frees_the_image(tmp_path: Path) -> None:
+    """The job's worker dies outright (SIGKILL) during a slowed copy: its
+    image server dies with it (it is started with a parent-death signal), so
+    the image is not left locked, and the job fails."""
+    c = Cluster(
+        tmp_path,
+        node_env={"SENDENSE_NODE_MAX_RATE": str(2 * MiB), "SENDENSE_NODE_REQUEST_SIZE": str(MiB)},
+    )
+    c.start_node()
+    c.start_hub()
+    try:
+        disk = tmp_path / "images" / "slow.raw"
+        disk.parent.mkdir()
+        make_image(disk, 32 * MiB, "raw", [(0, 24 * MiB)])
+        cli(c, "node", "add", "node1", c.node_url, "--token-file", str(c.node_dir / "node.token"))
+        cli(c, "source", "add-file", "files", "--node", "node1", f"--vm=slow1={disk}")
+        cli(c, "vm", "discover", "files")
+        started = c.start_backup("slow1", "full")
+        auth = {"Authorization": f"Bearer {c.node_token}"}
+
+        def node_status() -> dict[str, Any]:
+            r = httpx.get(f"{c.node_url}/api/v1/status/{started['job_id']}", headers=auth)
+            status: dict[str, Any] = r.json()
+            return status
+
+        deadline = time.monotonic() + 30
+        while not any(d.get("bytes_done", 0) >= MiB for d in node_status()["disks"].values()):
+            assert time.monotonic() < deadline, node_status()
+            time.sleep(0.1)
+        assert server_of(disk), "the image is served while the copy runs"
+        os.kill(node_status()["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server_of(disk):
+            assert time.monotonic() < deadline, server_of(disk)
+            time.sleep(0.05)
+        write(disk, "raw", 0, os.urandom(BLOCK))  # nothing holds it: a writer may open it
+        subprocess.run(["qemu-img", "info", str(disk)], check=True, capture_output=True)
+        job = c.wait_job(started["job_id"], timeout=60)
+        assert job["status"] == "failed", job
+    finally:
+        c.stop()
+
+
+def server_of(path: Path) -> list[int]:
+    """Pids of qemu-storage-daemon processes whose command line names ``path``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-storage-daemon" in cmdline and str(path).encode() in cmdline:
+            found.append(int(entry))
+    return found
