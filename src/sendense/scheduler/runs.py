@@ -269,8 +269,14 @@ class _Candidate:
 
 
 def _window_open(window: dict[str, Any] | None, timezone: str, now: datetime) -> bool:
-    parsed = Window.parse(window) if window else None
-    return parsed is None or parsed.contains(now, timezone)
+    try:
+        parsed = Window.parse(window) if window else None
+        return parsed is None or parsed.contains(now, timezone)
+    except Error as e:  # the API refuses such a window; a row edited by hand
+        log.warning(
+            "policy window unusable, ignored window=%r timezone=%r: %s", window, timezone, e
+        )
+        return True
 
 
 def _candidates(s: Session, now: datetime, run_id: str | None) -> list[_Candidate]:
