@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import blake3
 import nbd
 import pytest
 import xxhash
@@ -33,12 +34,16 @@ def qemu_io(path: Path, *commands: str) -> None:
     subprocess.run([*args, str(path)], check=True, capture_output=True)
 
 
-def hash_list(path: Path, tmp: Path) -> bytes:
-    """x3-64k leaf hashes of the image as read by qemu-img (independent check)."""
+def hash_list(path: Path, tmp: Path, algorithm: str = "x3-64k") -> bytes:
+    """Leaf hashes of the image as read by qemu-img (independent check)."""
     raw = tmp / f"{path.name}.raw"
     img.convert(str(path), str(raw), dst_fmt="raw")
     data = raw.read_bytes()
     raw.unlink()
+    if algorithm == "b3-64k":
+        return b"".join(
+            blake3.blake3(data[i : i + BLOCK]).digest() for i in range(0, len(data), BLOCK)
+        )
     return b"".join(xxhash.xxh3_128_digest(data[i : i + BLOCK]) for i in range(0, len(data), BLOCK))
 
 
@@ -79,15 +84,20 @@ def connector(tmp: Path, paths: list[Path]) -> FileConnector:
     )
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_incremental_bitmap_is_exactly_the_changed_blocks(tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "algorithm"), [("raw", "x3-64k"), ("qcow2", "x3-64k"), ("qcow2", "b3-64k")]
+)
+def test_incremental_bitmap_is_exactly_the_changed_blocks(
+    tmp_path: Path, fmt: str, algorithm: str
+) -> None:
+    """b3-64k: a node whose digest is BLAKE3 keeps such lists; they are used as they are."""
     path = tmp_path / f"disk.{fmt}"
     size = 16 * MiB + 4096  # a short last block
     img.create(str(path), size, fmt=fmt)
     qemu_io(path, "write -P 7 0 3M", "write -P 9 8M 100k", f"write -P 5 {size - 4096} 4096")
     lists = tmp_path / "node" / "blockhash" / "vm1" / "2000"
     lists.mkdir(parents=True)
-    (lists / "sendense-file-prev.x3-64k").write_bytes(hash_list(path, tmp_path))
+    (lists / f"sendense-file-prev.{algorithm}").write_bytes(hash_list(path, tmp_path, algorithm))
     # Data over data, zeroes over data (block 128 = 8 MiB), data into a hole,
     # the short last block, and a write of the same bytes (no change).
     qemu_io(
@@ -266,3 +276,18 @@ def test_paths_outside_the_allowed_roots_or_in_the_data_dir_are_refused(
     token.write_text("secret")
     with pytest.raises(InvalidRequest, match=r"paths\[0\]: .* is inside the node's data directory"):
         connector(tmp_path, [token]).discover()
+
+
+def test_qcow2_with_a_backing_file_reads_through_its_chain(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    img.create(str(base), 4 * MiB)
+    qemu_io(base, "write -P 3 0 2M")
+    img.create(str(top), 4 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(top, "write -P 4 1M 64k")
+    c = connector(tmp_path, [top])
+    assert c.discover()[0].disks[0].capacity_bytes == 4 * MiB
+    pit = c.freeze("vm1", [2000], {})
+    try:
+        assert img.compare(pit.views[0].nbd_url, str(top))
+    finally:
+        c.release(True)
