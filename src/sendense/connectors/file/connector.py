@@ -23,7 +23,10 @@ the allocated extents (``base:allocation``: qcow2's allocation map, a raw
 file's holes; a block device is all data). An incremental needs the block
 hash list of the previous change id on this node (`changes`): the image is
 read once, hashed per 64 KiB block, compared, and the export carries a
-dirty bitmap of the changed blocks, so the mover moves only those. Without
+dirty bitmap of the changed blocks, so the mover moves only those as it
+does for QEMU. (A bitmap in the image server rather than a list in
+`DiskView.changed_extents`: one bit per block, 2 KiB per GiB whatever the
+pattern of changes, where a list of scattered extents grows with them.) Without
 the list (another node made that restore point, the list was pruned, the
 disk was resized, or the change id is not ours), the disk is read in full
 and the job says why. The change id names the restore point's list:
@@ -159,7 +162,7 @@ class FileConnector:
                 if hashes is not None:
                     self._mark_changes(server, disk, hashes, algorithm)
                     bitmap = f"chg{disk.index}/{BITMAP}"
-            export = f"sendense-{change_id}-{key}"
+            export = f"{change_id}-{key}"
             url = server.export(export, disk.node_name, bitmap=bitmap)
             views.append(
                 DiskView(
