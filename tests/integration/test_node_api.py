@@ -77,7 +77,7 @@ def test_api_documentation_needs_the_token(api: Api, path: str) -> None:
     [
         (
             {"source": {"type": "hyperv", "config": {"password": "x"}}},
-            "source.type 'hyperv' is not supported by this node (supported: qemu, vmware)",
+            "source.type 'hyperv' is not supported by this node (supported: qemu, vmware, file)",
         ),
         (
             {"source": {"type": "vmware", "config": {"password": "x"}}},

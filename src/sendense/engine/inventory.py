@@ -36,7 +36,7 @@ from sendense.storage import backends, immutability
 log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("qemu", "vmware", "file")
-SUPPORTED_SOURCE_TYPES = ("qemu", "vmware")
+SUPPORTED_SOURCE_TYPES = ("qemu", "vmware", "file")
 DEFAULT_REPOSITORY_ID = "default"
 
 
@@ -198,6 +198,10 @@ def register_source(
         from sendense.connectors.vmware.config import VmwareConfig
 
         VmwareConfig.parse(config, where="config")
+    if kind == "file":  # the shape only: the node checks the paths when it reads them
+        from sendense.connectors.file.config import parse_config
+
+        parse_config(config)
     public, secret = split_secrets(config)
     source = Source(
         name=name,
