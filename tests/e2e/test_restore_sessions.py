@@ -297,7 +297,9 @@ def test_idle_sessions_close_and_a_dead_hubs_sessions_are_cleaned_up(
     assert cluster.client.get("/api/v1/restore/mounts")["mounts"] == []
 
 
-def test_cli_restore_session(cluster: Cluster, make_vm: Any, tmp_path: Path) -> None:
+def test_cli_restore_session(
+    cluster: Cluster, make_vm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tree = tmp_path / "tree"
     manifest = make_tree(tree, many=False)
     vm = vm_with(make_vm, "fs4", build_disk(tmp_path, tree))
@@ -310,6 +312,19 @@ def test_cli_restore_session(cluster: Cluster, make_vm: Any, tmp_path: Path) -> 
     target = tmp_path / "got.bin"
     cli(cluster, "restore", "get", mid, f"/{BIG_FILE}", "--partition", "1", "-o", str(target))
     assert sha(target.read_bytes()) == manifest.items[f"/{BIG_FILE}"].sha256
+    # without -o: the file's (the directory's) name, in the current directory
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cli(cluster, "restore", "get", mid, "/nested/a/mid.txt", "--partition", "1")
+    assert sha((here / "mid.txt").read_bytes()) == manifest.items["/nested/a/mid.txt"].sha256
+    cli(cluster, "restore", "get-dir", mid, "/nested/", "--partition", "1", "--format", "tar.gz")
+    with tarfile.open(here / "nested.tar.gz") as tar:
+        assert "a/b/c/deep.txt" in tar.getnames()
+    # nothing is overwritten
+    again = cli(cluster, "restore", "get", mid, "/nested/a/mid.txt", "--partition", "1", ok=False)
+    assert "exists" in again.stderr
+    assert sha((here / "mid.txt").read_bytes()) == manifest.items["/nested/a/mid.txt"].sha256
     cli(cluster, "restore", "close", mid)
     assert cluster.client.get(f"/api/v1/restore/mounts/{mid}")["status"] == "closed"
     shutil.rmtree(tree)

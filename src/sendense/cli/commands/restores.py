@@ -8,6 +8,8 @@ restore job that did not complete.
 
 from __future__ import annotations
 
+import os
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 restore_app = typer.Typer(
-    help="Restores: whole disks (and files, as they land).", no_args_is_help=True
+    help="Restores: files through restore sessions, whole disks.", no_args_is_help=True
 )
 export_app = typer.Typer(
     help="Restore points served over NBD (instant access).", no_args_is_help=True
@@ -164,6 +166,11 @@ def _raise(e: Exception) -> None:
 
 def _save(session: str, route: str, params: dict[str, Any], out: str, label: str) -> None:
     m = _m()
+    if os.path.lexists(out):
+        m.err.print(
+            f"{markup_escape(out)} exists: give another name with -o (nothing is overwritten)"
+        )
+        raise typer.Exit(1)
     c = m.client()
     with c.http.stream("GET", f"/api/v1/restore/mounts/{session}/{route}", params=params) as r:
         if r.status_code >= 400:
@@ -196,7 +203,14 @@ def _save(session: str, route: str, params: dict[str, Any], out: str, label: str
 def restore_get(
     session: str,
     path: str,
-    output: Annotated[str, typer.Option("-o", "--output", help="File to write (must not exist).")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="File to write (must not exist); default: the file's name, here.",
+        ),
+    ] = None,
     partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
     escaped: EscapedOpt = False,
 ) -> None:
@@ -206,7 +220,7 @@ def restore_get(
         params["partition"] = partition
     if escaped:
         params["escaped"] = "true"
-    _save(session, "download", params, output, path)
+    _save(session, "download", params, output or _local_name(path), path)
 
 
 @restore_app.command("get-dir")
@@ -214,8 +228,14 @@ def restore_get_dir(
     session: str,
     path: str,
     output: Annotated[
-        str, typer.Option("-o", "--output", help="Archive to write (must not exist).")
-    ],
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Archive to write (must not exist); default: the directory's name "
+            "and the format's suffix, here.",
+        ),
+    ] = None,
     format: Annotated[str, typer.Option(help="zip or tar.gz.")] = "zip",
     partition: Annotated[int | None, typer.Option(help="Partition index.")] = None,
     escaped: EscapedOpt = False,
@@ -226,7 +246,15 @@ def restore_get_dir(
         params["partition"] = partition
     if escaped:
         params["escaped"] = "true"
-    _save(session, "download-directory", params, output, path)
+    out = output or f"{_local_name(path)}.{format}"
+    _save(session, "download-directory", params, out, path)
+
+
+def _local_name(path: str) -> str:
+    """The last component of a path inside the filesystem, as a file name
+    here ("root" for the root). An escaped name stays escaped (%XX)."""
+    name = PurePosixPath(path.rstrip("/")).name
+    return "root" if name in ("", ".", "..") else name
 
 
 @restore_app.command("close")
