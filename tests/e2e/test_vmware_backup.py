@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_vmware_wrong_password_is_refused_without_echo_on_a_vcenter_simulator(
     """vCenter simulator: a source with a wrong password registers (its shape is
     right), but discovery answers 400 saying vCenter refused the login; no
     password appears in an answer or a log. A config without a password is a
-    400 naming the field."""
+    400 naming the field; a vCenter that does not answer is a 503."""
     node = cluster.client.post(
         "/api/v1/nodes", {"name": "node1", "url": cluster.node_url, "token": cluster.node_token}
     )
@@ -243,6 +244,20 @@ def test_vmware_wrong_password_is_refused_without_echo_on_a_vcenter_simulator(
     for text in (r.text, logs(cluster)):
         assert wrong not in text
         assert vcsim.password not in text
+
+    # A vCenter that does not answer: 503, the address named.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    r = cluster.http(
+        "POST",
+        "/api/v1/sources",
+        json={**body, "name": "vc2", "config": vcsim.source_config(port=closed)},
+    )
+    r = cluster.http("POST", "/api/v1/vms/discover", json={"source_id": r.json()["source_id"]})
+    err = error_body(r, 503, "vsphere_unreachable")
+    assert f"127.0.0.1:{closed}" in err["message"]
+    assert vcsim.password not in r.text
 
 
 def test_vmware_snapshot_failure_fails_the_job_cleanly_on_a_vcenter_simulator(

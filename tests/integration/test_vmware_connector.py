@@ -387,3 +387,35 @@ def test_reader_stops_at_once_although_the_worker_blocks_sigterm(tmp_path: Path)
     server.stop(timeout=5)
     assert time.monotonic() - started < 2
     assert server.poll() == 0
+
+
+def test_certificate_trust_by_thumbprint_or_refused_with_its_fingerprint(
+    vcsim: Vcsim, web1: SimVm, tmp_path: Path
+) -> None:
+    """vCenter simulator (self-signed certificate): without insecure or a
+    thumbprint the certificate is refused, saying its fingerprint; with that
+    fingerprint pinned, discovery and a backup read work; a wrong pin is refused."""
+    from sendense.connectors.vmware.errors import VsphereCertificate
+    from sendense.connectors.vmware.session import certificate_fingerprint
+
+    with pytest.raises(VsphereCertificate) as e:
+        connector(vcsim, tmp_path / "a", insecure=False).discover()
+    cfg = VmwareConfig.parse(vcsim.source_config())
+    sha256 = certificate_fingerprint(cfg, algorithm="sha256")
+    sha1 = certificate_fingerprint(cfg)
+    assert "not trusted" in e.value.message and "thumbprint" in e.value.message
+
+    pinned = ":".join(sha256[i : i + 2] for i in range(0, 64, 2)).upper()
+    c = connector(vcsim, tmp_path / "b", insecure=False, thumbprint=pinned)
+    assert "web1" in {vm.name for vm in c.discover()}
+    pit = c.freeze("web1", [2000], {})
+    try:
+        assert read_all(pit.views[0]) == web1.disk(2000).read()
+    finally:
+        c.release(True)
+    with pytest.raises(VsphereCertificate) as e:
+        connector(vcsim, tmp_path / "c", insecure=False, thumbprint="00" * 20).freeze(
+            "web1", [2000], {}
+        )
+    assert sha1 in e.value.message
+    assert vcsim.snapshot_names("web1") == []

@@ -143,8 +143,6 @@ class VmwareConnector:
         self, vm_name: str, disk_keys: list[int], previous_change_ids: dict[int, str]
     ) -> PointInTime:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.cfg.thumbprint is not None:
-            check_pinned(self.cfg)
         session = self._session = Session(self.cfg)
         vm = inventory.find_vm(session, vm_name)
         self._vm = vm
@@ -311,6 +309,7 @@ class VmwareConnector:
             if cookie_file not in self._secret_files:
                 write_secret(cookie_file, self._session.cookie)
                 self._secret_files.append(cookie_file)
+            check_pinned(self.cfg)
             plugin = "curl"
             params = [
                 ("url", folder_url(self.cfg, dc_path, disk)),

@@ -81,14 +81,14 @@ def wrap_fault(what: str, e: BaseException) -> Error:
 
 
 def ssl_context(cfg: VmwareConfig) -> ssl.SSLContext:
-    if cfg.verify_tls:
-        return ssl.create_default_context()
+    """The TLS context of the API session. With a ``thumbprint`` it verifies
+    nothing itself: `check_pinned` compares the certificate's fingerprint
+    before the login (pyVmomi's own ``thumbprint`` argument is not used: it
+    fails on an untrusted certificate before it compares anything)."""
     ctx = ssl.create_default_context()
-    if cfg.insecure:
+    if not cfg.verify_tls:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    # With a thumbprint, pyVmomi retries an untrusted certificate unverified
-    # and then compares the fingerprint (pyVmomi.SoapAdapter._Connect).
     return ctx
 
 
@@ -112,8 +112,12 @@ def certificate_fingerprint(cfg: VmwareConfig, *, algorithm: str = "sha1") -> st
 
 
 def check_pinned(cfg: VmwareConfig) -> None:
-    """With ``thumbprint``: the certificate served now is the pinned one (the
-    disk reader, nbdkit curl, cannot pin a fingerprint itself)."""
+    """With ``thumbprint``: the certificate served now is the pinned one.
+
+    Checked with a handshake of its own before the login and before the disk
+    readers start (nbdkit curl cannot pin a fingerprint either); a server
+    swapped between that check and the next connection would go unnoticed.
+    """
     if cfg.thumbprint is None:
         return
     algorithm = "sha1" if len(cfg.thumbprint) == 40 else "sha256"
@@ -131,6 +135,7 @@ class Session:
 
     def __init__(self, cfg: VmwareConfig) -> None:
         self.cfg = cfg
+        check_pinned(cfg)
         try:
             self.si = SmartConnect(
                 host=cfg.host.strip("[]"),
@@ -138,7 +143,6 @@ class Session:
                 user=cfg.user,
                 pwd=cfg.password,
                 sslContext=ssl_context(cfg),
-                thumbprint=cfg.thumbprint,
                 httpConnectionTimeout=CALL_TIMEOUT,
                 connectionPoolTimeout=-1,
             )
