@@ -540,10 +540,15 @@ def recover_starting(st: HubState, now: datetime | None = None) -> int:
     """Items left ``starting`` by a hub that died: back to the queue (the
     engine's busy check refuses a second job if the first one did start)."""
     now = _now(now)
+    stale = and_(PolicyRunVm.status == STARTING, PolicyRunVm.updated_at < now - STARTING_STALE)
     with st.db.session() as s:
+        # Read first: every tick calls this, and a write (even of no row)
+        # would take SQLite's write lock each time.
+        if s.execute(select(PolicyRunVm.id).where(stale).limit(1)).first() is None:
+            return 0
         result = s.execute(
             update(PolicyRunVm)
-            .where(PolicyRunVm.status == STARTING, PolicyRunVm.updated_at < now - STARTING_STALE)
+            .where(stale)
             .values(status=QUEUED, reason="requeued: the hub that claimed it stopped")
         )
         return int(getattr(result, "rowcount", 0) or 0)
