@@ -275,3 +275,35 @@ def test_restore_browser_download_equals_source(
     console.wait(lambda: "Restore session closed" in console.text(), 30, "closed")
     mounts = c.http("GET", "/api/v1/restore/mounts").json()["mounts"]
     assert mounts == []
+
+
+@cluster_env(hub={"SENDENSE_SCHEDULER": "false"})
+def test_policy_editor_shows_next_runs_as_typed(
+    console: Any, cluster: Cluster, make_vm: Any
+) -> None:
+    c = cluster
+    c.register(make_vm("web1", [8 * MiB]))
+    console.sign_in(c.admin_token)
+    console.go("/ui/policies/new")
+    console.find("input[name=name]").send_keys("nightly")
+    console.find("input[name=vms]").send_keys("web1")
+    schedule = console.find("#schedule")
+    schedule.clear()
+    schedule.send_keys("30 4 * * 1")
+    console.wait(
+        lambda: "04:30" in console.find("#schedule-preview").text, 20, "the preview updated"
+    )
+    runs = console.finds("#next-runs li")
+    assert len(runs) == 5 and all("04:30:00 UTC" in r.text for r in runs)
+    schedule.send_keys(" *")  # six fields
+    console.wait(lambda: "6 field(s)" in console.find("#schedule-preview").text, 20, "error")
+    schedule.send_keys("\b\b")
+    console.wait(lambda: console.finds("#next-runs li"), 20, "valid again")
+    console.shot("policy-edit", doc="policy-edit", full=True)
+    console.find("#save-policy").click()
+    console.wait(lambda: console.finds("#run-policy"), 20, "the policy page")
+    policy = c.http("GET", "/api/v1/policies").json()["policies"][0]
+    assert policy["schedule"] == "30 4 * * 1" and policy["matched_vms"] == ["web1"]
+    console.find("#retention-plan").click()
+    console.wait(lambda: console.finds("#plan"), 20, "the retention preview")
+    console.shot("policy", doc="policy", full=True)

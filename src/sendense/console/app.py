@@ -182,4 +182,14 @@ def create_console(hub: FastAPI) -> FastAPI:
         )
         return render.error_page(request, 400, "Invalid request", problems)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> HTMLResponse:
+        log.error("console bug on %s", request.url.path, exc_info=exc)
+        return render.error_page(
+            request,
+            500,
+            "Something went wrong",
+            "The hub could not show this page; the error is in the hub's log.",
+        )
+
     return app

@@ -40,7 +40,54 @@ def task_summary(st: Any, who: Principal, now: datetime | None = None) -> list[d
     return out
 
 
-def rpo_misses(st: Any, who: Principal) -> list[dict[str, Any]] | None:
-    """VMs whose last successful backup is older than their policy allows;
-    None while the hub has no policies (issue 7): the dashboard says so."""
-    return None
+def rpo_misses(st: Any, who: Principal, now: datetime | None = None) -> list[dict[str, Any]]:
+    """VMs whose last successful backup is older than their policy allows.
+
+    A VM under an enabled policy misses its RPO when its policy's most recent
+    scheduled run that should have ended by now (scheduled at least `GRACE`
+    ago) is newer than the VM's last completed backup, or the VM has none.
+    A policy created after that run is not held to it yet.
+    """
+    from sendense.hub.policies import service as policies
+    from sendense.hub.vms import service as vms
+    from sendense.policy.schedule import Schedule
+
+    now = now or datetime.now(UTC)
+    found = policies.list_policies(st, who, name=None, limit=1000, offset=0)["policies"]
+    enabled = [p for p in found if p["enabled"] and p["matched_vms"]]
+    if not enabled:
+        return []
+    last = {v["name"]: v["last_backup"] for v in vms.list_vms(st, who)}
+    misses: dict[str, dict[str, Any]] = {}
+    for p in enabled:
+        due = Schedule.parse(p["schedule"], p["timezone"]).latest_run(now - GRACE)
+        created = _when(p["created_at"])
+        if due is None or (created is not None and created > due):
+            continue
+        for name in p["matched_vms"]:
+            backup = last.get(name)
+            at = _when(backup["created_at"]) if backup else None
+            if at is not None and at >= due:
+                continue
+            if name not in misses or due > misses[name]["due"]:
+                misses[name] = {
+                    "vm_name": name,
+                    "policy": p["name"],
+                    "policy_id": p["policy_id"],
+                    "due": due,
+                    "last_backup_at": at,
+                }
+    return sorted(misses.values(), key=lambda m: (m["last_backup_at"] is not None, m["vm_name"]))
+
+
+# How long a scheduled run may take before a VM without its backup counts as late.
+GRACE = timedelta(hours=1)
+
+
+def _when(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)

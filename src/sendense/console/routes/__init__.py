@@ -1,6 +1,6 @@
 """The console's pages, one module per resource."""
 
-from sendense.console.routes import admin, auth, backups, dashboard, jobs, restore, vms
+from sendense.console.routes import admin, auth, backups, dashboard, jobs, policies, restore, vms
 
 ROUTERS = [
     auth.router,
@@ -9,5 +9,6 @@ ROUTERS = [
     jobs.router,
     backups.router,
     restore.router,
+    policies.router,
     admin.router,
 ]
