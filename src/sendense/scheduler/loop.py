@@ -124,8 +124,10 @@ def due_set(
     whose schedule no longer parses is logged and left out."""
     cache = cache if cache is not None else DueCache()
     out = []
+    seen = set()
     for p in policies:
         policy_id, expression, timezone, last = p
+        seen.add(policy_id)
         key = (expression, timezone, last)
         known = cache.next_at.get(policy_id)
         if known is not None and known[0] == key:
@@ -142,6 +144,8 @@ def due_set(
         run = due(cache.schedule(expression, timezone), last, now)
         if run is not None:
             out.append(Due(policy_id, run.scheduled_at, run.missed))
+    for gone in cache.next_at.keys() - seen:  # deleted or disabled policies
+        del cache.next_at[gone]
     return out
 
 
