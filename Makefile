@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv \
                 postgresql e2fsprogs ca-certificates xfsprogs dosfstools mtools ntfs-3g fdisk \
-                golang-go golang-github-vmware-govmomi-dev
+                golang-go golang-github-vmware-govmomi-dev chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-fast check fmt bench clean
@@ -60,8 +60,8 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix src tests bench scripts
 
 # Every benchmark; each prints its figures as key=value on its last line.
-.PHONY: bench-backup bench-api bench-consolidate bench-restore
-bench: bench-backup bench-api bench-consolidate bench-restore
+.PHONY: bench-backup bench-api bench-consolidate bench-restore bench-policy
+bench: bench-backup bench-api bench-consolidate bench-restore bench-policy
 
 bench-backup: setup
 	$(PY) bench/backup_bench.py
@@ -78,6 +78,11 @@ bench-consolidate: setup
 # Whole-disk restore of a 4 GiB full + 3 incrementals against qemu-img convert.
 bench-restore: setup
 	$(PY) bench/restore_bench.py
+
+# The scheduler's due set over 1,000 policies / 10,000 VMs and retention
+# planning over 100,000 restore points (pure CPU, about a minute).
+bench-policy: venv
+	$(PY) bench/policy_bench.py
 
 clean:
 	rm -rf var build *.egg-info
