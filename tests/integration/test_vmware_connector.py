@@ -17,9 +17,8 @@ from sendense.connectors.base import DiskView
 from sendense.connectors.registry import make_connector
 from sendense.connectors.vmware.config import VmwareConfig
 from sendense.connectors.vmware.connector import VmwareConnector, vddk_params
-from sendense.connectors.vmware.errors import NeedsVddk, VsphereLoginFailed, VsphereUnreachable
 from sendense.connectors.vmware.inventory import VmwareDisk
-from sendense.core.errors import InvalidRequest
+from sendense.core.errors import InvalidRequest, NeedsVddk, VsphereLoginFailed, VsphereUnreachable
 from vcsim.kit import SimVm, Vcsim, running_vcsim
 from vcsim.kit import vcsim as vcsim  # the fixture
 
@@ -395,8 +394,8 @@ def test_certificate_trust_by_thumbprint_or_refused_with_its_fingerprint(
     """vCenter simulator (self-signed certificate): without insecure or a
     thumbprint the certificate is refused, saying its fingerprint; with that
     fingerprint pinned, discovery and a backup read work; a wrong pin is refused."""
-    from sendense.connectors.vmware.errors import VsphereCertificate
     from sendense.connectors.vmware.session import certificate_fingerprint
+    from sendense.core.errors import VsphereCertificate
 
     with pytest.raises(VsphereCertificate) as e:
         connector(vcsim, tmp_path / "a", insecure=False).discover()
@@ -419,3 +418,24 @@ def test_certificate_trust_by_thumbprint_or_refused_with_its_fingerprint(
         )
     assert sha1 in e.value.message
     assert vcsim.snapshot_names("web1") == []
+
+
+def test_vms_of_the_same_name_are_told_apart(vcsim: Vcsim, tmp_path: Path) -> None:
+    """vCenter simulator: two VMs called app in different folders are named
+    app@<moref> (unique, no slash for URLs) and each is backed up as itself."""
+    dc = vcsim.si.content.searchIndex.FindByInventoryPath("DC0")
+    dc.vmFolder.CreateFolder("prod")
+    first = vcsim.create_vm("app", [(4 * MiB, True)])
+    first.disks[0].write(0, b"first" * 100)
+    second = vcsim.create_vm("app", [(4 * MiB, True)], folder="prod")
+    second.disks[0].write(0, b"second" * 100)
+    found = {vm.path: vm for vm in connector(vcsim, tmp_path / "d").discover()}
+    a, b = found["/DC0/vm/app"], found["/DC0/vm/prod/app"]
+    assert a.name.startswith("app@vm-") and b.name.startswith("app@vm-") and a.name != b.name
+    for vm, sim_vm in ((a, first), (b, second)):
+        c = connector(vcsim, tmp_path / vm.name)
+        pit = c.freeze(vm.name, [2000], {})
+        try:
+            assert read_all(pit.views[0]) == sim_vm.disks[0].read()
+        finally:
+            c.release(True)

@@ -278,13 +278,21 @@ class Vcsim:
         disks: list[tuple[int, bool]],
         *,
         power_on: bool = True,
+        folder: str = "",
     ) -> SimVm:
-        """A VM with flat disks of (size, thin) on the datastore, keys 2000, 2001, ..."""
+        """A VM with flat disks of (size, thin) on the datastore, keys 2000,
+        2001, ..., in the VM folder ``folder`` (made beforehand) or at the top."""
         from pyVmomi import vim
 
-        folder = self.datastore / name
-        folder.mkdir(parents=True, exist_ok=True)
+        ds_dir = f"{folder.replace('/', '-')}-{name}" if folder else name
+        files = self.datastore / ds_dir
+        files.mkdir(parents=True, exist_ok=True)
         dc = self.si.content.searchIndex.FindByInventoryPath(DATACENTER)
+        vm_folder = (
+            self.si.content.searchIndex.FindByInventoryPath(f"{DATACENTER}/vm/{folder}")
+            if folder
+            else dc.vmFolder
+        )
         pool = next(
             c.resourcePool
             for c in dc.hostFolder.childEntity
@@ -294,10 +302,10 @@ class Vcsim:
             key=1000, busNumber=0, sharedBus="noSharing"
         )
         changes = [vim.vm.device.VirtualDeviceSpec(operation="add", device=controller)]
-        vm = SimVm(name=name, path=f"/{DATACENTER}/vm/{name}")
+        vm = SimVm(name=name, path=f"/{DATACENTER}/vm/{folder + '/' if folder else ''}{name}")
         for i, (size, thin) in enumerate(disks):
             stem = name if i == 0 else f"{name}_{i}"
-            descriptor = folder / f"{stem}.vmdk"
+            descriptor = files / f"{stem}.vmdk"
             subprocess.run(
                 [
                     "qemu-img",
@@ -312,7 +320,7 @@ class Vcsim:
                 ],
                 check=True,
             )
-            ds_path = f"[{DATASTORE}] {name}/{stem}.vmdk"
+            ds_path = f"[{DATASTORE}] {ds_dir}/{stem}.vmdk"
             disk = vim.vm.device.VirtualDisk(
                 key=2000 + i,
                 controllerKey=1000,
@@ -327,7 +335,7 @@ class Vcsim:
             vm.disks.append(
                 SimDisk(
                     key=2000 + i,
-                    path=folder / f"{stem}-flat.vmdk",
+                    path=files / f"{stem}-flat.vmdk",
                     descriptor=descriptor,
                     capacity=size,
                     thin=thin,
@@ -339,10 +347,10 @@ class Vcsim:
             guestId="otherGuest64",
             numCPUs=1,
             memoryMB=256,
-            files=vim.vm.FileInfo(vmPathName=f"[{DATASTORE}] {name}"),
+            files=vim.vm.FileInfo(vmPathName=f"[{DATASTORE}] {ds_dir}"),
             deviceChange=changes,
         )
-        ref = self.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
+        ref = self.wait(vm_folder.CreateVM_Task(config=spec, pool=pool))
         if power_on:
             self.wait(ref.PowerOnVM_Task())
         return vm

@@ -56,7 +56,6 @@ from sendense.connectors.base import DiskView, PointInTime, VmInfo
 from sendense.connectors.vmware import inventory
 from sendense.connectors.vmware.cbt import ChangeIdRejected, changed_areas
 from sendense.connectors.vmware.config import VmwareConfig
-from sendense.connectors.vmware.errors import NeedsVddk, SnapshotFailed
 from sendense.connectors.vmware.inventory import VmwareDisk, VmwareVm
 from sendense.connectors.vmware.nbdkit import NbdkitServer
 from sendense.connectors.vmware.session import (
@@ -65,7 +64,7 @@ from sendense.connectors.vmware.session import (
     check_pinned,
     wrap_fault,
 )
-from sendense.core.errors import Error, NotFound
+from sendense.core.errors import Error, NeedsVddk, NotFound, SnapshotFailed
 
 log = logging.getLogger(__name__)
 

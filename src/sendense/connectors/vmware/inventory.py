@@ -4,7 +4,8 @@ collector (one ``RetrievePropertiesEx`` per datacenter, paged).
 A VM's ``vm_path`` is its inventory path, ``/<datacenter>/vm/<folders>/<name>``
 (the path ``SearchIndex.FindByInventoryPath`` takes, with a leading slash).
 Its name in Sendense is its vCenter name; when two VMs share a name (in other
-folders or datacenters), both are named by their inventory path instead.
+folders or datacenters), both are named ``<name>@<managed object id>``
+(``web1@vm-42``: unique in the vCenter, and no ``/`` to escape in URLs).
 
 Disks, in the order of their device keys (2000, 2001, ... on vSphere: the
 key of a disk is 2000 + 16 * controller bus + unit on SCSI): key, label
@@ -196,7 +197,7 @@ def list_vms(session: Session) -> list[VmwareVm]:
         counts[vm.name] = counts.get(vm.name, 0) + 1
     for vm in out:
         if counts[vm.name] > 1:
-            vm.name = vm.path
+            vm.name = f"{vm.vcenter_name}@{vm.moref}"
     return sorted(out, key=lambda v: v.path)
 
 
@@ -204,7 +205,7 @@ def find_vm(session: Session, name: str) -> VmwareVm:
     """The VM Sendense calls ``name`` (its name, or its inventory path)."""
     vms = list_vms(session)
     for vm in vms:
-        if name in (vm.name, vm.path):
+        if name in (vm.name, vm.path, f"{vm.vcenter_name}@{vm.moref}"):
             return vm
     raise NotFound(f"VM {name} not found in vCenter {session.cfg.netloc}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nbd
 
-from sendense.connectors.vmware.errors import DiskReadFailed
+from sendense.core.errors import DiskReadFailed
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ from pyVmomi import vim, vmodl
 from pyVmomi.Security import ThumbprintMismatchException
 
 from sendense.connectors.vmware.config import VmwareConfig
-from sendense.connectors.vmware.errors import (
+from sendense.core.errors import (
+    Error,
     VsphereCertificate,
     VsphereFault,
     VsphereLoginFailed,
     VsphereUnreachable,
 )
-from sendense.core.errors import Error
 
 log = logging.getLogger(__name__)
 
