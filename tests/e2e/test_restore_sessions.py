@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fixtures.cluster import Cluster, cli
@@ -42,7 +43,7 @@ from fixtures.disks import (
     manifest_of,
     tools_missing,
 )
-from fixtures.lifecycle import MiB, error_body, lifecycle_cluster
+from fixtures.lifecycle import MiB, cluster_env, error_body, lifecycle_cluster
 
 pytestmark = pytest.mark.skipif(
     bool(tools_missing()), reason=f"test disk tools missing: {tools_missing()}"
@@ -355,3 +356,45 @@ def test_a_stopped_hub_leaves_no_session_or_export_behind(
         assert cluster.client.get(f"/api/v1/restore/mounts/{m['mount_id']}")["status"] != "open"
     assert cluster.http("GET", f"/api/v1/backups/{backup_id}/export").status_code == 404
     assert cluster.client.request("DELETE", f"/api/v1/backups/{backup_id}")["deleted"]
+
+
+@cluster_env(hub={"SENDENSE_RESTORE_IDLE_TIMEOUT": "2"})
+def test_a_download_longer_than_the_idle_timeout_keeps_its_session(
+    cluster: Cluster, make_vm: Any, tmp_path: Path
+) -> None:
+    """A transfer that outlasts the idle timeout is activity: its session
+    stays open until the last byte (it closes when idle afterwards)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello.txt").write_bytes(b"hello\n")
+    size = 96 * MiB
+    with (tree / "holes.bin").open("wb") as f:  # sparse: costs nothing to store or read
+        f.truncate(size)
+        f.seek(size - 6)
+        f.write(b"the end")
+    want = sha((tree / "holes.bin").read_bytes())
+    vm = vm_with(make_vm, "fs6", build_disk(tmp_path, tree))
+    cluster.register(vm)
+    backup_id = cluster.backup("fs6", "full")["backups"][0]
+    mid = open_session(cluster, backup_id)["mount_id"]
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    with httpx.stream(
+        "GET",
+        f"{cluster.hub_url}/api/v1/restore/mounts/{mid}/download",
+        params={"path": "/holes.bin", "partition": 1},
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+        timeout=60,
+    ) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_bytes(1 * MiB):
+            digest.update(chunk)
+            time.sleep(0.08)  # ~12 MiB/s: about 8 s, four idle timeouts
+    took = time.monotonic() - started
+    assert took > 6, took
+    assert digest.hexdigest() == want
+    deadline = time.monotonic() + 20
+    while cluster.client.get(f"/api/v1/restore/mounts/{mid}")["status"] == "open":
+        assert time.monotonic() < deadline, "the session did not close once idle"
+        time.sleep(0.5)
+    assert cluster.client.get(f"/api/v1/restore/mounts/{mid}")["closed"] == "idle"

@@ -15,7 +15,9 @@ small pool of filesystem workers per session (`SessionPools`), connected to
 the same socket (``qemu-nbd --shared``), opened at its first request and
 closed when the session ends (a sweep checks the catalog every few seconds).
 Every request records the session's last access (at most every 10 s per
-process). A session left by a dead hub is cleaned up by the next start:
+process, and while a download or an archive streams, so a transfer longer
+than the idle timeout keeps its session). A session left by a dead hub is
+cleaned up by the next start:
 ``qemu-nbd`` stopped, socket removed, job ``failed`` / ``hub_restarted``.
 """
 
@@ -76,11 +78,11 @@ class SessionPools:
                 pool = self._pools[mount_id] = FsPool(url, size=self.size)
             return pool
 
-    def touch(self, mount_id: str) -> None:
-        """Record an access (in the catalog, at most every TOUCH_EVERY s)."""
+    def touch(self, mount_id: str, every: float = TOUCH_EVERY) -> None:
+        """Record an access (in the catalog, at most every ``every`` s)."""
         now = time.monotonic()
         with self._lock:
-            if now - self._touched.get(mount_id, -1e9) < TOUCH_EVERY:
+            if now - self._touched.get(mount_id, -1e9) < every:
                 return
             self._touched[mount_id] = now
         with self.db.session() as s:
@@ -126,6 +128,12 @@ class SessionPools:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.close()
+
+
+def touch_every(idle_timeout: float) -> float:
+    """How often a process records a session's access: every TOUCH_EVERY s,
+    more often when the idle timeout is short (a quarter of it)."""
+    return max(0.0, min(TOUCH_EVERY, idle_timeout / 4))
 
 
 def last_access(job: BackupJob | Any) -> datetime | None:

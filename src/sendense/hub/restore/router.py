@@ -279,7 +279,7 @@ def download(
     if wanted is None:
         headers["Content-Length"] = str(entry.size)
         return StreamingResponse(
-            _first_read(fs.iter_file(part, entry.path)),
+            _first_read(service.streaming(st, mount_id, fs.iter_file(part, entry.path))),
             media_type="application/octet-stream",
             headers=headers,
         )
@@ -287,7 +287,11 @@ def download(
     headers["Content-Length"] = str(end - start + 1)
     headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
     return StreamingResponse(
-        _first_read(fs.iter_file(part, entry.path, offset=start, length=end - start + 1)),
+        _first_read(
+            service.streaming(
+                st, mount_id, fs.iter_file(part, entry.path, offset=start, length=end - start + 1)
+            )
+        ),
         status_code=206,
         media_type="application/octet-stream",
         headers=headers,
@@ -345,7 +349,7 @@ def download_directory(
             f"{base}.tar.gz",
         )
     return StreamingResponse(
-        _first_read(body),
+        _first_read(service.streaming(st, mount_id, body)),
         media_type=media,
         headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
     )

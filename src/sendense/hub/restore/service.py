@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -345,5 +346,18 @@ def session_fs(
                 partitions=readable,
             )
         partition = readable[0]
-    st.restore_pools.touch(mount_id)
+    keep_alive(st, mount_id)
     return st.restore_pools.pool(mount_id, url), partition
+
+
+def keep_alive(st: HubState, mount_id: str) -> None:
+    """Record an access to the session (it is not idle)."""
+    st.restore_pools.touch(mount_id, every=sessions.touch_every(st.settings.restore_idle_timeout))
+
+
+def streaming(st: HubState, mount_id: str, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """``pieces``, recording an access as they go: a download or archive
+    longer than the idle timeout keeps its session open."""
+    for piece in pieces:
+        keep_alive(st, mount_id)
+        yield piece
