@@ -539,6 +539,12 @@ def test_cli_policy_commands_and_vm_tag(cluster: Cluster, make_vm) -> None:
     assert [j["status"] for j in applied["jobs"]] == ["completed"]
     assert "0 restore point(s) would be removed" in cli(c, "policy", "plan", "gold").stdout
 
+    out = cli(c, "policy", "run", "gold", "--wait").stdout
+    assert "started" in out and "web1: completed" in out, out
+    ran = json.loads(cli(c, "--json", "policy", "run", "gold", "--wait").stdout)
+    assert [j["status"] for j in ran["jobs"]] == ["completed"] and ran["run_id"], ran
+    assert ran["jobs"][0]["tags"]["policy"] == "gold"
+
     assert "policy gold deleted" in cli(c, "policy", "rm", "gold").stdout
     gone = cli(c, "policy", "show", "gold", ok=False)
     assert "not_found" in gone.stderr

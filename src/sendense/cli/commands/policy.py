@@ -337,16 +337,46 @@ def _wait_jobs(c: Any, job_ids: list[str]) -> list[dict[str, Any]]:
     return ended
 
 
+def _started_later(c: Any, pid: str, run: dict[str, Any]) -> list[str]:
+    """The jobs the scheduler starts for the VMs the run left queued (busy, or
+    the node at its limit), as they start; a VM whose entry ends without a job
+    (failed, skipped) is given up on."""
+    m = _m()
+    waiting = set(run.get("queued") or [])
+    found: list[str] = []
+    while waiting:
+        shown = m.call(c.get, f"/api/v1/policies/{pid}")
+        waiting &= {r["vm_name"] for r in shown["last_runs"]}  # a VM gone meanwhile
+        for r in shown["last_runs"]:
+            if r["vm_name"] not in waiting:
+                continue
+            if r["run_id"] != run["run_id"] or r["job_id"]:
+                waiting.discard(r["vm_name"])
+                if r["run_id"] == run["run_id"] and r["job_id"]:
+                    found.append(r["job_id"])
+            elif r["status"] not in ("queued", "starting"):
+                waiting.discard(r["vm_name"])
+        if waiting:
+            time.sleep(1)
+    return found
+
+
 @policy_app.command("run")
 def policy_run(
     policy: Annotated[str, typer.Argument(help="name or policy_id")],
-    wait: Annotated[bool, typer.Option("--wait", help="Wait until the jobs end.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the jobs end (queued VMs' too).")
+    ] = False,
 ) -> None:
     """Run the policy now: a backup job per matched VM (busy VMs are queued)."""
     m = _m()
     c = m.client()
-    data = m.call(c.post, f"/api/v1/policies/{_policy_id(c, policy)}/run")
-    jobs = _wait_jobs(c, data["job_ids"]) if wait else []
+    pid = _policy_id(c, policy)
+    data = m.call(c.post, f"/api/v1/policies/{pid}/run")
+    jobs = []
+    if wait:
+        job_ids = list(data["job_ids"]) + _started_later(c, pid, data)
+        jobs = _wait_jobs(c, job_ids)
     if m.ctx.json:
         m.out({**data, "jobs": jobs} if wait else data)
     else:
