@@ -341,3 +341,45 @@ def test_vmware_cancel_mid_copy_removes_the_snapshot_on_a_vcenter_simulator(
     assert job["status"] == "cancelled", job
     assert vcsim.snapshot_names("slow1") == []
     assert repo_files(cluster) == []
+
+
+def test_vmware_worker_killed_mid_copy_leaves_no_reader_and_next_backup_cleans_up(
+    slow_cluster: Cluster, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    """vCenter simulator: the node's worker process is killed (SIGKILL) while it
+    copies. Its nbdkit readers end with it (--exit-with-parent), the job
+    fails, and the next backup removes the snapshot the dead worker left and
+    restores exactly."""
+    import os
+    import signal
+
+    from vcsim.kit import nbdkit_processes
+
+    cluster = slow_cluster
+    vm = vcsim.create_vm("crash1", [(16 * MiB, True)])
+    vm.disk(2000).write(0, random.Random(85).randbytes(12 * MiB))
+    register(cluster, vcsim)
+    job_id = cluster.start_backup("crash1", "full")["job_id"]
+    deadline = time.monotonic() + 30
+    while not any(
+        d.get("bytes_done", 0) >= MiB
+        for d in cluster.client.get(f"/api/v1/jobs/{job_id}").get("disks", [])
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    readers = nbdkit_processes(f"127.0.0.1:{vcsim.port}/")
+    assert readers, "an nbdkit reads the disk while the job copies"
+    pid = int((cluster.node_dir / "jobs" / job_id / "pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    job = cluster.wait_job(job_id)
+    assert job["status"] == "failed", job
+    deadline = time.monotonic() + 10
+    while nbdkit_processes(f"127.0.0.1:{vcsim.port}/"):
+        assert time.monotonic() < deadline, "nbdkit outlived its worker"
+        time.sleep(0.1)
+    assert len(vcsim.snapshot_names("crash1")) == 1  # left by the dead worker
+    assert repo_files(cluster) == []
+
+    expected = keep(vm, tmp_path / "expected", "retry")
+    assert_restores(backups_of(cluster, cluster.backup("crash1", "full")), expected)
+    assert vcsim.snapshot_names("crash1") == []
