@@ -176,10 +176,21 @@ def test_policy_crud_and_every_refusal(cluster: Cluster, make_vm) -> None:
     assert changed["enabled"] is False and changed["window"] is None
     assert changed["next_runs"] == [] and changed["updated_at"]
     assert changed["schedule"] == "30 2 * * *" and changed["full_every"] == 7
+    assert changed["last_scheduled_at"] is None
     r = c.http("PATCH", f"/api/v1/policies/{pid}", json={"timezone": "Asia/Tokyo", "enabled": True})
+    # Switched back on: due runs count from now (the time off was not "missed").
+    assert iso(r.json()["last_scheduled_at"]) >= iso(changed["updated_at"])
     tokyo = [iso(t).astimezone(ZoneInfo("Asia/Tokyo")) for t in r.json()["next_runs"]]
     assert all((t.hour, t.minute) == (2, 30) for t in tokyo), tokyo
     other = create(c, name="silver")
+    # A new schedule counts from the edit, not from the policy's creation.
+    assert other["last_scheduled_at"] is None
+    r = c.http("PATCH", f"/api/v1/policies/{other['policy_id']}", json={"schedule": "0 4 * * *"})
+    restarted = r.json()["last_scheduled_at"]
+    assert iso(restarted) >= iso(other["created_at"])
+    # Other edits leave it alone.
+    r = c.http("PATCH", f"/api/v1/policies/{other['policy_id']}", json={"verify_after": True})
+    assert r.json()["verify_after"] is True and r.json()["last_scheduled_at"] == restarted
     refused(
         c.http("PATCH", f"/api/v1/policies/{other['policy_id']}", json={"name": "gold"}),
         409,

@@ -278,11 +278,8 @@ def update_policy(
 ) -> dict[str, Any]:
     given = body.model_fields_set
     changes = body.model_dump(include=given)
-    for field in ("name", "enabled", "selector", "repository_id", "schedule", "timezone"):
-        if field in given and changes[field] is None:
-            raise InvalidRequest(f"{field} cannot be null", fields=[field])
-    for field in ("retention", "verify_after"):
-        if field in given and changes[field] is None:
+    for field in sorted(given - {"full_every", "window"}):
+        if changes[field] is None:
             raise InvalidRequest(f"{field} cannot be null", fields=[field])
     try:
         with st.db.session() as s:
@@ -292,15 +289,44 @@ def update_policy(
             if "name" in given:
                 _check_name_free(s, merged["name"], exclude=policy.id)
             merged["schedule"], merged["timezone"] = schedule.expression, schedule.tz.key
+            now = datetime.now(UTC)
+            if _restarts_schedule(policy, merged, now):
+                policy.last_scheduled_at = now
             for field, value in merged.items():
                 if getattr(policy, field) != value:
                     setattr(policy, field, value)
-            policy.updated_at = datetime.now(UTC)
+            policy.updated_at = now
             s.flush()
     except IntegrityError as e:
         raise Conflict(f"a policy named {changes.get('name')} already exists") from e
     log.info("policy changed policy=%s fields=%s by=%s", policy_id, sorted(given), who.name)
     return get_policy(st, who, policy_id)
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _restarts_schedule(policy: Policy, merged: dict[str, Any], now: datetime) -> bool:
+    """Whether the scheduler should count due runs from now on, not from the
+    last run (it counts from ``last_scheduled_at``, scheduler/loop.py):
+
+    - a policy switched back on: the runs while it was off were not missed,
+      they were not wanted (no catch-up run at the next tick);
+    - a new schedule or time zone: its times before the edit do not count,
+      unless the old schedule has a run due and not yet claimed (an edit a
+      few seconds after a scheduled time, before the scheduler's tick): that
+      run still happens.
+    """
+    if not merged["enabled"]:
+        return False
+    if not policy.enabled:
+        return True
+    if (merged["schedule"], merged["timezone"]) == (policy.schedule, policy.timezone):
+        return False
+    base = _aware(policy.last_scheduled_at or policy.created_at)
+    due = Schedule.parse(policy.schedule, policy.timezone).latest_run(now)
+    return due is None or due <= base
 
 
 def delete_policy(st: HubState, who: Principal, policy_id: str) -> None:
