@@ -219,6 +219,33 @@ def test_listing_paging_ranges_archives_and_refusals(
         headers={"Range": f"bytes={BIG_SIZE}-"},
     )
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{BIG_SIZE}"
+    r = cluster.http(  # not a valid range (last before first): ignored, the whole file
+        "GET",
+        f"/api/v1/restore/mounts/{mid}/download",
+        params={"path": f"/{BIG_FILE}", "partition": 1},
+        headers={"Range": "bytes=500-100"},
+    )
+    assert r.status_code == 200 and len(r.content) == BIG_SIZE
+    # HEAD: the same headers, nothing read
+    params = {"path": f"/{BIG_FILE}", "partition": 1}
+    r = cluster.http("HEAD", f"/api/v1/restore/mounts/{mid}/download", params=params)
+    assert r.status_code == 200 and r.content == b""
+    assert int(r.headers["content-length"]) == BIG_SIZE and r.headers["etag"] == etag
+    r = cluster.http(
+        "HEAD",
+        f"/api/v1/restore/mounts/{mid}/download",
+        params=params,
+        headers={"Range": "bytes=0-99"},
+    )
+    assert r.status_code == 206 and r.headers["content-range"] == f"bytes 0-99/{BIG_SIZE}"
+    assert (
+        cluster.http(
+            "HEAD",
+            f"/api/v1/restore/mounts/{mid}/download",
+            params={"path": "/nope", "partition": 1},
+        ).status_code
+        == 404
+    )
 
     # archives, unpacked and compared with the source tree
     for fmt in ("zip", "tar.gz"):

@@ -210,15 +210,18 @@ def _ranges(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # not understood or several ranges: the whole file (RFC 9110 allows it)
     first, _, last = spec.strip().partition("-")
     try:
-        if first == "":
+        if first == "":  # the last n bytes
             n = int(last)
-            start, end = max(0, size - n), size - 1
-        else:
-            start = int(first)
-            end = int(last) if last else size - 1
+            if n <= 0 or size == 0:
+                raise RangeNotSatisfiable(size)
+            return max(0, size - n), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
     except ValueError:
         return None
-    if start >= size or start > end or (first == "" and int(last) == 0):
+    if start < 0 or (last and end < start):
+        return None  # not a valid range: ignored (RFC 9110 14.2), the whole file
+    if start >= size:
         raise RangeNotSatisfiable(size)
     return start, min(end, size - 1)
 
@@ -228,6 +231,7 @@ class RangeNotSatisfiable(Exception):
         self.size = size
 
 
+@router.head("/api/v1/restore/mounts/{mount_id}/download", include_in_schema=False)
 @router.get(
     "/api/v1/restore/mounts/{mount_id}/download",
     responses={
@@ -247,7 +251,8 @@ def download(
     partition: int | None = PartitionQ,
     escaped: bool = EscapedQ,
 ) -> Response:
-    """A file, streamed, with Content-Length, ETag and single-range requests (206)."""
+    """A file, streamed, with Content-Length, ETag and single-range requests
+    (206). HEAD answers the same headers without reading the file."""
     fs, part = service.session_fs(st, who, mount_id, partition)
     entry = fs.stat(part, fs_path(path, escaped), follow=True)
     if entry.type != "file":
@@ -276,8 +281,11 @@ def download(
         )
     except RangeNotSatisfiable as e:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{e.size}"})
+    head = request.method == "HEAD"
     if wanted is None:
         headers["Content-Length"] = str(entry.size)
+        if head:
+            return Response(media_type="application/octet-stream", headers=headers)
         return StreamingResponse(
             _first_read(service.streaming(st, mount_id, fs.iter_file(part, entry.path))),
             media_type="application/octet-stream",
@@ -286,6 +294,8 @@ def download(
     start, end = wanted
     headers["Content-Length"] = str(end - start + 1)
     headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+    if head:
+        return Response(status_code=206, media_type="application/octet-stream", headers=headers)
     return StreamingResponse(
         _first_read(
             service.streaming(
