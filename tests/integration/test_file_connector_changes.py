@@ -7,8 +7,12 @@ the connector's own hashing)."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import nbd
 import pytest
 import xxhash
 
-from sendense.connectors.file import changes
+from sendense.connectors.file import changes, image
 from sendense.connectors.file.connector import FileConnector
 from sendense.core.errors import Cancelled, ImageChanged, ImageInUse, InvalidRequest
 from sendense.qemu import img
@@ -291,3 +295,21 @@ def test_qcow2_with_a_backing_file_reads_through_its_chain(tmp_path: Path) -> No
         assert img.compare(pit.views[0].nbd_url, str(top))
     finally:
         c.release(True)
+
+
+def test_socket_folders_of_dead_servers_are_swept() -> None:
+    """A worker killed outright leaves its image server's socket folder in
+    the temp dir; the next server start removes it once it is old and dead."""
+    folders = [Path(tempfile.mkdtemp(prefix=image.SOCKETS_PREFIX)) for _ in range(2)]
+    for folder in folders:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(str(folder / "qmp"))  # bound, never listening: a dead server's
+    old = time.time() - image.STALE_AFTER - 10
+    os.utime(folders[0], (old, old))
+    try:
+        image.sweep_stale_sockets()
+        assert not folders[0].exists()
+        assert folders[1].exists()  # too young: maybe a server starting
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

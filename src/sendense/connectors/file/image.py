@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -43,6 +44,30 @@ FORMATS = ("raw", "qcow2")
 # "write" lock'); qemu-img and qemu-storage-daemon exit 1 for any failure, so
 # the text is all there is to tell a lock from another error.
 LOCK_MARKER = '"write" lock'
+
+
+SOCKETS_PREFIX = "sendense-file-"
+STALE_AFTER = 600.0  # seconds
+
+
+def sweep_stale_sockets() -> None:
+    """Remove socket folders of image servers that died with their worker
+    (SIGKILL leaves no time to clean up): older than `STALE_AFTER` and
+    nobody listening on their QMP socket."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{SOCKETS_PREFIX}*"):
+        try:
+            if time.time() - folder.stat().st_mtime < STALE_AFTER:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe_sock:
+                probe_sock.settimeout(1)
+                probe_sock.connect(str(folder / "qmp"))
+            continue  # a live server
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("stale image server sockets removed folder=%s", folder)
+        except OSError:
+            continue
 
 
 @dataclass(frozen=True)
@@ -163,7 +188,8 @@ class ImageServer:
     def start(self, fields: dict[int, str]) -> None:
         """Start and connect; `ImageInUse` naming ``fields[i]`` when image i is locked."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.sockets = Path(tempfile.mkdtemp(prefix="sendense-file-"))
+        sweep_stale_sockets()
+        self.sockets = Path(tempfile.mkdtemp(prefix=SOCKETS_PREFIX))
         self.qmp_path = self.sockets / "qmp"
         self.nbd_path = self.sockets / "nbd"
         with open(self.log_path, "wb") as logf:
@@ -254,5 +280,5 @@ class ImageServer:
                 log.warning("qemu-storage-daemon pid=%d did not quit: killed", proc.pid)
                 proc.kill()
                 proc.wait()
-        if self.sockets.name.startswith("sendense-file-"):
+        if self.sockets.name.startswith(SOCKETS_PREFIX):
             shutil.rmtree(self.sockets, ignore_errors=True)
