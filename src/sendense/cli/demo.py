@@ -1,18 +1,24 @@
 """``sendense demo``: everything on this machine, end to end.
 
 Starts a hub and a node (real processes on loopback), a small VM
-(qemu-storage-daemon with two disks and a QMP socket), registers and
-discovers it, runs a full backup, writes into the VM's disks, runs an
-incremental, prints the chain, and proves the newest restore point reads back
-identical to the disks (``qemu-img compare``) and matches its recorded digest.
+(qemu-storage-daemon with three disks, the third holding an ext4 filesystem,
+and a QMP socket), registers and discovers it, runs a full backup, writes
+into the VM's disks, runs an incremental, prints the chain, and proves the
+newest restore point reads back identical to the disks (``qemu-img
+compare``) and matches its recorded digest. Then: verify, a refused delete,
+consolidation, roles and audit, whole-disk restore and an NBD export,
+files restored from a backup without root, and a policy whose schedule
+takes a backup and whose retention removes a restore point.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,14 @@ from sendense.qemu.qsd import QsdVm
 console = Console(soft_wrap=True)
 
 
+# The guest writes random blocks into the first two disks; the third holds
+# a filesystem (files_disk) left as it was built.
+RANDOM_DISKS = 2
+
+
 def guest_writes(vm: QsdVm, rng: random.Random, count: int) -> int:
     written = 0
-    for index, path in enumerate(vm.disks):
+    for index, path in enumerate(vm.disks[:RANDOM_DISKS]):
         size = img.info(str(path))["virtual-size"]
         h = vm.guest(index)
         for _ in range(count):
@@ -81,9 +92,10 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         console.print(f"hub  {hub_url}  (token in {hub_dir / 'admin.token'})")
         console.print(f"node {node_url}  (token in {node_dir / 'node.token'})")
 
-        step("2. a small VM: qemu-storage-daemon, two disks, QMP")
+        step("2. a small VM: qemu-storage-daemon, three disks (one with files), QMP")
         vm.add_disk(disk_mib << 20)
         vm.add_disk((disk_mib // 2) << 20)
+        guest_files = files_disk(vm, workdir, rng)
         vm.start()
         (workdir / "vm.pid").write_text(str(vm.pid))
         wrote = guest_writes(vm, rng, 40)
@@ -141,6 +153,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
             ok &= check_digest(c.get(f"/api/v1/backups/{b['backup_id']}"), "full restore point")
         ok &= lifecycle(c, vm, rng, full, incr)
         ok &= restores(c, vm, hub_dir / "restores")
+        ok &= file_restore(c, guest_files)
+        ok &= policy(c, vm)
         step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
@@ -249,6 +263,139 @@ def restores(c: HubClient, vm: QsdVm, where: Path) -> bool:
     )
     closed = c.http.request("DELETE", f"/api/v1/backups/{bk['backup_id']}/export").json()
     ok &= check(closed.get("status") == "closed", f"export {closed.get('status')}")
+    return ok
+
+
+def files_disk(vm: QsdVm, workdir: Path, rng: random.Random) -> dict[str, str]:
+    """A third disk holding an ext4 filesystem with a few files, built
+    without mounting (``mkfs.ext4 -d``); answers each file's sha256."""
+    tree = workdir / "guest-files"
+    files = {
+        "etc/hostname": b"demo-vm\n",
+        "home/alice/notes.txt": "Ünïcode name, plain text\n".encode() * 100,
+        "var/lib/app/data.bin": rng.randbytes(3 << 20),
+    }
+    for rel, data in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(data)
+    raw = workdir / "files.raw"
+    with raw.open("wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "demo-files", "-d", str(tree), str(raw)], check=True
+    )
+    path = vm.workdir / f"{vm.name}-disk{len(vm.disks)}.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True
+    )
+    raw.unlink()
+    shutil.rmtree(tree)
+    vm.disks.append(path)
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+
+
+def file_restore(c: HubClient, files: dict[str, str]) -> bool:
+    """Files out of a backup's filesystem, read in user space (no root, no mount)."""
+    ok = True
+    step("13. file-level restore without root: open a session on disk 2's newest point")
+    (bk,) = c.get("/api/v1/backups", vm_name="demo-vm", disk_id=2, status="completed", limit=1)[
+        "backups"
+    ]
+    session = c.post("/api/v1/restore/mounts", {"backup_id": bk["backup_id"]})
+    mount = f"/api/v1/restore/mounts/{session['mount_id']}"
+    try:
+        for p in session["partitions"]:
+            console.print(
+                f"partition {p['index']}: {p['filesystem']} label {p['label']!r}, "
+                f"{p['size'] >> 20} MiB {' '.join(p['warnings'])}"
+            )
+        (part,) = [p["index"] for p in session["partitions"] if p["filesystem"]]
+        listing = c.http.request(
+            "GET", f"{mount}/files", params={"path": "/home/alice", "partition": part}
+        ).json()
+        for e in listing["entries"]:
+            console.print(f"  /home/alice/{e['name']}  {e['type']}  {e['size']} bytes")
+        for rel, digest in files.items():
+            r = c.http.request(
+                "GET", f"{mount}/download", params={"path": f"/{rel}", "partition": part}
+            )
+            got = hashlib.sha256(r.content).hexdigest()
+            ok &= check(
+                r.status_code == 200 and got == digest,
+                f"/{rel}: downloaded {len(r.content)} bytes, sha256 equal to the guest's file",
+            )
+    finally:
+        closed = c.http.request("DELETE", mount).json()
+    ok &= check(closed.get("status") == "closed", f"session {closed.get('status')}")
+    return ok
+
+
+def policy(c: HubClient, vm: QsdVm) -> bool:
+    """A policy on a tag, every minute, keeping 2: the scheduler takes a backup
+    and retention removes the oldest restore point of each disk."""
+    ok = True
+    step("14. a policy: VMs tagged tier=demo, every minute, keep the last 2 restore points")
+    c.http.request(
+        "PATCH", "/api/v1/vms/demo-vm", json={"tags": {"tier": "demo"}}
+    ).raise_for_status()
+
+    def points() -> int:
+        return int(
+            c.get("/api/v1/backups", vm_name="demo-vm", status="completed", limit=1)["total"]
+        )
+
+    before = points()
+    p = c.post(
+        "/api/v1/policies",
+        {
+            "name": "demo-every-minute",
+            "selector": {"tags": {"tier": "demo"}},
+            "repository_id": "default",
+            "schedule": "* * * * *",
+            "retention": {"keep_last": 2},
+        },
+    )
+    console.print(
+        f"policy {p['name']}: matches {p['matched_vms']}; next runs "
+        + ", ".join(t[11:19] for t in p["next_runs"])
+        + f" UTC; {before} restore points now"
+    )
+    deadline, seen, run = time.monotonic() + 180, "", None
+    while time.monotonic() < deadline:
+        runs = c.get(f"/api/v1/policies/{p['policy_id']}")["last_runs"]
+        run = runs[0] if runs else None
+        status = run["status"] if run else "waiting for the schedule"
+        if status != seen:
+            console.print(f"  {time.strftime('%H:%M:%S')} run: {status}")
+            seen = status
+        if run and run["status"] in ("done", "failed", "skipped"):
+            break
+        time.sleep(1)
+    # No more runs while the demo ends.
+    c.http.request("PATCH", f"/api/v1/policies/{p['policy_id']}", json={"enabled": False})
+    if run is None or run["status"] != "done":
+        return check(
+            False,
+            f"the scheduled run: {run['status'] if run else 'never ran'}"
+            + (f" ({run['reason']})" if run and run.get("reason") else ""),
+        )
+    ok &= check(
+        True,
+        f"scheduled backup job {run['job_id']} ({run['backup_type']}), trigger {run['trigger']}",
+    )
+    for backup_id in run["backup_ids"]:
+        bk = c.get(f"/api/v1/backups/{backup_id}")
+        ok &= check(
+            img.compare(bk["file_path"], str(vm.disks[bk["disk_id"]])),
+            f"{disk_name(bk)}: the scheduled restore point reads as the disk",
+        )
+    job = c.get(f"/api/v1/jobs/{run['retention_job_id']}") if run["retention_job_id"] else None
+    after = points()
+    ok &= check(
+        job is not None and job["status"] == "completed" and after == before,
+        f"retention job {job['status'] if job else 'missing'}: {before} + {len(vm.disks)} - "
+        f"{before + len(vm.disks) - after} = {after} restore points (one per disk removed)",
+    )
     return ok
 
 
