@@ -62,6 +62,22 @@ class HubSettings(BaseSettings):
     scheduler: bool = True
     scheduler_interval: float = 10.0
     scheduler_node_limit: int = 4
+    # Webhooks (notify/sender.py): the sender thread (off: events are still
+    # recorded, another hub process sends them); seconds between two passes;
+    # per-request timeout; retry backoff base * 2^(attempt-1) seconds, at
+    # most backoff_max, given up (failed) after max_attempts attempts.
+    webhooks: bool = True
+    webhook_interval: float = 2.0
+    webhook_timeout: float = 10.0
+    webhook_backoff: float = 5.0
+    webhook_backoff_max: float = 3600.0
+    webhook_max_attempts: int = 12
+    # GET /metrics (hub/metrics/): a bearer token for scrapers besides API
+    # tokens (empty: API tokens only); VM names as labels: "auto" (unless a
+    # live scoped token exists, i.e. several tenants), "always" or "never"
+    # (the vm_id label is always there).
+    metrics_token: str = ""
+    metrics_vm_names: str = "auto"
     log_level: str = "INFO"
 
     @property

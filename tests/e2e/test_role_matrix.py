@@ -77,6 +77,12 @@ ROLE: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/policies/{policy_id}/run"): "operator",
     ("POST", "/api/v1/policies/{policy_id}/retention/plan"): "viewer",
     ("POST", "/api/v1/policies/{policy_id}/retention/apply"): "admin",
+    ("POST", "/api/v1/webhooks"): "admin",
+    ("GET", "/api/v1/webhooks"): "admin",
+    ("GET", "/api/v1/webhooks/{webhook_id}"): "admin",
+    ("DELETE", "/api/v1/webhooks/{webhook_id}"): "admin",
+    ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): "admin",
+    ("GET", "/metrics"): "viewer",
 }
 OPEN = {("GET", "/api/v1/health")}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -138,6 +144,9 @@ def test_every_route_for_every_kind_of_caller(cluster: Cluster, make_vm) -> None
             "retention": {"keep_last": 5},
         },
     )["policy_id"]
+    ids["webhook_id"] = cluster.client.post(
+        "/api/v1/webhooks", {"url": "http://127.0.0.1:9/matrix", "events": ["job.failed"]}
+    )["webhook_id"]
     tokens = {
         "viewer": make_token(cluster, "m-viewer", "viewer"),
         "operator": make_token(cluster, "m-operator", "operator"),

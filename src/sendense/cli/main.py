@@ -699,6 +699,12 @@ from sendense.cli.commands import policy as policy_commands  # noqa: E402
 policy_commands.bind(sys.modules[__name__])
 app.add_typer(policy_commands.policy_app, name="policy")
 
+# webhook add / ls / rm / deliveries.
+from sendense.cli.commands import webhook as webhook_commands  # noqa: E402
+
+webhook_commands.bind(sys.modules[__name__])
+app.add_typer(webhook_commands.webhook_app, name="webhook")
+
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -25,6 +25,7 @@ from sendense.hub.backups.router import router as backups
 from sendense.hub.deps import principal_of
 from sendense.hub.jobs.router import router as jobs
 from sendense.hub.limits import RequestGuard
+from sendense.hub.metrics.router import router as metrics
 from sendense.hub.nodes.router import router as nodes
 from sendense.hub.openapi import install_openapi
 from sendense.hub.policies.router import router as policies
@@ -34,12 +35,14 @@ from sendense.hub.sources.router import router as sources
 from sendense.hub.state import HubState
 from sendense.hub.tokens.router import router as tokens
 from sendense.hub.vms.router import router as vms
+from sendense.hub.webhooks.router import router as webhooks
 from sendense.settings import HubSettings
 from sendense.web.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 
 ROUTERS = [nodes, sources, vms, repositories, backups, jobs, tokens, audit, restore, policies]
+ROUTERS += [webhooks, metrics]  # notify helper (issue 7)
 
 
 def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:

@@ -25,6 +25,7 @@ from sendense.engine.verify import VerifyJob
 from sendense.hub.audit.middleware import AuditWriter
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
+from sendense.notify import Backoff, WebhookSender
 from sendense.restore.disk import RestoreJob
 from sendense.restore.export import ExportJob
 from sendense.restore.sessions import MountJob, SessionPools
@@ -63,6 +64,8 @@ class HubState:
     cache: CatalogCache = None  # type: ignore[assignment]  # set by open()
     # This process's filesystem workers of restore sessions (restore/sessions.py).
     restore_pools: SessionPools = None  # type: ignore[assignment]  # set by open()
+    # Records job ends as webhook events and sends the outbox (notify/sender.py).
+    webhooks: WebhookSender | None = None
     # The policy scheduler (scheduler/loop.py): in API worker 0 only, when
     # settings.scheduler; hub hosts sharing a catalog rely on its claims.
     scheduler: Scheduler | None = None
@@ -113,6 +116,19 @@ class HubState:
         if settings.scheduler and settings.worker_index == 0:
             state.scheduler = Scheduler(state)
             state.scheduler.start()
+        if settings.webhooks and settings.worker_index == 0:  # one sender per hub host
+            state.webhooks = WebhookSender(
+                db,
+                secrets,
+                interval=settings.webhook_interval,
+                timeout=settings.webhook_timeout,
+                backoff=Backoff(
+                    settings.webhook_backoff,
+                    settings.webhook_backoff_max,
+                    settings.webhook_max_attempts,
+                ),
+            )
+            state.webhooks.start()
         return state
 
     def take_over_orphans(self) -> None:
@@ -123,6 +139,8 @@ class HubState:
             log.warning("took over jobs of a hub process that is gone: %s", resolved)
 
     def close(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.restore_pools is not None:

@@ -1,0 +1,1 @@
+"""GET /metrics: Prometheus text format over the catalog (router, service)."""

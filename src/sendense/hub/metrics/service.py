@@ -1,0 +1,269 @@
+"""``GET /metrics``: the catalog as Prometheus gauges, read at each scrape.
+
+Every family is a gauge: restore points and jobs can be deleted (retention,
+``DELETE``), so no figure here is guaranteed to only grow. ``rate()`` needs a
+counter; ``delta()`` or ``increase()`` over a gauge that rarely shrinks are
+the practical queries (docs/guide.md, "Notifications and metrics").
+
+========================================== ============================ ==========================
+family                                     labels                       what
+========================================== ============================ ==========================
+sendense_jobs                              kind, status                 jobs in the catalog
+sendense_backup_transferred_bytes          repository_id                bytes moved by completed
+                                                                        restore points there
+sendense_vm_last_success_timestamp_seconds vm_id[, vm]                  end of the VM's latest
+                                                                        completed backup job
+sendense_repository_total_bytes            repository_id, name          filesystem size (online)
+sendense_repository_used_bytes             repository_id, name          used on that filesystem
+sendense_repository_available_bytes        repository_id, name          free for the hub
+sendense_repository_backup_bytes           repository_id, name          on disk for its restore
+                                                                        points (catalog)
+sendense_repository_online                 repository_id, name          1 reachable, 0 not
+sendense_scheduler_lag_seconds                                          how late the latest
+                                                                        scheduled runs were claimed
+sendense_scheduler_queued_vms                                           VMs waiting in run queues
+sendense_scheduler_oldest_queued_seconds                                age of the oldest of them
+sendense_policy_runs                       status                       policy runs
+sendense_policy_runs_missed                                             scheduled runs missed
+                                                                        (downtime), summed
+sendense_webhook_deliveries                status                       the outbox
+sendense_build_info                        version                      1
+========================================== ============================ ==========================
+
+Who sees what: the whole hub for an unscoped token (viewer or more) or the
+``metrics_token`` setting; a scoped token (a tenant) sees the job, byte,
+VM and repository figures of its own VMs and repositories only, and none of
+the hub-wide ones (scheduler, policy runs, webhooks). Never a credential:
+labels are ids, kinds, statuses, repository names and (see below) VM names.
+
+VM names (``vm`` label) follow the ``metrics_vm_names`` setting: ``auto``
+shows them unless the catalog holds a live scoped token (a hub serving
+several tenants, whose scrapes may end up in a shared Prometheus),
+``always`` or ``never``. ``vm_id`` is always there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from sendense import __version__
+from sendense.catalog.models import (
+    ApiToken,
+    Backup,
+    BackupJob,
+    PolicyRun,
+    PolicyRunVm,
+    Repository,
+    Vm,
+    WebhookDelivery,
+)
+from sendense.catalog.stores import RepositoryStore
+from sendense.core.access import Principal
+from sendense.engine import inventory
+from sendense.hub.state import HubState
+
+# Scheduled runs whose claim delay makes the lag figure.
+LAG_RUNS = 20
+
+
+def vm_names_shown(s: Session, setting: str, now: datetime) -> bool:
+    if setting == "always":
+        return True
+    if setting == "never":
+        return False
+    rows = s.execute(
+        select(ApiToken.scope, ApiToken.expires_at).where(ApiToken.revoked_at.is_(None))
+    )
+    return not any(
+        scope is not None and (expires is None or expires > now) for scope, expires in rows
+    )
+
+
+class CatalogCollector:
+    """A prometheus_client collector over the catalog, for one caller."""
+
+    def __init__(self, st: HubState, who: Principal) -> None:
+        self.st = st
+        self.who = who
+
+    def collect(self) -> Iterator[Metric]:
+        now = datetime.now(UTC)
+        who = self.who
+        with self.st.db.session() as s:
+            vms = s.execute(select(Vm.id, Vm.name, Vm.tags)).all()
+            visible = None if who.scope is None else who.visible_vm_ids(vms)
+            names = {vm_id: name for vm_id, name, _ in vms}
+            show_names = vm_names_shown(s, str(self.st.settings.metrics_vm_names), now)
+            yield from self._jobs(s, visible)
+            yield from self._vms(s, visible, names if show_names else None)
+            repos = [r for r in RepositoryStore(s).all() if who.can_see_repository(r.id)]
+            usage = RepositoryStore(s).usage()
+            yield from self._transferred(s, visible, {r.id for r in repos})
+            if who.scope is None:
+                yield from self._scheduler(s, now)
+                yield from self._webhooks(s)
+        # statvfs with no session open (a share may be slow).
+        yield from self._repositories(repos, usage)
+        info = GaugeMetricFamily("sendense_build_info", "The hub's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def _jobs(self, s: Session, visible: set[str] | None) -> Iterator[Metric]:
+        q = select(BackupJob.kind, BackupJob.status, func.count()).group_by(
+            BackupJob.kind, BackupJob.status
+        )
+        if visible is not None:
+            q = q.where(BackupJob.vm_id.in_(visible))
+        family = GaugeMetricFamily(
+            "sendense_jobs", "Jobs in the catalog by kind and status", labels=["kind", "status"]
+        )
+        for kind, status, n in s.execute(q).all():
+            family.add_metric([kind, status], int(n))
+        yield family
+
+    def _vms(
+        self, s: Session, visible: set[str] | None, names: dict[str, str] | None
+    ) -> Iterator[Metric]:
+        q = (
+            select(BackupJob.vm_id, func.max(BackupJob.finished_at))
+            .where(
+                BackupJob.kind == "backup",
+                BackupJob.status == "completed",
+                BackupJob.vm_id.is_not(None),
+            )
+            .group_by(BackupJob.vm_id)
+        )
+        if visible is not None:
+            q = q.where(BackupJob.vm_id.in_(visible))
+        labels = ["vm_id", "vm"] if names is not None else ["vm_id"]
+        family = GaugeMetricFamily(
+            "sendense_vm_last_success_timestamp_seconds",
+            "End of the VM's latest completed backup job (Unix time)",
+            labels=labels,
+        )
+        for vm_id, finished in s.execute(q).all():
+            if finished is None or vm_id is None:
+                continue
+            values = [vm_id, names.get(vm_id, "")] if names is not None else [vm_id]
+            family.add_metric(values, finished.timestamp())
+        yield family
+
+    def _transferred(
+        self, s: Session, visible: set[str] | None, repository_ids: set[str]
+    ) -> Iterator[Metric]:
+        q = (
+            select(Backup.repository_id, func.coalesce(func.sum(Backup.bytes_transferred), 0))
+            .where(Backup.status == "completed")
+            .group_by(Backup.repository_id)
+        )
+        if visible is not None:
+            q = q.where(Backup.vm_id.in_(visible))
+        family = GaugeMetricFamily(
+            "sendense_backup_transferred_bytes",
+            "Bytes moved by the completed restore points in each repository",
+            labels=["repository_id"],
+        )
+        for repository_id, size in s.execute(q).all():
+            if repository_id in repository_ids:
+                family.add_metric([repository_id], int(size))
+        yield family
+
+    def _repositories(
+        self, repos: list[Repository], usage: dict[str, tuple[int, int]]
+    ) -> Iterator[Metric]:
+        labels = ["repository_id", "name"]
+        help_of = {
+            "total": "Size of the repository's filesystem",
+            "used": "Bytes used on the repository's filesystem",
+            "available": "Bytes free for the hub on the repository's filesystem",
+        }
+        families = {
+            key: GaugeMetricFamily(f"sendense_repository_{key}_bytes", text, labels=labels)
+            for key, text in help_of.items()
+        }
+        backup_bytes = GaugeMetricFamily(
+            "sendense_repository_backup_bytes",
+            "Bytes on disk of the repository's completed restore points (catalog)",
+            labels=labels,
+        )
+        online = GaugeMetricFamily(
+            "sendense_repository_online", "1: the repository is reachable", labels=labels
+        )
+        for repo in repos:
+            values = [repo.id, repo.name]
+            up, _ = inventory.repository_status(repo)
+            online.add_metric(values, 1 if up else 0)
+            backup_bytes.add_metric(values, usage.get(repo.id, (0, 0))[1])
+            if not up:
+                continue
+            capacity: dict[str, Any] = inventory.repository_capacity(repo)
+            for key, family in families.items():
+                if capacity.get(f"{key}_bytes") is not None:
+                    family.add_metric(values, int(capacity[f"{key}_bytes"]))
+        yield from (*families.values(), backup_bytes, online)
+
+    def _scheduler(self, s: Session, now: datetime) -> Iterator[Metric]:
+        recent = s.execute(
+            select(PolicyRun.created_at, PolicyRun.scheduled_at)
+            .where(PolicyRun.trigger == "schedule")
+            .order_by(PolicyRun.created_at.desc())
+            .limit(LAG_RUNS)
+        ).all()
+        lag = max(
+            ((created - scheduled).total_seconds() for created, scheduled in recent), default=0.0
+        )
+        yield GaugeMetricFamily(
+            "sendense_scheduler_lag_seconds",
+            f"Largest delay between the scheduled time and the claim of the latest {LAG_RUNS} "
+            "scheduled policy runs",
+            value=max(lag, 0.0),
+        )
+        queued, oldest = s.execute(
+            select(func.count(), func.min(PolicyRunVm.created_at)).where(
+                PolicyRunVm.status == "queued"
+            )
+        ).one()
+        yield GaugeMetricFamily(
+            "sendense_scheduler_queued_vms", "VMs waiting in policy run queues", value=int(queued)
+        )
+        yield GaugeMetricFamily(
+            "sendense_scheduler_oldest_queued_seconds",
+            "Age of the oldest VM waiting in a policy run queue (0: none)",
+            value=max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0,
+        )
+        runs = GaugeMetricFamily("sendense_policy_runs", "Policy runs by status", labels=["status"])
+        for status, n in s.execute(
+            select(PolicyRun.status, func.count()).group_by(PolicyRun.status)
+        ).all():
+            runs.add_metric([status], int(n))
+        yield runs
+        missed = s.scalar(select(func.coalesce(func.sum(PolicyRun.missed_count), 0)))
+        yield GaugeMetricFamily(
+            "sendense_policy_runs_missed",
+            "Scheduled policy runs missed while no hub ran (each stood for by one run)",
+            value=int(missed or 0),
+        )
+
+    def _webhooks(self, s: Session) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sendense_webhook_deliveries", "Webhook deliveries by status", labels=["status"]
+        )
+        for status, n in s.execute(
+            select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+        ).all():
+            family.add_metric([status], int(n))
+        yield family
+
+
+def render(st: HubState, who: Principal) -> bytes:
+    """The Prometheus text exposition of what ``who`` may see."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CatalogCollector(st, who))  # type: ignore[arg-type]
+    return bytes(generate_latest(registry))

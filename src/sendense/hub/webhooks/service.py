@@ -1,0 +1,156 @@
+"""Webhooks: add, list, remove; their deliveries (the outbox, notify/).
+
+Rules:
+
+- Admin only (a webhook sends job and VM names to a URL of the caller's
+  choice).
+- The secret is encrypted at rest (`SecretBox`) and never answered; a
+  webhook shows ``has_secret``. The URL is answered with a password in it
+  shown as ``***``.
+- ``policy_id`` must name a policy (400 naming the field otherwise): such a
+  webhook hears only that policy's jobs and runs; without one, everything.
+- ``DELETE`` removes the webhook and its outbox (pending deliveries are
+  not sent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy import delete, func, select
+
+from sendense.catalog.models import Policy, Webhook, WebhookDelivery
+from sendense.core.access import Principal
+from sendense.core.errors import InvalidRequest, NotFound
+from sendense.hub.state import HubState
+from sendense.hub.webhooks.schemas import WebhookCreate
+from sendense.notify import outbox
+
+
+def shown_url(url: str) -> str:
+    """The URL with a password in its user part replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _stats(s: Any, hook_ids: list[str]) -> dict[str, dict[str, Any]]:
+    stats: dict[str, dict[str, Any]] = {h: {"pending": 0, "failed": 0} for h in hook_ids}
+    if not hook_ids:
+        return stats
+    for hook_id, status, n, last in s.execute(
+        select(
+            WebhookDelivery.webhook_id,
+            WebhookDelivery.status,
+            func.count(),
+            func.max(WebhookDelivery.delivered_at),
+        )
+        .where(WebhookDelivery.webhook_id.in_(hook_ids))
+        .group_by(WebhookDelivery.webhook_id, WebhookDelivery.status)
+    ).all():
+        if status in (outbox.PENDING, outbox.FAILED):
+            stats[hook_id][status] = int(n)
+        elif status == outbox.DELIVERED:
+            stats[hook_id]["last_delivered_at"] = last
+    return stats
+
+
+def webhook_view(h: Webhook, stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "webhook_id": h.id,
+        "url": shown_url(h.url),
+        "events": list(h.events or []),
+        "policy_id": h.policy_id,
+        "enabled": h.enabled,
+        "has_secret": bool(h.secret_encrypted),
+        "created_at": h.created_at,
+        "created_by": h.created_by,
+        "pending": stats.get("pending", 0),
+        "failed": stats.get("failed", 0),
+        "last_delivered_at": stats.get("last_delivered_at"),
+    }
+
+
+def delivery_view(d: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "delivery_id": d.id,
+        "webhook_id": d.webhook_id,
+        "event": d.event,
+        "event_key": d.event_key,
+        "status": d.status,
+        "attempts": d.attempts,
+        "next_attempt_at": d.next_attempt_at if d.status == outbox.PENDING else None,
+        "last_error": d.last_error,
+        "created_at": d.created_at,
+        "delivered_at": d.delivered_at,
+        "payload": d.payload or {},
+    }
+
+
+def _get(s: Any, webhook_id: str) -> Webhook:
+    hook = s.get(Webhook, webhook_id)
+    if hook is None:
+        raise NotFound(f"webhook {webhook_id} not found", webhook_id=webhook_id)
+    return hook
+
+
+def create_webhook(st: HubState, who: Principal, body: WebhookCreate) -> dict[str, Any]:
+    with st.db.session() as s:
+        if body.policy_id is not None and s.get(Policy, body.policy_id) is None:
+            raise InvalidRequest(
+                f"policy_id {body.policy_id} does not exist",
+                fields=["policy_id"],
+                policy_id=body.policy_id,
+            )
+        hook = Webhook(
+            url=body.url,
+            events=list(body.events),
+            policy_id=body.policy_id,
+            enabled=body.enabled,
+            secret_encrypted=st.secrets.encrypt(body.secret) if body.secret else None,
+            created_by=who.name,
+        )
+        s.add(hook)
+        s.flush()
+        return webhook_view(hook, {})
+
+
+def list_webhooks(st: HubState) -> list[dict[str, Any]]:
+    with st.db.session() as s:
+        hooks = list(s.scalars(select(Webhook).order_by(Webhook.created_at, Webhook.id)))
+        stats = _stats(s, [h.id for h in hooks])
+        return [webhook_view(h, stats[h.id]) for h in hooks]
+
+
+def get_webhook(st: HubState, webhook_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        hook = _get(s, webhook_id)
+        return webhook_view(hook, _stats(s, [hook.id])[hook.id])
+
+
+def delete_webhook(st: HubState, webhook_id: str) -> dict[str, Any]:
+    with st.db.session() as s:
+        hook = _get(s, webhook_id)
+        gone = s.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook_id == hook.id))
+        s.delete(hook)
+        return {
+            "webhook_id": webhook_id,
+            "deleted": True,
+            "deliveries_removed": int(getattr(gone, "rowcount", 0) or 0),
+        }
+
+
+def list_deliveries(
+    st: HubState, webhook_id: str, *, status: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """The webhook's latest deliveries, newest first."""
+    with st.db.session() as s:
+        _get(s, webhook_id)
+        q = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
+        if status is not None:
+            q = q.where(WebhookDelivery.status == status)
+        q = q.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit)
+        return [delivery_view(d) for d in s.scalars(q)]

@@ -1,0 +1,331 @@
+"""The hub's webhook thread: record job ends, then POST what is due.
+
+Each tick (``SENDENSE_WEBHOOK_INTERVAL`` seconds, default 2):
+
+1. Job ends. The poller reads ``backup_jobs`` that ended since its cursor
+   (every kind: backup, verify, retention, restore, ...) and records
+   ``job.completed`` (status completed) or ``job.failed`` (status failed,
+   which includes a timeout: error code ``timeout``) with the event key
+   ``job.<completed|failed>:<job id>``. A cancelled job is an operator's
+   act and sends nothing. No hook in the engine: any hub process may poll,
+   the unique event key makes it once. The cursor starts `START_LOOKBACK`
+   back (jobs that ended while this process was starting or down) and each
+   pass re-reads the last `OVERLAP` (a job's ``finished_at`` is written
+   before its commit; hubs' clocks differ a little). A webhook is told only
+   of jobs that ended after it was created.
+2. Deliveries. Due ones are claimed (notify/outbox.py) and POSTed, one at a
+   time, with no session open during the request.
+
+The request (``Content-Type: application/json``)::
+
+    POST <url>
+    User-Agent: Sendense/<version>
+    X-Sendense-Event: job.failed
+    X-Sendense-Delivery: <delivery id>         (the same on every retry)
+    X-Sendense-Timestamp: <unix seconds>
+    X-Sendense-Signature: sha256=<hex>         (only when the webhook has a secret)
+
+    {"event": "job.failed", "event_key": "job.failed:<job id>",
+     "occurred_at": "<ISO 8601>", "data": {...}}
+
+The secret never travels: the signature is HMAC-SHA256 with the secret as
+key over ``<timestamp>.<body>`` (the exact bytes sent). A receiver
+recomputes it, compares in constant time and refuses old timestamps
+(replays). Any 2xx is delivered; anything else (3xx included: redirects are
+not followed), a timeout or a connection error is retried with the backoff
+of `Backoff`. Logs and ``last_error`` name the webhook by id and its URL by
+scheme and host only (a URL's path can be a credential, as Slack's are); the
+secret is in neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import and_, func, or_, select
+
+from sendense import __version__
+from sendense.catalog.db import Database
+from sendense.catalog.models import Backup, BackupJob, Vm, Webhook
+from sendense.notify import outbox
+from sendense.notify.outbox import Backoff, Due
+from sendense.secretbox import SecretBox, scrub
+
+log = logging.getLogger(__name__)
+
+START_LOOKBACK = timedelta(hours=1)
+OVERLAP = timedelta(minutes=2)
+PAGE = 500
+BATCH = 20
+JOB_EVENTS = (outbox.JOB_COMPLETED, outbox.JOB_FAILED)
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>``: HMAC-SHA256 of ``<timestamp>.<body>`` keyed by the secret."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def url_for_log(url: str) -> str:
+    """``scheme://host[:port]``: what logs and errors may say of a URL."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    return f"{parts.scheme}://{host}{port}"
+
+
+def job_event(status: str) -> str | None:
+    if status == "completed":
+        return outbox.JOB_COMPLETED
+    if status == "failed":
+        return outbox.JOB_FAILED
+    return None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def job_payload(
+    job: BackupJob, vm_name: str | None, backups: list[tuple[str, int]]
+) -> dict[str, Any]:
+    """What a job event says: no secret (params and result stay in the API)."""
+    tags = job.tags or {}
+    payload: dict[str, Any] = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "vm_name": vm_name,
+        "vm_id": job.vm_id,
+        "repository_id": job.repository_id,
+        "node_id": job.node_id,
+        "requested_type": job.requested_type,
+        "error": (
+            {"code": job.error_code, "message": job.error_message}
+            if job.status != "completed" and (job.error_code or job.error_message)
+            else None
+        ),
+        "policy": tags.get("policy"),
+        "policy_id": tags.get("policy_id"),
+        "policy_run_id": tags.get("policy_run_id"),
+        "trigger": tags.get("trigger"),
+        "created_by": job.created_by,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+    if job.kind == "backup":
+        payload["backups"] = [b for b, _ in backups]
+        payload["bytes_transferred"] = sum(size for _, size in backups)
+    return payload
+
+
+class JobPoller:
+    """Records job ends as events (see the module's docstring)."""
+
+    def __init__(self, db: Database, now: datetime | None = None) -> None:
+        self.db = db
+        self.cursor = (now or datetime.now(UTC)) - START_LOOKBACK
+
+    def _wanted(self, s: Any) -> bool:
+        rows = s.execute(select(Webhook.events).where(Webhook.enabled.is_(True))).scalars()
+        return any(e in JOB_EVENTS for events in rows for e in events or [])
+
+    def poll(self, now: datetime | None = None) -> int:
+        """One pass; how many deliveries were recorded."""
+        now = now or datetime.now(UTC)
+        with self.db.session() as s:
+            if not self._wanted(s):
+                # Nobody listens: nothing to catch up on for hooks added later
+                # (they hear only of jobs that end after their creation).
+                self.cursor = max(self.cursor, now - OVERLAP)
+                return 0
+        recorded = 0
+        after: tuple[datetime, str] | None = None
+        since = self.cursor - OVERLAP
+        latest = self.cursor
+        while True:
+            with self.db.session() as s:
+                q = (
+                    select(BackupJob, Vm.name)
+                    .outerjoin(Vm, Vm.id == BackupJob.vm_id)
+                    .where(
+                        BackupJob.finished_at.is_not(None),
+                        BackupJob.finished_at >= since,
+                        BackupJob.status.in_(("completed", "failed")),
+                    )
+                    .order_by(BackupJob.finished_at, BackupJob.id)
+                    .limit(PAGE)
+                )
+                if after is not None:
+                    q = q.where(
+                        or_(
+                            BackupJob.finished_at > after[0],
+                            and_(BackupJob.finished_at == after[0], BackupJob.id > after[1]),
+                        )
+                    )
+                rows = s.execute(q).all()
+                if not rows:
+                    break
+                keys = {job.id: f"{job_event(job.status)}:{job.id}" for job, _ in rows}
+                known = outbox.recorded_keys(s, list(keys.values()))
+                todo = [(job, name) for job, name in rows if keys[job.id] not in known]
+                sizes = self._backups(s, [job.id for job, _ in todo if job.kind == "backup"])
+                for job, vm_name in todo:
+                    event = job_event(job.status)
+                    if event is None:  # pragma: no cover - filtered by the query
+                        continue
+                    recorded += outbox.record_event(
+                        s,
+                        event,
+                        job_payload(job, vm_name, sizes.get(job.id, [])),
+                        policy_id=(job.tags or {}).get("policy_id"),
+                        event_key=keys[job.id],
+                        occurred_at=job.finished_at,
+                        now=now,
+                    )
+                last = rows[-1][0]
+                if last.finished_at is not None:  # always, by the query
+                    after = (last.finished_at, last.id)
+                    latest = max(latest, last.finished_at)
+            if len(rows) < PAGE:
+                break
+        self.cursor = min(latest, now)
+        return recorded
+
+    @staticmethod
+    def _backups(s: Any, job_ids: list[str]) -> dict[str, list[tuple[str, int]]]:
+        if not job_ids:
+            return {}
+        out: dict[str, list[tuple[str, int]]] = {}
+        rows = s.execute(
+            select(Backup.job_id, Backup.id, func.coalesce(Backup.bytes_transferred, 0))
+            .where(Backup.job_id.in_(job_ids), Backup.status == "completed")
+            .order_by(Backup.job_id, Backup.disk_index)
+        ).all()
+        for job_id, backup_id, size in rows:
+            out.setdefault(job_id, []).append((backup_id, int(size)))
+        return out
+
+
+class WebhookSender:
+    """The thread: job poller, then due deliveries, every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        db: Database,
+        secrets: SecretBox,
+        *,
+        interval: float = 2.0,
+        timeout: float = 10.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.db = db
+        self.secrets = secrets
+        self.interval = interval
+        self.timeout = timeout
+        self.backoff = backoff or Backoff()
+        self.poller = JobPoller(db)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="webhook-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 5)
+        self._http.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = False
+            try:
+                self.poller.poll()
+                busy = self.send_due() == BATCH
+            except Exception:
+                log.exception("webhook pass failed")
+            if not busy and self._stop.wait(self.interval):
+                return
+
+    def send_due(self, now: datetime | None = None) -> int:
+        """Claim and POST the due deliveries (at most `BATCH`); how many were tried."""
+        lease = timedelta(seconds=self.timeout + 30)
+        with self.db.session() as s:
+            due = outbox.claim_due(s, lease=lease, limit=BATCH, now=now)
+        for d in due:
+            if self._stop.is_set():
+                break  # the lease expires; this or another hub sends it later
+            error = self.post(d)
+            with self.db.session() as s:
+                status = outbox.settle(s, d, error, self.backoff)
+            where = url_for_log(d.url)
+            if error is None:
+                log.info(
+                    "webhook delivered webhook=%s delivery=%s event=%s to=%s attempt=%d",
+                    d.webhook_id, d.delivery_id, d.event, where, d.attempts,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "webhook delivery failed webhook=%s delivery=%s event=%s to=%s "
+                    "attempt=%d status=%s error=%s",
+                    d.webhook_id, d.delivery_id, d.event, where, d.attempts, status, error,
+                )  # fmt: skip
+        return len(due)
+
+    def post(self, d: Due) -> str | None:
+        """POST one delivery; None when the receiver took it, else why not
+        (with neither the secret nor the URL's path or query)."""
+        secret: str | None = None
+        try:
+            if d.secret_encrypted:
+                secret = str(self.secrets.decrypt(d.secret_encrypted))
+        except Exception as e:
+            name = type(e).__name__
+            return f"cannot decrypt the webhook's secret ({name}): was secret.key replaced?"
+        body = json.dumps(d.payload, separators=(",", ":"), sort_keys=True).encode()
+        timestamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"Sendense/{__version__}",
+            "X-Sendense-Event": d.event,
+            "X-Sendense-Delivery": d.delivery_id,
+            "X-Sendense-Timestamp": timestamp,
+        }
+        if secret:
+            headers["X-Sendense-Signature"] = sign(secret, timestamp, body)
+        try:
+            r = self._http.post(d.url, content=body, headers=headers)
+        except httpx.TimeoutException:
+            return f"timed out after {self.timeout:g}s"
+        except Exception as e:
+            return self._clean(f"{type(e).__name__}: {e}", d.url, secret)
+        if 200 <= r.status_code < 300:
+            return None
+        text = r.text[:200].strip() if r.content else ""
+        note = " (redirects are not followed)" if 300 <= r.status_code < 400 else ""
+        return self._clean(f"HTTP {r.status_code}{note}: {text}".rstrip(": "), d.url, secret)
+
+    @staticmethod
+    def _clean(message: str, url: str, secret: str | None) -> str:
+        message = message.replace(url, url_for_log(url))
+        parts = urlsplit(url)
+        hidden = [
+            p for p in (parts.path, parts.query, parts.password or "", secret or "") if len(p) > 1
+        ]
+        return scrub(message, hidden)
