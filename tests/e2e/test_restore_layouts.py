@@ -16,8 +16,10 @@ rebuilt from the changed tree) and the blocks that differ are written into
 the running VM's disks through its NBD export, as a guest writes; then an
 incremental. From both points, through the API: partitions, listings of
 every directory, stat and symlink targets, downloads (sha256 equal to the
-source file of that point in time) and a range. Files from the incremental
-have the new content, files from the full still the old.
+source file of that point in time), a range, ZIP and tar.gz of each
+filesystem. Files from the incremental have the new content, files from the
+full still the old. A session holds its chain (consolidation 409 ``in_use``);
+once merged into a synthetic full, the incremental reads the same.
 """
 
 from __future__ import annotations
@@ -354,6 +356,27 @@ def test_every_layout_from_a_full_and_an_incremental(
                     assert manifest is not None
                     check_point(cluster, mount, fs, manifest)
             cluster.client.request("DELETE", f"/api/v1/restore/mounts/{mount['mount_id']}")
+
+    # a session holds its chain: consolidation is refused until it closes,
+    # and the incremental, merged into a synthetic full, reads the same after
+    held = cluster.client.post("/api/v1/restore/mounts", {"backup_id": full[0]})["mount_id"]
+    body = error_body(
+        cluster.http("POST", "/api/v1/backups/consolidate", json={"vm_name": "layouts", "keep": 1}),
+        409,
+        "in_use",
+    )
+    assert held in {h["holder_id"] for h in body["details"]["holders"]}, body
+    cluster.client.request("DELETE", f"/api/v1/restore/mounts/{held}")
+    merged = cluster.client.post("/api/v1/backups/consolidate", {"vm_name": "layouts", "keep": 1})
+    assert cluster.wait_job(merged["job_id"])["status"] == "completed"
+    for disk in range(3):
+        assert cluster.client.get(f"/api/v1/backups/{incr[disk]}")["synthetic"], disk
+        mount = cluster.client.post("/api/v1/restore/mounts", {"backup_id": incr[disk]})
+        for fs in fss:
+            if fs.disk == disk:
+                assert fs.after is not None
+                check_point(cluster, mount, fs, fs.after)
+        cluster.client.request("DELETE", f"/api/v1/restore/mounts/{mount['mount_id']}")
 
     # the same path, two points in time
     for fs in fss:
