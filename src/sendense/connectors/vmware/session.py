@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 PC = vmodl.query.PropertyCollector
 T = TypeVar("T")
-# Seconds a SOAP call may take before the vCenter counts as unreachable.
-CALL_TIMEOUT = 120
+# Seconds a connection or a SOAP call may take before the vCenter counts as
+# unreachable: less than the hub waits for a discovery (60 s), so that a
+# vCenter that does not answer is reported as such, not as the node.
+CALL_TIMEOUT = 40
 # A session idles out after 30 minutes on vCenter: keep it alive while a
 # backup reads through /folder with its cookie (virt-v2v renews every 25).
 KEEPALIVE_SECONDS = 600.0
@@ -100,7 +102,7 @@ def certificate_fingerprint(cfg: VmwareConfig, *, algorithm: str = "sha1") -> st
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with (
-            socket.create_connection((cfg.host.strip("[]"), cfg.port), timeout=30) as raw,
+            socket.create_connection((cfg.host.strip("[]"), cfg.port), timeout=CALL_TIMEOUT) as raw,
             ctx.wrap_socket(raw, server_hostname=cfg.host.strip("[]")) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
