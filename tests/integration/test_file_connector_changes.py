@@ -21,7 +21,7 @@ import nbd
 import pytest
 import xxhash
 
-from sendense.connectors.file import changes, image
+from sendense.connectors.file import changes, image, mapped
 from sendense.connectors.file.connector import FileConnector
 from sendense.core.errors import Cancelled, ImageChanged, ImageInUse, InvalidRequest
 from sendense.qemu import img
@@ -313,3 +313,82 @@ def test_socket_folders_of_dead_servers_are_swept() -> None:
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def leaf_hashes(chunks: Any) -> bytes:
+    """Leaf hashes of the blocks a chunk stream gives (a zero chunk: zeroes)."""
+    out = []
+    for _offset, length, data in chunks:
+        for pos in range(0, length, BLOCK):
+            piece = min(BLOCK, length - pos)
+            block = bytes(piece) if data is None else data[pos : pos + piece]
+            out.append(xxhash.xxh3_128_digest(block))
+    return b"".join(out)
+
+
+def _chain(tmp: Path) -> Path:
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    img.create(str(base), 6 * MiB)
+    qemu_io(base, "write -P 1 0 2M", "write -P 2 5M 512k")
+    img.create(str(top), 6 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(top, "write -P 3 1M 4k", "write -z 5M 64k", "write -P 4 3M 100k")
+    return top
+
+
+def _raw_backing(tmp: Path) -> Path:
+    base, top = tmp / "base.raw", tmp / "top.qcow2"
+    img.create(str(base), 4 * MiB, fmt="raw")
+    qemu_io(base, "write -P 5 0 1M")
+    img.create(str(top), 4 * MiB, backing="base.raw", backing_fmt="raw")
+    qemu_io(top, "write -P 6 512k 8k")
+    return top
+
+
+def _compressed(tmp: Path) -> Path:
+    src, out = tmp / "src.qcow2", tmp / "compressed.qcow2"
+    img.create(str(src), 4 * MiB)
+    qemu_io(src, "write -P 7 0 1M", "write -P 8 3M 64k")
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(out)], check=True)
+    qemu_io(out, "write -P 9 2M 64k")  # a plain cluster among compressed ones
+    return out
+
+
+def _subclusters(tmp: Path) -> Path:
+    path = tmp / "sub.qcow2"
+    img.create(str(path), 4 * MiB, extra_options={"extended_l2": "on", "cluster_size": "131072"})
+    qemu_io(path, "write -P 10 4k 4k", "write -P 11 200k 20k", "write -z 1M 4k")
+    return path
+
+
+def _odd(tmp: Path) -> Path:
+    path = tmp / "odd.qcow2"
+    img.create(str(path), 5 * MiB + 1536, cluster_size=4096)
+    qemu_io(path, "write -P 12 0 3k", f"write -P 13 {5 * MiB} 1536", "write -P 14 70k 1k")
+    return path
+
+
+@pytest.mark.parametrize("build", [_chain, _raw_backing, _compressed, _subclusters, _odd])
+def test_map_reading_matches_the_image(tmp_path: Path, build: Any) -> None:
+    """The hash pass of a qcow2 reads data clusters straight from the files
+    by ``qemu-img map``; what it reads hashes like the image read by
+    ``qemu-img convert``, and like the image server's NBD export."""
+    path = build(tmp_path)
+    size = int(img.info(str(path))["virtual-size"])
+    files = mapped.direct_chain(str(path))
+    assert files is not None and files[0] == str(path)
+    server = image.ImageServer(
+        tmp_path / "w", {0: image.ImageInfo(str(path), "qcow2", size, False)}
+    )
+    server.start({0: "config.vms[0].paths[0]"})
+    try:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        h.connect_uri(server.export("e", "src0"))
+        try:
+            want = hash_list(path, tmp_path)
+            assert leaf_hashes(mapped.mapped_chunks(str(path), size, files, h)) == want
+            assert leaf_hashes(changes.nbd_chunks(h, size)) == want
+        finally:
+            h.shutdown()
+    finally:
+        server.stop()

@@ -106,11 +106,11 @@ def block_runs(h: nbd.NBD, size: int) -> Iterator[tuple[int, int, bool]]:
         end_block = count if reached >= size else reached // B
         if end_block <= block:  # less than a block answered: take it as data
             end_block = block + 1
-        yield from _block_runs_of(extents, block, end_block, size)
+        yield from block_runs_of(extents, block, end_block, size)
         block = end_block
 
 
-def _block_runs_of(
+def block_runs_of(
     extents: list[tuple[int, int, bool]], block: int, end_block: int, size: int
 ) -> Iterator[tuple[int, int, bool]]:
     """Runs of whole blocks in ``[block, end_block)`` from byte extents: a
@@ -233,7 +233,7 @@ def _file_runs(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
             raise
         extents = [(0, size, False)]  # no hole information: all data
-    yield from _block_runs_of(extents, 0, dg.block_count(size), size)
+    yield from block_runs_of(extents, 0, dg.block_count(size), size)
 
 
 class Marks(Protocol):

@@ -43,14 +43,14 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nbd
 
 from sendense.connectors.base import DiskInfo, DiskView, PointInTime, VmInfo
-from sendense.connectors.file import changes
+from sendense.connectors.file import changes, mapped
 from sendense.connectors.file.config import FileVm, check_allowed, check_readable, parse_config
 from sendense.connectors.file.image import Fingerprint, ImageInfo, ImageServer, probe
 from sendense.core.errors import ImageChanged, NotFound
@@ -222,11 +222,7 @@ class FileConnector:
             src.connect_uri(server.export(read_export, disk.node_name))
             mark.connect_uri(server.export(mark_export, node, writable=True))
             image = self._images_by_key[disk.key]
-            chunks = (
-                changes.file_chunks(image.path, disk.capacity_bytes)
-                if image.format == "raw"
-                else changes.nbd_chunks(src, disk.capacity_bytes)
-            )
+            chunks = self._chunks(image, src)
             summary = changes.find_changes(
                 chunks,
                 disk.capacity_bytes,
@@ -253,6 +249,18 @@ class FileConnector:
             summary.seconds,
             summary.rate,
         )
+
+    def _chunks(
+        self, image: ImageInfo, src: nbd.NBD
+    ) -> Iterator[tuple[int, int, memoryview | None]]:
+        """How the hash pass reads the image: a raw one directly, a plain qcow2
+        chain by its map, anything else through the image server."""
+        if image.format == "raw":
+            return changes.file_chunks(image.path, image.virtual_size)
+        files = mapped.direct_chain(image.path)
+        if files is not None:
+            return mapped.mapped_chunks(image.path, image.virtual_size, files, src)
+        return changes.nbd_chunks(src, image.virtual_size)
 
     def _progress(self, key: int) -> Callable[[int, int], None] | None:
         on_step = self.on_step
