@@ -87,6 +87,7 @@ def test_sign_in_and_out(console: Any, cluster: Cluster) -> None:
     assert "/ui/tokens/{token_id}/revoke" in console.text()
     console.shot("audit", doc="audit")
     console.go("/ui/repositories")
+    console.wait(lambda: console.finds(".chart .uplot"), 20, "the repository chart")
     console.shot("repositories", doc="repositories")
     console.sign_out()
     console.go("/ui/vms")
@@ -135,6 +136,7 @@ def test_backup_from_vm_page_progress_and_cancel(
     assert c.client.get(f"/api/v1/jobs/{job_id}")["status"] == "completed"
     console.go("/ui/vms/web1")
     assert "full" in console.find("ol.chain").text
+    assert console.finds(".chart .uplot"), "the VM's chart was not drawn"
     console.shot("vm-chain", doc="vm", full=True)
 
     # A second full, cancelled from its page.
@@ -202,7 +204,10 @@ def test_escaping_and_csrf_refusal(console: Any, cluster: Cluster, make_vm: Any)
     link.click()
     console.wait(lambda: console.finds(".vm-name"), 20, "the VM page")
     assert console.find(".vm-name").text == XSS
-    assert console.driver.execute_script("return document.scripts.length") == 2  # ours only
+    sources = console.driver.execute_script(
+        "return Array.from(document.scripts).map(function (s) { return s.src; })"
+    )
+    assert all(src.startswith(c.hub_url + "/ui/static/") for src in sources), sources
     from selenium.common.exceptions import NoAlertPresentException
 
     with pytest.raises(NoAlertPresentException):

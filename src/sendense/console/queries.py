@@ -91,3 +91,88 @@ def _when(value: Any) -> datetime | None:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# ------------------------------------------------------------------ charts
+
+CHART_DAYS = 30
+
+
+def _day(value: Any) -> str:
+    return str(value)[:10]
+
+
+def _days(now: datetime, days: int) -> list[str]:
+    start = (now - timedelta(days=days - 1)).date()
+    return [(start + timedelta(days=i)).isoformat() for i in range(days)]
+
+
+def vm_history(st: Any, vm_id: str, now: datetime | None = None) -> dict[str, Any]:
+    """Per day of the last `CHART_DAYS`: bytes the VM's completed restore
+    points take (by the day they were taken) and the time its backup jobs
+    ran. ``{"days": [...], "bytes": [...], "seconds": [...]}``."""
+    from sendense.catalog.models import Backup
+
+    now = now or datetime.now(UTC)
+    days = _days(now, CHART_DAYS)
+    since = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
+    size = {d: 0 for d in days}
+    seconds = {d: 0.0 for d in days}
+    with st.db.session() as s:
+        q = (
+            select(func.date(Backup.created_at), func.sum(Backup.size_on_disk))
+            .where(Backup.vm_id == vm_id, Backup.status == "completed")
+            .where(Backup.created_at >= since)
+            .group_by(func.date(Backup.created_at))
+        )
+        for day, total in s.execute(q).all():
+            if _day(day) in size:
+                size[_day(day)] = int(total or 0)
+        jobs = select(BackupJob.created_at, BackupJob.started_at, BackupJob.finished_at).where(
+            BackupJob.vm_id == vm_id,
+            BackupJob.kind == "backup",
+            BackupJob.status == "completed",
+            BackupJob.created_at >= since,
+        )
+        for created, started, finished in s.execute(jobs).all():
+            if started and finished and _day(created) in seconds:
+                seconds[_day(created)] += (finished - started).total_seconds()
+    return {
+        "days": days,
+        "bytes": [size[d] for d in days],
+        "seconds": [round(seconds[d], 1) for d in days],
+    }
+
+
+def repository_history(st: Any, repository_id: str, now: datetime | None = None) -> dict[str, Any]:
+    """Per day of the last `CHART_DAYS`: bytes held by the repository's
+    restore points that exist today, counted from the day each was taken
+    (deleted and merged points are gone from the catalog, so this is how
+    today's contents built up, not a record of past usage)."""
+    from sendense.catalog.models import Backup
+
+    now = now or datetime.now(UTC)
+    days = _days(now, CHART_DAYS)
+    since = datetime.fromisoformat(days[0]).replace(tzinfo=UTC)
+    live = ("completed",)
+    with st.db.session() as s:
+        base = s.scalar(
+            select(func.coalesce(func.sum(Backup.size_on_disk), 0)).where(
+                Backup.repository_id == repository_id,
+                Backup.status.in_(live),
+                Backup.created_at < since,
+            )
+        )
+        q = (
+            select(func.date(Backup.created_at), func.sum(Backup.size_on_disk))
+            .where(Backup.repository_id == repository_id, Backup.status.in_(live))
+            .where(Backup.created_at >= since)
+            .group_by(func.date(Backup.created_at))
+        )
+        added = {_day(d): int(t or 0) for d, t in s.execute(q).all()}
+    total = int(base or 0)
+    held = []
+    for d in days:
+        total += added.get(d, 0)
+        held.append(total)
+    return {"days": days, "bytes": held}

@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
+from sendense.console import queries
 from sendense.console.page import Form, Signed, build, done
 from sendense.console.render import quote
 from sendense.hub.audit import service as audit
@@ -25,8 +26,14 @@ PAGE = 100
 
 @router.get("/repositories", response_class=HTMLResponse)
 def repository_list(page: Signed) -> HTMLResponse:
+    repos = repositories.list_repositories(page.st, page.who)
     return page.render(
-        "repositories.html", repositories=repositories.list_repositories(page.st, page.who)
+        "repositories.html",
+        repositories=repos,
+        history={
+            r["repository_id"]: queries.repository_history(page.st, r["repository_id"])
+            for r in repos
+        },
     )
 
 

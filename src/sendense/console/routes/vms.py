@@ -6,12 +6,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
+from sendense.console import queries
 from sendense.console.page import Form, Signed, build, done, field_int
 from sendense.console.render import quote
+from sendense.core.errors import InvalidRequest
 from sendense.hub.backups import service as backups
 from sendense.hub.backups.schemas import BackupCreate
 from sendense.hub.repositories import service as repositories
 from sendense.hub.vms import service as vms
+from sendense.hub.vms.schemas import VmUpdate
 
 router = APIRouter()
 
@@ -55,6 +58,7 @@ def vm_page(vm_name: str, page: Signed) -> HTMLResponse:
     return page.render(
         "vm.html",
         vm=vm,
+        history=queries.vm_history(page.st, vm["vm_id"]),
         chains=chains["disks"],
         recent=recent["backups"],
         recent_total=recent["total"],
@@ -74,3 +78,19 @@ def back_up_now(vm_name: str, page: Signed, form: Form) -> Response:
     )
     started = backups.start_backup(page.st, page.who, body)
     return done(f"/ui/jobs/{quote(started['job_id'])}", f"Backup of {vm_name} started")
+
+
+@router.post("/vms/{vm_name:path}/tags")
+def set_tags(vm_name: str, page: Signed, form: Form) -> Response:
+    """Replace the VM's tags (admin: policies and scoped tokens select by tag)."""
+    page.require("admin")
+    tags: dict[str, str] = {}
+    for item in form.get("tags", "").replace("\n", ",").split(","):
+        if item.strip():
+            key, sep, value = item.strip().partition("=")
+            if not sep:
+                raise InvalidRequest(f"tag {item.strip()!r} is not key=value", field="tags")
+            tags[key.strip()] = value.strip()
+    body = build(VmUpdate, tags=tags)
+    vms.update_vm(page.st, page.who, vm_name, body.tags)
+    return done(f"/ui/vms/{quote(vm_name)}", "Tags saved")

@@ -22,3 +22,63 @@
     }
   });
 })();
+
+// Charts (uPlot 1.6.32, vendored): each .chart carries its data in
+// data-chart (JSON written by the server), so no extra request is made.
+(function () {
+  "use strict";
+  var UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  function size(n) {
+    var i = 0;
+    n = Number(n) || 0;
+    while (Math.abs(n) >= 1024 && i < UNITS.length - 1) { n /= 1024; i += 1; }
+    return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + UNITS[i];
+  }
+  function secs(n) {
+    n = Number(n) || 0;
+    return n < 120 ? n.toFixed(0) + " s" : (n / 60).toFixed(1) + " min";
+  }
+  var COLOURS = ["#1f5fa8", "#b36200"];
+  function draw(el) {
+    var spec = JSON.parse(el.getAttribute("data-chart"));
+    var xs = spec.days.map(function (d) { return Date.parse(d + "T00:00:00Z") / 1000; });
+    var data = [xs];
+    var series = [{}];
+    var axes = [{}];
+    spec.series.forEach(function (s, i) {
+      var scale = s.unit;
+      var fmt = s.unit === "bytes" ? size : secs;
+      data.push(s.values);
+      series.push({
+        label: s.label, scale: scale, stroke: COLOURS[i % 2], width: 2,
+        fill: i === 0 ? "rgba(31,95,168,0.08)" : undefined,
+        dash: i === 1 ? [6, 4] : undefined,  // not colour alone
+        points: { show: true, size: 4 },
+        value: function (u, v) { return v == null ? "-" : fmt(v); }
+      });
+      axes.push({
+        scale: scale, side: i === 0 ? 3 : 1, size: 70,
+        grid: { show: i === 0 },
+        values: function (u, vals) { return vals.map(fmt); }
+      });
+    });
+    var width = Math.max(280, el.clientWidth || 600);
+    el.textContent = "";
+    /* global uPlot */
+    new uPlot({
+      width: width, height: 220, series: series, axes: axes,
+      scales: { x: { time: true } }, legend: { live: true }, cursor: { drag: { x: false } }
+    }, data, el);
+  }
+  function all() {
+    if (typeof uPlot === "undefined") { return; }
+    document.querySelectorAll(".chart[data-chart]").forEach(function (el) {
+      try { draw(el); } catch (e) { el.textContent = "(chart unavailable: " + e + ")"; }
+    });
+  }
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", all);
+  } else {
+    all();
+  }
+})();
