@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,17 @@ from typing import Any
 import pytest
 
 from fixtures.cluster import Cluster, cli
-from fixtures.lifecycle import MiB, cluster_env, error_body, lifecycle_cluster, write_random
+from fixtures.lifecycle import (
+    MiB,
+    catalog_exec,
+    cluster_env,
+    error_body,
+    lifecycle_cluster,
+    write_random,
+)
 
 SECRET = "whsec-" + "s3cr3t-do-not-leak-0123456789"
+BOTH = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 FAST = {
     "SENDENSE_WEBHOOK_INTERVAL": "0.2",
     "SENDENSE_WEBHOOK_BACKOFF": "0.5",
@@ -121,6 +130,7 @@ def assert_signed(post: dict[str, Any], secret: str) -> None:
 
 
 @cluster_env(hub=FAST)
+@pytest.mark.parametrize("cluster", BOTH, indirect=True)
 def test_webhooks_completed_failed_retried_and_given_up(
     cluster: Cluster, make_vm, receivers: list[Receiver]
 ) -> None:
@@ -264,3 +274,45 @@ def test_webhook_cli(cluster: Cluster) -> None:
     assert c.client.get("/api/v1/webhooks")["webhooks"] == []
     r = cli(c, "webhook", "rm", added["webhook_id"], ok=False)
     assert "not found" in r.stderr + r.stdout
+
+
+@cluster_env(hub={**FAST, "SENDENSE_SCHEDULER_INTERVAL": "0.5"})
+@pytest.mark.parametrize("cluster", BOTH, indirect=True)
+def test_missed_runs_are_told_once(cluster: Cluster, receivers: list[Receiver]) -> None:
+    """A policy that missed five minutes of a one-minute schedule: one
+    ``run.missed`` with the count, then its ``run.finished``, to the
+    policy's webhook; another policy's webhook hears nothing."""
+    c = cluster
+    rx, other_rx = Receiver(), Receiver()
+    receivers += [rx, other_rx]
+    body = {
+        "selector": {"vms": ["ghost"]},  # matches no VM: no job, only the run
+        "repository_id": "default",
+        "schedule": "* * * * *",
+        "retention": {"keep_last": 1},
+        "enabled": False,
+    }
+    policy = c.client.post("/api/v1/policies", {"name": "minutely", **body})["policy_id"]
+    other = c.client.post("/api/v1/policies", {"name": "other", **body})["policy_id"]
+    events = ["run.missed", "run.finished"]
+    c.client.post("/api/v1/webhooks", {"url": rx.url, "events": events, "policy_id": policy})
+    c.client.post("/api/v1/webhooks", {"url": other_rx.url, "events": events, "policy_id": other})
+    # As if the hub had been down for five minutes since the policy's last run.
+    catalog_exec(
+        c,
+        "UPDATE policies SET enabled = :on, last_scheduled_at = :at WHERE id = :id",
+        on=True,
+        at=datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=5, seconds=30),
+        id=policy,
+    )
+    missed, finished = rx.wait(2)
+    assert missed["headers"]["x-sendense-event"] == "run.missed"
+    data = missed["json"]["data"]
+    assert data["policy_id"] == policy and data["policy"] == "minutely"
+    assert data["missed_count"] >= 4 and data["first_missed"], data
+    assert missed["json"]["event_key"] == f"run.missed:{data['run_id']}"
+    assert finished["json"]["event"] == "run.finished"
+    assert finished["json"]["data"]["run_id"] == data["run_id"]
+    time.sleep(2)  # (a new minute may bring a scheduled run and its run.finished)
+    told = [p["json"]["event"] for p in rx.posts]
+    assert told.count("run.missed") == 1 and other_rx.posts == [], told
