@@ -160,11 +160,14 @@ def test_file_source_raw_qcow2_and_device_standin_full_then_incremental(
     changed: dict[int, set[int]] = {}
     for i, (path, fmt) in enumerate(zip(paths, fmts, strict=True)):
         size = disks[i]["capacity_bytes"]
-        blocks = rng.sample(range(-(-size // BLOCK)), 6)
+        count = -(-size // BLOCK)
+        blocks = [*rng.sample(range(count - 1), 5), count - 1]  # and the (short) last one
         changed[i] = set(blocks)
         for block in blocks:
-            offset = block * BLOCK + rng.randrange(0, BLOCK - 4096, 512)
-            write(Path(os.path.realpath(path)), fmt, offset, os.urandom(min(4096, size - offset)))
+            span = min(BLOCK, size - block * BLOCK)  # the last block may be short
+            length = min(4096, span)
+            offset = block * BLOCK + rng.randrange(0, span - length + 1, 512)
+            write(Path(os.path.realpath(path)), fmt, offset, os.urandom(length))
     copies = snapshot(paths, tmp_path / "at-incr")
     inc = cluster.backup("files1", "auto")
     assert inc["messages"] == [], inc["messages"]
