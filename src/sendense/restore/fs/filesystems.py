@@ -444,6 +444,9 @@ class FatFilesystem(Filesystem):
 NTFS_ROOT = 5
 NTFS_VOLUME = 3
 NTFS_VOLUME_DIRTY = 0x0001
+FILE_ATTRIBUTE_SYSTEM = 0x0004
+INTERIX_MAGIC = b"IntxLNK\x01"
+INTERIX_MAX = len(INTERIX_MAGIC) + 2 * 4096  # a target of up to 4,096 UTF-16 units
 
 
 class NtfsFilesystem(Filesystem):
@@ -453,6 +456,7 @@ class NtfsFilesystem(Filesystem):
         super().__init__()
         self.fs = NTFS(fh)
         self.label = self.fs.volume_name or None
+        self._interix_seen: dict[Any, str | None] = {}
         try:
             info = (
                 self.fs.mft.get(NTFS_VOLUME)
@@ -486,15 +490,45 @@ class NtfsFilesystem(Filesystem):
         return not parent_parts and name.startswith("$")
 
     def type_of(self, node: Any) -> str:
-        if node.is_symlink():
+        # A junction (mount point reparse point) is a link to a directory,
+        # by an absolute Windows path: reported as a symlink (pointing out).
+        if node.is_symlink() or node.is_mount_point():
             return "symlink"
         if node.is_dir():
             return "dir"
-        if node.is_mount_point():
-            return "other"
+        if self._interix(node) is not None:
+            return "symlink"
         return "file"
 
+    def _interix(self, node: Any) -> str | None:
+        """The target of an Interix symlink (how ntfs-3g, i.e. Linux, writes
+        symlinks on NTFS: a small system file holding ``IntxLNK\\1`` and the
+        target in UTF-16), or None."""
+        key = node.segment
+        if key in self._interix_seen:
+            return self._interix_seen[key]
+        target = None
+        try:
+            attributes = int(
+                node.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION].file_attributes
+            )
+            if attributes & FILE_ATTRIBUTE_SYSTEM and node.has_stream(""):
+                size = int(node.size())
+                if len(INTERIX_MAGIC) < size <= INTERIX_MAX and size % 2 == 0:
+                    data = node.open().read(size)
+                    if data.startswith(INTERIX_MAGIC):
+                        target = data[len(INTERIX_MAGIC) :].decode("utf-16-le", "replace")
+        except (KeyError, IndexError, AttributeError):
+            target = None
+        if len(self._interix_seen) >= 10_000:
+            self._interix_seen.clear()
+        self._interix_seen[key] = target
+        return target
+
     def link(self, node: Any) -> str:
+        interix = None if node.is_reparse_point() else self._interix(node)
+        if interix is not None:
+            return interix  # a POSIX path, absolute from this volume's root like ext's
         target = str(node.reparse_point_substitute_name)
         if not node.is_symlink() or target.startswith(("\\", "/")) or ":" in target:
             # An absolute Windows path names a drive we cannot map onto this volume.
@@ -521,8 +555,13 @@ class NtfsFilesystem(Filesystem):
             uid=None,
             gid=None,
             mtime_ns=mtime_ns,
-            target=str(node.reparse_point_substitute_name) if kind == "symlink" else None,
+            target=self._target(node) if kind == "symlink" else None,
         )
+
+    def _target(self, node: Any) -> str:
+        """A link's target as stored (an Interix one as its POSIX path)."""
+        interix = None if node.is_reparse_point() else self._interix(node)
+        return interix if interix is not None else str(node.reparse_point_substitute_name)
 
     def open(self, node: Any) -> BinaryIO:
         if not node.has_stream(""):
