@@ -14,6 +14,7 @@ from prometheus_client.samples import Sample
 from fixtures.cluster import Cluster
 from fixtures.lifecycle import MiB, cluster_env, error_body, lifecycle_cluster, write_random
 
+BOTH = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 SCRAPER_TOKEN = "scrape-" + "x" * 30
 
 
@@ -41,6 +42,7 @@ def value(samples: dict[str, list[Sample]], metric: str, /, **labels: str) -> fl
 
 
 @cluster_env(hub={"SENDENSE_METRICS_TOKEN": SCRAPER_TOKEN})
+@pytest.mark.parametrize("cluster", BOTH, indirect=True)
 def test_metrics_say_what_happened(cluster: Cluster, make_vm) -> None:
     c = cluster
     error_body(c.http("GET", "/metrics", token=None), 401, "unauthorized")
