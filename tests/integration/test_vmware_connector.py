@@ -439,3 +439,10 @@ def test_vms_of_the_same_name_are_told_apart(vcsim: Vcsim, tmp_path: Path) -> No
             assert read_all(pit.views[0]) == sim_vm.disks[0].read()
         finally:
             c.release(True)
+
+
+def test_unknown_datacenter_is_a_config_error(vcsim: Vcsim, tmp_path: Path) -> None:
+    """vCenter simulator: config.datacenter naming none of its datacenters."""
+    with pytest.raises(InvalidRequest) as e:
+        connector(vcsim, tmp_path, datacenter="DC9").discover()
+    assert e.value.message.startswith("source.config.datacenter: no datacenter DC9")

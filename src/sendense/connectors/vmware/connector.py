@@ -314,6 +314,8 @@ class VmwareConnector:
                 ("url", folder_url(self.cfg, dc_path, disk)),
                 ("cookie", f"+{cookie_file}"),
                 ("sslverify", "true" if self.cfg.verify_tls else "false"),
+                # The cookie is a credential: never sent on to another host.
+                ("followlocation", "false"),
                 ("timeout", "120"),
             ]
         if allocated is not None:

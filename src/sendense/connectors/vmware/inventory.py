@@ -25,7 +25,7 @@ from pyVmomi import vim
 
 from sendense.connectors.base import DiskInfo, VmInfo
 from sendense.connectors.vmware.session import Session
-from sendense.core.errors import NotFound
+from sendense.core.errors import InvalidRequest, NotFound
 
 VM_PROPERTIES = [
     "name",
@@ -147,7 +147,11 @@ def datacenters(session: Session) -> list[tuple[Any, str]]:
         wanted = wanted.strip("/")
         found = [x for x in found if wanted in (x[1], x[1].rsplit("/", 1)[-1])]
         if not found:
-            raise NotFound(f"datacenter {session.cfg.datacenter} not found in vCenter")
+            raise InvalidRequest(
+                f"source.config.datacenter: no datacenter {session.cfg.datacenter} in vCenter "
+                f"{session.cfg.netloc}",
+                fields=["source.config.datacenter"],
+            )
     return found
 
 
