@@ -6,7 +6,8 @@
 //     backing.changeId "<disk uuid>/<seq>", and the 64 KiB block fingerprints (CRC-64) of its
 //     -flat.vmdk at that moment are kept under that change id.
 //   - QueryChangedDiskAreas(snapshot, deviceKey, startOffset, changeId):
-//     "*" gives the blocks that are not all zero; a change id gives the blocks
+//     "*" gives the whole of a thick disk, the blocks of a thin one that are
+//     not all zero (its allocated areas); a change id gives the blocks
 //     whose hash differs between that change id's state and the snapshot's.
 //     An unknown change id, or one of an earlier CBT life of the disk (CBT was
 //     turned off since), is an InvalidArgument fault on changeId, as vSphere
@@ -223,9 +224,13 @@ func handleQCDA(w http.ResponseWriter, body []byte) {
 		return
 	}
 	var capacity int64 = -1
+	thick := false
 	for _, d := range vm.Config.Hardware.Device {
 		if disk, ok := d.(*types.VirtualDisk); ok && disk.Key == q.DeviceKey {
 			capacity = diskCapacity(disk)
+			if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+				thick = b.ThinProvisioned == nil || !*b.ThinProvisioned
+			}
 		}
 	}
 	cbt.Lock()
@@ -274,7 +279,7 @@ func handleQCDA(w http.ResponseWriter, body []byte) {
 		}
 		var changed bool
 		if base == nil {
-			changed = !cur.zero[i]
+			changed = thick || !cur.zero[i] // a thick disk is allocated whole
 		} else {
 			changed = i >= len(base.hashes) || base.hashes[i] != cur.hashes[i]
 		}
