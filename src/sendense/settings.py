@@ -72,6 +72,9 @@ class HubSettings(BaseSettings):
     webhook_backoff: float = 5.0
     webhook_backoff_max: float = 3600.0
     webhook_max_attempts: int = 12
+    # Delivered and failed deliveries older than this many days are removed
+    # (hourly); 0: kept. Pending ones stay.
+    webhook_retention_days: int = 30
     # GET /metrics (hub/metrics/): a bearer token for scrapers besides API
     # tokens (empty: API tokens only); VM names as labels: "auto" (unless a
     # live scoped token exists, i.e. several tenants), "always" or "never"

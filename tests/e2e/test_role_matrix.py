@@ -80,6 +80,7 @@ ROLE: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/webhooks"): "admin",
     ("GET", "/api/v1/webhooks"): "admin",
     ("GET", "/api/v1/webhooks/{webhook_id}"): "admin",
+    ("PATCH", "/api/v1/webhooks/{webhook_id}"): "admin",
     ("DELETE", "/api/v1/webhooks/{webhook_id}"): "admin",
     ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): "admin",
     ("GET", "/metrics"): "viewer",

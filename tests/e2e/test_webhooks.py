@@ -270,6 +270,31 @@ def test_webhook_cli(cluster: Cluster) -> None:
     assert "pw" not in out
     out = cli(c, "webhook", "deliveries", added["webhook_id"]).stdout
     assert "no deliveries" in out
+    edited = json.loads(
+        cli(
+            c, "--json", "webhook", "edit", added["webhook_id"], "--disable", "--remove-secret"
+        ).stdout
+    )
+    assert edited["enabled"] is False and edited["has_secret"] is False, edited
+    assert edited["events"] == ["job.failed", "run.missed"]
+    out = cli(
+        c, "webhook", "edit", added["webhook_id"], "--enable", "--event", "job.completed",
+        "--secret", SECRET + "2",
+    ).stdout  # fmt: skip
+    assert "job.completed; signed; on" in out and SECRET not in out, out
+    path = f"/api/v1/webhooks/{added['webhook_id']}"
+    for body, field in [
+        ({"url": None}, "url"),
+        ({"events": []}, "events"),
+        ({"enabled": None}, "enabled"),
+        ({"secret": "short"}, "secret"),
+        ({"policy_id": "nope"}, "policy_id"),
+        ({"nope": 1}, "nope"),
+    ]:
+        r = c.http("PATCH", path, json=body)
+        error_body(r, 400, "invalid_request")
+        assert field in r.text, (body, r.text)
+    error_body(c.http("PATCH", "/api/v1/webhooks/nope", json={}), 404, "not_found")
     cli(c, "webhook", "rm", added["webhook_id"])
     assert c.client.get("/api/v1/webhooks")["webhooks"] == []
     r = cli(c, "webhook", "rm", added["webhook_id"], ok=False)

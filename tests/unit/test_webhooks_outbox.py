@@ -237,3 +237,35 @@ def test_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
 )
 def test_logs_name_a_url_by_scheme_and_host(url: str, shown: str) -> None:
     assert url_for_log(url) == shown
+
+
+def test_prune_drops_ended_deliveries_past_the_retention_only(database: Database) -> None:
+    add_hook(database, ["job.failed"])
+    backoff = Backoff(base=5, cap=60, max_attempts=1)
+    with database.session() as s:
+        for job in ("delivered", "failed", "pending", "recent"):
+            record_event(s, "job.failed", {"job_id": job}, now=T0)
+    with database.session() as s:
+        due = {
+            d.payload["data"]["job_id"]: d
+            for d in claim_due(s, lease=timedelta(1), limit=9, now=T0)
+        }
+        settle(s, due["delivered"], None, backoff, now=T0)
+        settle(s, due["failed"], "HTTP 500", backoff, now=T0)
+        settle(s, due["recent"], None, backoff, now=T0 + timedelta(days=40))
+    with database.session() as s:
+        assert outbox.prune(s, T0 + timedelta(days=30)) == 2
+    left = {r.payload["data"]["job_id"]: r.status for r in deliveries(database)}
+    assert left == {"pending": "pending", "recent": "delivered"}
+
+
+def test_a_disabled_webhooks_deliveries_wait(database: Database) -> None:
+    hook = add_hook(database, ["job.failed"])
+    with database.session() as s:
+        record_event(s, "job.failed", {"job_id": "j1"}, now=T0)
+        s.get_one(Webhook, hook).enabled = False
+    with database.session() as s:
+        assert claim_due(s, lease=timedelta(seconds=40), limit=10, now=T0) == []
+        s.get_one(Webhook, hook).enabled = True
+    with database.session() as s:
+        assert len(claim_due(s, lease=timedelta(seconds=40), limit=10, now=T0)) == 1

@@ -127,6 +127,7 @@ class HubState:
                     settings.webhook_backoff_max,
                     settings.webhook_max_attempts,
                 ),
+                retention_days=settings.webhook_retention_days,
             )
             state.webhooks.start()
         return state

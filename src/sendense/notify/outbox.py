@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -256,6 +256,20 @@ def settle(
         .values(**values)
     )
     return str(values.get("status", PENDING))
+
+
+def prune(s: Session, before: datetime) -> int:
+    """Remove deliveries that ended (delivered or failed) before ``before``;
+    pending ones stay whatever their age. How many went."""
+    gone = s.execute(
+        delete(WebhookDelivery).where(
+            or_(
+                and_(WebhookDelivery.status == DELIVERED, WebhookDelivery.delivered_at < before),
+                and_(WebhookDelivery.status == FAILED, WebhookDelivery.next_attempt_at < before),
+            )
+        )
+    )
+    return int(getattr(gone, "rowcount", 0) or 0)
 
 
 def counts_by_status(s: Session) -> dict[str, int]:

@@ -66,6 +66,7 @@ START_LOOKBACK = timedelta(hours=1)
 OVERLAP = timedelta(minutes=2)
 PAGE = 500
 BATCH = 20
+PRUNE_EVERY = 3600.0
 JOB_EVENTS = (outbox.JOB_COMPLETED, outbox.JOB_FAILED)
 
 
@@ -231,6 +232,7 @@ class WebhookSender:
         interval: float = 2.0,
         timeout: float = 10.0,
         backoff: Backoff | None = None,
+        retention_days: int = 30,
     ) -> None:
         self.db = db
         self.secrets = secrets
@@ -238,6 +240,8 @@ class WebhookSender:
         self.timeout = timeout
         self.backoff = backoff or Backoff()
         self.poller = JobPoller(db)
+        self.retention_days = retention_days
+        self._next_prune = 0.0  # at once, then every PRUNE_EVERY seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._http = httpx.Client(timeout=timeout, follow_redirects=False)
@@ -258,10 +262,26 @@ class WebhookSender:
             try:
                 self.poller.poll()
                 busy = self.send_due() == BATCH
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + PRUNE_EVERY
+                    self.prune()
             except Exception:
                 log.exception("webhook pass failed")
             if not busy and self._stop.wait(self.interval):
                 return
+
+    def prune(self) -> int:
+        """Drop ended deliveries older than the retention (0: keep them)."""
+        if self.retention_days <= 0:
+            return 0
+        before = datetime.now(UTC) - timedelta(days=self.retention_days)
+        with self.db.session() as s:
+            removed = outbox.prune(s, before)
+        if removed:
+            log.info(
+                "webhook deliveries older than %d days removed: %d", self.retention_days, removed
+            )
+        return removed
 
     def send_due(self, now: datetime | None = None) -> int:
         """Claim and POST the due deliveries (at most `BATCH`); how many were tried."""

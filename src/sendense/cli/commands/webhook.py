@@ -107,6 +107,50 @@ def webhook_ls() -> None:
     m.out(data, table)
 
 
+@webhook_app.command("edit")
+def webhook_edit(
+    webhook_id: str,
+    url: Annotated[str | None, typer.Option(help="A new URL")] = None,
+    event: Annotated[
+        list[str] | None, typer.Option(help="Events (repeat): replaces the list")
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(envvar="SENDENSE_WEBHOOK_SECRET", help="A new secret (16+ characters)"),
+    ] = None,
+    remove_secret: Annotated[
+        bool, typer.Option("--remove-secret", help="Send unsigned from now on.")
+    ] = False,
+    enabled: Annotated[
+        bool | None, typer.Option("--enable/--disable", help="Switch it on or off.")
+    ] = None,
+) -> None:
+    """Change a webhook; what is not given stays."""
+    m = _m()
+    body: dict[str, Any] = {}
+    if url:
+        body["url"] = url
+    if event:
+        body["events"] = event
+    if remove_secret:
+        body["secret"] = None
+    elif secret:
+        body["secret"] = secret
+    if enabled is not None:
+        body["enabled"] = enabled
+    data = m.call(m.client().request, "PATCH", f"/api/v1/webhooks/{webhook_id}", json=body)
+    if m.ctx.json:
+        m.out(data)
+        return
+    state = "on" if data["enabled"] else "off"
+    signed = "signed" if data["has_secret"] else "unsigned"
+    m.console.print(
+        f"webhook {data['webhook_id']} -> {data['url']} "
+        f"({', '.join(data['events'])}; {signed}; {state})",
+        markup=False,
+    )
+
+
 @webhook_app.command("rm")
 def webhook_rm(webhook_id: str) -> None:
     """Remove a webhook and its outbox (pending deliveries are not sent)."""

@@ -15,6 +15,7 @@ from sendense.hub.webhooks.schemas import (
     WebhookDeleted,
     WebhookList,
     WebhookRead,
+    WebhookUpdate,
 )
 
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
@@ -37,6 +38,15 @@ def list_webhooks(st: HubDep, who: Admin) -> dict:
 @router.get("/{webhook_id}", response_model=WebhookRead, responses=errors(404))
 def get_webhook(st: HubDep, who: Admin, webhook_id: str = WebhookId) -> dict:
     return service.get_webhook(st, webhook_id)
+
+
+@router.patch("/{webhook_id}", response_model=WebhookRead, responses=errors(404))
+def update_webhook(
+    body: WebhookUpdate, st: HubDep, who: Admin, webhook_id: str = WebhookId
+) -> dict:
+    """Change a webhook (``enabled``, ``events``, ``url``, ``policy_id``,
+    ``secret``: null removes it). The secret is never answered."""
+    return service.update_webhook(st, webhook_id, body)
 
 
 @router.delete("/{webhook_id}", response_model=WebhookDeleted, responses=errors(404))

@@ -39,32 +39,79 @@ class WebhookCreate(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
-            raise ValueError("must not contain spaces or control characters")
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"is not a URL ({e})") from e
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.fragment:
-            raise ValueError("must not have a #fragment")
-        return value
+        return check_url(value)
 
     @field_validator("events")
     @classmethod
     def _events(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("lists an event twice")
-        return value
+        return check_events(value)
 
     @field_validator("secret")
     @classmethod
     def _secret(cls, value: str | None) -> str | None:
-        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise ValueError("must not contain control characters")
+        return check_secret(value)
+
+
+def check_url(value: str) -> str:
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"is not a URL ({e})") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    return value
+
+
+def check_events(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError("lists an event twice")
+    return value
+
+
+def check_secret(value: str | None) -> str | None:
+    if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+class WebhookUpdate(BaseModel):
+    """Fields to change; ``"secret": null`` removes the secret, ``"policy_id":
+    null`` makes the webhook global."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=8, max_length=2000)
+    events: list[Event] | None = Field(default=None, min_length=1, max_length=4)
+    secret: str | None = Field(default=None, min_length=16, max_length=500)
+    policy_id: str | None = Field(default=None, min_length=1, max_length=36)
+    enabled: StrictBool | None = None
+
+    @field_validator("url", "events", "enabled", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null")
         return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_events(value)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        return check_secret(value)
 
 
 class WebhookRead(BaseModel):

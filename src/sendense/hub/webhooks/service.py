@@ -24,7 +24,7 @@ from sendense.catalog.models import Policy, Webhook, WebhookDelivery
 from sendense.core.access import Principal
 from sendense.core.errors import InvalidRequest, NotFound
 from sendense.hub.state import HubState
-from sendense.hub.webhooks.schemas import WebhookCreate
+from sendense.hub.webhooks.schemas import WebhookCreate, WebhookUpdate
 from sendense.notify import outbox
 
 
@@ -97,14 +97,16 @@ def _get(s: Any, webhook_id: str) -> Webhook:
     return hook
 
 
+def _check_policy(s: Any, policy_id: str | None) -> None:
+    if policy_id is not None and s.get(Policy, policy_id) is None:
+        raise InvalidRequest(
+            f"policy_id {policy_id} does not exist", fields=["policy_id"], policy_id=policy_id
+        )
+
+
 def create_webhook(st: HubState, who: Principal, body: WebhookCreate) -> dict[str, Any]:
     with st.db.session() as s:
-        if body.policy_id is not None and s.get(Policy, body.policy_id) is None:
-            raise InvalidRequest(
-                f"policy_id {body.policy_id} does not exist",
-                fields=["policy_id"],
-                policy_id=body.policy_id,
-            )
+        _check_policy(s, body.policy_id)
         hook = Webhook(
             url=body.url,
             events=list(body.events),
@@ -128,6 +130,29 @@ def list_webhooks(st: HubState) -> list[dict[str, Any]]:
 def get_webhook(st: HubState, webhook_id: str) -> dict[str, Any]:
     with st.db.session() as s:
         hook = _get(s, webhook_id)
+        return webhook_view(hook, _stats(s, [hook.id])[hook.id])
+
+
+def update_webhook(st: HubState, webhook_id: str, body: WebhookUpdate) -> dict[str, Any]:
+    """Change what is given. Deliveries already recorded keep their payload;
+    a disabled webhook's pending ones wait (and are sent once it is enabled
+    again, if their attempts allow)."""
+    given = body.model_fields_set
+    with st.db.session() as s:
+        hook = _get(s, webhook_id)
+        if "policy_id" in given:
+            _check_policy(s, body.policy_id)
+            hook.policy_id = body.policy_id
+        # url, events and enabled are never null when given (schemas.py).
+        if body.url is not None:
+            hook.url = body.url
+        if body.events is not None:
+            hook.events = list(body.events)
+        if body.enabled is not None:
+            hook.enabled = body.enabled
+        if "secret" in given:
+            hook.secret_encrypted = st.secrets.encrypt(body.secret) if body.secret else None
+        s.flush()
         return webhook_view(hook, _stats(s, [hook.id])[hook.id])
 
 
