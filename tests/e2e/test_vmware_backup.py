@@ -383,3 +383,23 @@ def test_vmware_worker_killed_mid_copy_leaves_no_reader_and_next_backup_cleans_u
     expected = keep(vm, tmp_path / "expected", "retry")
     assert_restores(backups_of(cluster, cluster.backup("crash1", "full")), expected)
     assert vcsim.snapshot_names("crash1") == []
+
+
+def test_vmware_vm_with_its_own_snapshot_is_refused_naming_vddk_on_a_vcenter_simulator(
+    cluster: Cluster, vcsim: Vcsim
+) -> None:
+    """vCenter simulator: a VM with a snapshot of its own cannot be read right
+    without VDDK; the job fails saying so (needs_vddk, the snapshot named),
+    nothing is written on the hub and the VM keeps its snapshot, only it."""
+    vm = vcsim.create_vm("snap1", [(8 * MiB, True)])
+    fill(vm, random.Random(86), data=MiB)
+    register(cluster, vcsim)
+    vcsim.wait(
+        vcsim.find_vm("snap1").CreateSnapshot_Task(name="pre-patch", memory=False, quiesce=False)
+    )
+    job = cluster.wait_job(cluster.start_backup("snap1", "full")["job_id"])
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "needs_vddk", job["error"]
+    assert "pre-patch" in job["error"]["message"] and "VDDK" in job["error"]["message"]
+    assert repo_files(cluster) == []
+    assert vcsim.snapshot_names("snap1") == ["pre-patch"]
