@@ -34,6 +34,7 @@ import nbd
 from pydantic import ValidationError
 
 from sendense.connectors.base import Connector, DiskView
+from sendense.connectors.file.connector import FileConnector
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import Cancelled, Error
 from sendense.mover import digest as dg
@@ -143,6 +144,12 @@ def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
     error: JobError | None = None
     try:
         connector = make_connector(job.source.model_dump(), workdir=str(job.job_dir / "work"))
+        # A connector that works long inside freeze (the file source hashes the
+        # whole image for an incremental) stops on the job's cancel and shows
+        # its step ("hashing disk 2000: 45%").
+        if isinstance(connector, FileConnector):
+            connector.cancel_event = cancel
+            connector.on_step = lambda text: status.write(step=text)
         status.write(step="freezing")
         pit = connector.freeze(job.vm_name, sorted(targets), previous)
         log.info("job=%s frozen disks=%s", job_id, [v.disk.key for v in pit.views])
