@@ -189,6 +189,17 @@ def test_roles_scopes_and_escaping(cluster: Cluster, make_vm: Any) -> None:
     assert r.status_code == 403 and "operator" in r.text
     assert c.http("GET", "/api/v1/jobs").json()["total"] == 0  # nothing started
 
+    # Tags: admins edit them on the VM page; a malformed one is refused, naming it.
+    admin_page = admin.get("/ui/vms/plain").text
+    assert 'id="tags-form"' in admin_page and 'id="tags-form"' not in vm_page.text
+    r = admin.post(
+        "/ui/vms/plain/tags", data={"csrf": csrf_of(admin_page), "tags": "tier=gold, env=prod"}
+    )
+    assert r.status_code == 303, r.text
+    assert c.http("GET", "/api/v1/vms/plain").json()["tags"] == {"tier": "gold", "env": "prod"}
+    r = admin.post("/ui/vms/plain/tags", data={"csrf": csrf_of(admin_page), "tags": "oops"})
+    assert r.status_code == 400 and "not key=value" in r.text
+
     tenant = sign_in(c, make_token(c, "tenant", "operator", {"vms": ["plain"]}))
     seen = tenant.get("/ui/vms").text
     assert "/ui/vms/plain" in seen and "&lt;script&gt;" not in seen

@@ -4,6 +4,8 @@ the test asks)."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -56,6 +58,7 @@ def policy_form(csrf: str, **changes: str) -> dict[str, str]:
     return form
 
 
+@pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
 @cluster_env(hub={"SENDENSE_SCHEDULER": "false"})
 def test_policy_editor_preview_pages_and_rpo(cluster: Cluster, make_vm: Any) -> None:
     c = cluster
@@ -128,3 +131,16 @@ def test_policy_editor_preview_pages_and_rpo(cluster: Cluster, make_vm: Any) -> 
     assert len(jobs) == 2
     for j in jobs:
         assert c.wait_job(j["job_id"])["status"] == "completed"
+
+    # The dashboard's counts and the charts' figures (per-day SQL on both catalogs).
+    dash = admin.get("/ui/").text
+    assert "2 ok" in dash and "0 failed" in dash, dash
+    vm_page = admin.get("/ui/vms/web1")
+    assert vm_page.status_code == 200
+    chart = re.search(r'class="chart" data-chart="([^"]+)"', vm_page.text)
+    assert chart is not None
+    data = json.loads(html.unescape(chart.group(1)))
+    taken = data["series"][0]["values"]
+    assert data["days"][-1] == datetime.now(UTC).date().isoformat() and taken[-1] > 0, data
+    repos = admin.get("/ui/repositories")
+    assert repos.status_code == 200 and "Bytes held by today" in repos.text

@@ -26,7 +26,7 @@ PAGE = 100
 
 @router.get("/repositories", response_class=HTMLResponse)
 def repository_list(page: Signed) -> HTMLResponse:
-    repos = repositories.list_repositories(page.st, page.who)
+    repos = queries.repository_details(page.st, page.who)
     return page.render(
         "repositories.html",
         repositories=repos,

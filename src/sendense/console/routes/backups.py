@@ -8,12 +8,12 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
+from sendense.console import queries
 from sendense.console.page import Form, Signed, build, done, field_int
 from sendense.console.render import quote
 from sendense.core.errors import NotFound
 from sendense.hub.backups import service as backups
 from sendense.hub.backups.schemas import ConsolidateRequest
-from sendense.hub.repositories import service as repositories
 from sendense.hub.restore import service as restore
 from sendense.hub.validation import IsoDateTime
 
@@ -65,7 +65,7 @@ def backup_list(
             "verify_status": verify_status,
             "disk_id": "" if disk_id is None else disk_id,
         },
-        repositories=repositories.list_repositories(page.st, page.who),
+        repositories=queries.repository_choices(page.st, page.who),
     )
 
 

@@ -11,7 +11,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from sendense.console import queries
 from sendense.console.page import Signed
 from sendense.hub.jobs import service as jobs
-from sendense.hub.repositories import service as repositories
 
 router = APIRouter()
 
@@ -37,7 +36,7 @@ def dashboard(page: Signed) -> HTMLResponse:
     return page.render(
         "dashboard.html",
         summary=queries.task_summary(page.st, page.who),
-        repositories=repositories.list_repositories(page.st, page.who),
+        repositories=queries.repository_usage(page.st, page.who),
         failed=failed["jobs"],
         failed_total=failed["total"],
         rpo=queries.rpo_misses(page.st, page.who),

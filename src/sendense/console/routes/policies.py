@@ -10,12 +10,12 @@ from typing import Any
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
+from sendense.console import queries
 from sendense.console.page import Form, Signed, build, done, field_int
 from sendense.console.render import quote
 from sendense.core.errors import InvalidRequest
 from sendense.hub.policies import service as policies
 from sendense.hub.policies.schemas import PolicyCreate, PolicyUpdate
-from sendense.hub.repositories import service as repositories
 from sendense.policy.schedule import Schedule, Window
 
 router = APIRouter()
@@ -38,7 +38,7 @@ def policy_list(
         offset=offset,
         limit=PAGE,
         repositories={
-            r["repository_id"]: r["name"] for r in repositories.list_repositories(page.st, page.who)
+            r["repository_id"]: r["name"] for r in queries.repository_choices(page.st, page.who)
         },
     )
 
@@ -54,7 +54,7 @@ def _editor(
         policy=policy,
         form=form,
         rules=RULES,
-        repositories=repositories.list_repositories(page.st, page.who),
+        repositories=queries.repository_choices(page.st, page.who),
         preview=_preview(
             form["schedule"], form["timezone"], form["window_start"], form["window_end"]
         ),
@@ -195,9 +195,7 @@ def create_policy(page: Signed, form: Form) -> Response:
 @router.get("/policies/{policy_id}", response_class=HTMLResponse)
 def policy_page(policy_id: str, page: Signed) -> HTMLResponse:
     policy = policies.get_policy(page.st, page.who, policy_id)
-    repos = {
-        r["repository_id"]: r["name"] for r in repositories.list_repositories(page.st, page.who)
-    }
+    repos = {r["repository_id"]: r["name"] for r in queries.repository_choices(page.st, page.who)}
     return page.render("policy.html", policy=policy, repositories=repos, plan=None)
 
 
@@ -239,9 +237,7 @@ def retention_plan(policy_id: str, page: Signed) -> HTMLResponse:
     """The dry run (the API's POST .../retention/plan changes nothing either)."""
     policy = policies.get_policy(page.st, page.who, policy_id)
     plan = policies.plan_retention(page.st, page.who, policy_id)
-    repos = {
-        r["repository_id"]: r["name"] for r in repositories.list_repositories(page.st, page.who)
-    }
+    repos = {r["repository_id"]: r["name"] for r in queries.repository_choices(page.st, page.who)}
     return page.render("policy.html", policy=policy, repositories=repos, plan=plan)
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
@@ -12,7 +14,6 @@ from sendense.console.render import quote
 from sendense.core.errors import InvalidRequest
 from sendense.hub.backups import service as backups
 from sendense.hub.backups.schemas import BackupCreate
-from sendense.hub.repositories import service as repositories
 from sendense.hub.vms import service as vms
 from sendense.hub.vms.schemas import VmUpdate
 
@@ -27,7 +28,8 @@ def vm_list(
     q: str = Query(default="", max_length=200),
     offset: int = Query(default=0, ge=0),
 ) -> HTMLResponse:
-    every = vms.list_vms(page.st, page.who)
+    # The API's cached answer for this caller (rebuilt when the catalog changes).
+    every = json.loads(vms.list_vms_json(page.st, page.who))["vms"]
     if q:
         needle = q.lower()
         every = [
@@ -54,7 +56,7 @@ def vm_page(vm_name: str, page: Signed) -> HTMLResponse:
     recent = backups.list_backups(
         page.st, page.who, backups.BackupFilter(vm_name=vm_name), limit=10, offset=0
     )
-    repos = repositories.list_repositories(page.st, page.who) if page.can("operator") else []
+    repos = queries.repository_choices(page.st, page.who) if page.can("operator") else []
     return page.render(
         "vm.html",
         vm=vm,
