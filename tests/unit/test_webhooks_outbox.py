@@ -269,3 +269,26 @@ def test_a_disabled_webhooks_deliveries_wait(database: Database) -> None:
         s.get_one(Webhook, hook).enabled = True
     with database.session() as s:
         assert len(claim_due(s, lease=timedelta(seconds=40), limit=10, now=T0)) == 1
+
+
+def test_the_poller_sees_long_jobs_end_and_short_ones_between_passes(database: Database) -> None:
+    """A job created hours ago that ends now (it was active at the last
+    pass), and one created and ended between two passes, both told; the
+    hour-old job that ended before the first pass's look-back is not."""
+    glob = add_hook(database, ["job.failed", "job.completed"], created_at=T0 - timedelta(days=9))
+    old = add_job(database, "completed", T0 - timedelta(hours=2))
+    long = add_job(database, "running", T0 - timedelta(hours=5))
+    with database.session() as s:
+        s.get_one(BackupJob, long).finished_at = None
+    poller = JobPoller(database, now=T0)
+    assert poller.poll(now=T0) == 0
+    assert poller.watch == {long}
+    with database.session() as s:
+        job = s.get_one(BackupJob, long)
+        job.status, job.finished_at = "failed", T0 + timedelta(minutes=10)
+    short = add_job(database, "completed", T0 + timedelta(minutes=11))
+    assert poller.poll(now=T0 + timedelta(minutes=12)) == 2
+    assert poller.poll(now=T0 + timedelta(minutes=13)) == 0
+    got = {r.event_key for r in deliveries(database) if r.webhook_id == glob}
+    assert got == {f"job.failed:{long}", f"job.completed:{short}"}
+    assert old not in str(got)

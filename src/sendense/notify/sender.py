@@ -2,17 +2,16 @@
 
 Each tick (``SENDENSE_WEBHOOK_INTERVAL`` seconds, default 2):
 
-1. Job ends. The poller reads ``backup_jobs`` that ended since its cursor
-   (every kind: backup, verify, retention, restore, ...) and records
-   ``job.completed`` (status completed) or ``job.failed`` (status failed,
-   which includes a timeout: error code ``timeout``) with the event key
-   ``job.<completed|failed>:<job id>``. A cancelled job is an operator's
-   act and sends nothing. No hook in the engine: any hub process may poll,
-   the unique event key makes it once. The cursor starts `START_LOOKBACK`
-   back (jobs that ended while this process was starting or down) and each
-   pass re-reads the last `OVERLAP` (a job's ``finished_at`` is written
-   before its commit; hubs' clocks differ a little). A webhook is told only
-   of jobs that ended after it was created.
+1. Job ends. The poller (`JobPoller`) finds the jobs that ended since its
+   last pass (every kind: backup, verify, retention, restore, ...) and
+   records ``job.completed`` (status completed) or ``job.failed`` (status
+   failed, which includes a timeout: error code ``timeout``) with the event
+   key ``job.<completed|failed>:<job id>``. A cancelled job is an
+   operator's act and sends nothing. No hook in the engine: any hub process
+   may poll, the unique event key makes it once. At start it also reads
+   the jobs that ended in the last `START_LOOKBACK` (while this process was
+   starting or down). A webhook is told only of jobs that ended after it
+   was created.
 2. Deliveries. Due ones are claimed (notify/outbox.py) and POSTed, one at a
    time, with no session open during the request.
 
@@ -46,16 +45,18 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 
 from sendense import __version__
 from sendense.catalog.db import Database
 from sendense.catalog.models import Backup, BackupJob, Vm, Webhook
+from sendense.engine.lifecycle import ACTIVE
 from sendense.notify import outbox
 from sendense.notify.outbox import Backoff, Due
 from sendense.secretbox import SecretBox, scrub
@@ -134,11 +135,22 @@ def job_payload(
 
 
 class JobPoller:
-    """Records job ends as events (see the module's docstring)."""
+    """Records job ends as events (see the module's docstring).
+
+    Cheap on a catalog with many jobs (``finished_at`` has no index): each
+    pass reads the active jobs (``status`` index) and the jobs created since
+    the last pass, less `OVERLAP` (``created_at`` index). A job that was
+    active at the last pass and is not now has ended; one created and ended
+    between two passes is among the new ones. The first pass also reads the
+    jobs that ended in the last `START_LOOKBACK` (once, whatever it costs).
+    """
 
     def __init__(self, db: Database, now: datetime | None = None) -> None:
         self.db = db
-        self.cursor = (now or datetime.now(UTC)) - START_LOOKBACK
+        now = now or datetime.now(UTC)
+        self.since = now - START_LOOKBACK  # created after this: read each pass
+        self.lookback: datetime | None = now - START_LOOKBACK  # first pass only
+        self.watch: set[str] = set()  # active at the last pass
 
     def _wanted(self, s: Any) -> bool:
         rows = s.execute(select(Webhook.events).where(Webhook.enabled.is_(True))).scalars()
@@ -147,77 +159,69 @@ class JobPoller:
     def poll(self, now: datetime | None = None) -> int:
         """One pass; how many deliveries were recorded."""
         now = now or datetime.now(UTC)
-        with self.db.session() as s:
-            if not self._wanted(s):
-                # Nobody listens: nothing to catch up on for hooks added later
-                # (they hear only of jobs that end after their creation).
-                self.cursor = max(self.cursor, now - OVERLAP)
-                return 0
         recorded = 0
-        after: tuple[datetime, str] | None = None
-        since = self.cursor - OVERLAP
-        latest = self.cursor
-        while True:
-            with self.db.session() as s:
-                q = (
-                    select(BackupJob, Vm.name)
-                    .outerjoin(Vm, Vm.id == BackupJob.vm_id)
-                    .where(
-                        BackupJob.finished_at.is_not(None),
-                        BackupJob.finished_at >= since,
-                        BackupJob.status.in_(("completed", "failed")),
-                    )
-                    .order_by(BackupJob.finished_at, BackupJob.id)
-                    .limit(PAGE)
-                )
-                if after is not None:
-                    q = q.where(
-                        or_(
-                            BackupJob.finished_at > after[0],
-                            and_(BackupJob.finished_at == after[0], BackupJob.id > after[1]),
-                        )
-                    )
-                rows = s.execute(q).all()
-                if not rows:
-                    break
-                keys = {job.id: f"{job_event(job.status)}:{job.id}" for job, _ in rows}
-                known = outbox.recorded_keys(s, list(keys.values()))
-                todo = [(job, name) for job, name in rows if keys[job.id] not in known]
-                sizes = self._backups(s, [job.id for job, _ in todo if job.kind == "backup"])
-                for job, vm_name in todo:
-                    event = job_event(job.status)
-                    if event is None:  # pragma: no cover - filtered by the query
-                        continue
-                    recorded += outbox.record_event(
-                        s,
-                        event,
-                        job_payload(job, vm_name, sizes.get(job.id, [])),
-                        policy_id=(job.tags or {}).get("policy_id"),
-                        event_key=keys[job.id],
-                        occurred_at=job.finished_at,
-                        now=now,
-                    )
-                last = rows[-1][0]
-                if last.finished_at is not None:  # always, by the query
-                    after = (last.finished_at, last.id)
-                    latest = max(latest, last.finished_at)
-            if len(rows) < PAGE:
-                break
-        self.cursor = min(latest, now)
+        with self.db.session() as s:
+            active = set(s.scalars(select(BackupJob.id).where(BackupJob.status.in_(ACTIVE))))
+            if self._wanted(s):
+                # One condition per query, each on its index, and the status
+                # checked here: SQLite would pick the status index for
+                # "status IN (...) AND ..." and read every completed job.
+                found: dict[str, Any] = {}
+                conditions = [BackupJob.created_at >= self.since - OVERLAP]
+                if self.watch - active:
+                    conditions.append(BackupJob.id.in_(sorted(self.watch - active)))
+                if self.lookback is not None:
+                    conditions.append(BackupJob.finished_at >= self.lookback)
+                for condition in conditions:
+                    for row in s.execute(
+                        select(BackupJob, Vm.name)
+                        .outerjoin(Vm, Vm.id == BackupJob.vm_id)
+                        .where(condition)
+                    ).all():
+                        if job_event(row[0].status) is not None:
+                            found[row[0].id] = row
+                rows = sorted(found.values(), key=lambda r: (r[0].finished_at or now, r[0].id))
+                recorded = self._record(s, rows, now)
+        self.watch = active
+        self.since = now
+        self.lookback = None
+        return recorded
+
+    def _record(self, s: Any, rows: Sequence[Any], now: datetime) -> int:
+        keys = {job.id: f"{job_event(job.status)}:{job.id}" for job, _ in rows}
+        known: set[str] = set()
+        values = list(keys.values())
+        for at in range(0, len(values), PAGE):  # an IN list of bounded length
+            known |= outbox.recorded_keys(s, values[at : at + PAGE])
+        todo = [(job, name) for job, name in rows if keys[job.id] not in known]
+        sizes = self._backups(s, [job.id for job, _ in todo if job.kind == "backup"])
+        recorded = 0
+        for job, vm_name in todo:
+            event = job_event(job.status)
+            if event is None or job.finished_at is None:  # pragma: no cover - by the query
+                continue
+            recorded += outbox.record_event(
+                s,
+                event,
+                job_payload(job, vm_name, sizes.get(job.id, [])),
+                policy_id=(job.tags or {}).get("policy_id"),
+                event_key=keys[job.id],
+                occurred_at=job.finished_at,
+                now=now,
+            )
         return recorded
 
     @staticmethod
     def _backups(s: Any, job_ids: list[str]) -> dict[str, list[tuple[str, int]]]:
-        if not job_ids:
-            return {}
         out: dict[str, list[tuple[str, int]]] = {}
-        rows = s.execute(
-            select(Backup.job_id, Backup.id, func.coalesce(Backup.bytes_transferred, 0))
-            .where(Backup.job_id.in_(job_ids), Backup.status == "completed")
-            .order_by(Backup.job_id, Backup.disk_index)
-        ).all()
-        for job_id, backup_id, size in rows:
-            out.setdefault(job_id, []).append((backup_id, int(size)))
+        for at in range(0, len(job_ids), PAGE):
+            rows = s.execute(
+                select(Backup.job_id, Backup.id, func.coalesce(Backup.bytes_transferred, 0))
+                .where(Backup.job_id.in_(job_ids[at : at + PAGE]), Backup.status == "completed")
+                .order_by(Backup.job_id, Backup.disk_index)
+            ).all()
+            for job_id, backup_id, size in rows:
+                out.setdefault(job_id, []).append((backup_id, int(size)))
         return out
 
 
