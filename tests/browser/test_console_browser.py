@@ -89,6 +89,33 @@ def test_sign_in_and_out(console: Any, cluster: Cluster) -> None:
     console.go("/ui/repositories")
     console.wait(lambda: console.finds(".chart .uplot"), 20, "the repository chart")
     console.shot("repositories", doc="repositories")
+
+    # Keyboard: the first Tab reaches "Skip to content", then the menu.
+    from selenium.webdriver.common.keys import Keys
+
+    console.go("/ui/")
+    body = console.find("body")
+    body.send_keys(Keys.TAB)
+    focused = console.driver.switch_to.active_element
+    assert focused.text == "Skip to content"
+    focused.send_keys(Keys.TAB)
+    assert console.driver.switch_to.active_element.text == "Sendense"
+    console.driver.switch_to.active_element.send_keys(Keys.TAB)
+    assert console.driver.switch_to.active_element.text == "Dashboard"
+
+    # A phone's width: nothing wider than the screen (tables scroll in their box).
+    console.driver.set_window_size(390, 844)
+    try:
+        for path in ("/ui/", "/ui/vms", "/ui/jobs", "/ui/backups", "/ui/tokens", "/ui/audit"):
+            console.go(path)
+            wide = console.driver.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert wide <= 1, (path, wide)
+        console.go("/ui/")
+        console.shot("dashboard-phone")
+    finally:
+        console.driver.set_window_size(1280, 900)
     console.sign_out()
     console.go("/ui/vms")
     console.wait(lambda: console.finds("#signin-form"), 20, "sign-in again after sign-out")

@@ -204,3 +204,50 @@ def test_roles_scopes_and_escaping(cluster: Cluster, make_vm: Any) -> None:
     seen = tenant.get("/ui/vms").text
     assert "/ui/vms/plain" in seen and "&lt;script&gt;" not in seen
     assert tenant.get("/ui/vms/" + quote(XSS, safe="")).status_code == 404
+
+
+def test_whole_disk_restore_and_export_from_the_console(
+    cluster: Cluster, make_vm: Any, tmp_path: Any
+) -> None:
+    """Restore to file: the image reads as the VM's disk did; Export over NBD
+    shows the URL, which serves the same; while exported, Delete is refused
+    with the in-use reason; Stop serving frees it."""
+    from fixtures.lifecycle import MiB, raw_copy, write_random
+    from sendense.qemu import img
+
+    c = cluster
+    vm = make_vm("disk1", [16 * MiB])
+    c.register(vm)
+    write_random(vm, 0, 0, 5 * MiB)
+    (backup_id,) = c.backup("disk1", "full")["backups"]
+    reference = raw_copy(vm.disks[0], tmp_path / "reference.raw")
+    admin = sign_in(c, c.admin_token)
+    page = admin.get(f"/ui/backups/{backup_id}")
+    assert page.status_code == 200 and 'id="restore-form"' in page.text
+    target = c.hub_dir.resolve() / "restores" / "disk1.qcow2"
+    r = admin.post(
+        f"/ui/backups/{backup_id}/restore",
+        data={"csrf": csrf_of(page.text), "path": str(target), "format": "qcow2"},
+    )
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].split("/ui/jobs/", 1)[1].split("?")[0]
+    assert c.wait_job(job_id)["status"] == "completed"
+    assert img.compare(str(target), str(reference))
+    again = admin.post(
+        f"/ui/backups/{backup_id}/restore",
+        data={"csrf": csrf_of(page.text), "path": str(target), "format": "qcow2"},
+    )
+    assert again.status_code == 409 and "exists" in again.text  # never over a file
+
+    r = admin.post(f"/ui/backups/{backup_id}/export", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303, r.text
+    page = admin.get(f"/ui/backups/{backup_id}")
+    m = re.search(r'<code id="export-url">(nbd://[^<]+)</code>', page.text)
+    assert m, page.text
+    assert img.compare(m.group(1), str(reference))
+    refused = admin.post(f"/ui/backups/{backup_id}/delete", data={"csrf": csrf_of(page.text)})
+    assert refused.status_code == 409 and "In use" in refused.text
+    assert "A running job or an open restore session reads it" in refused.text
+    r = admin.post(f"/ui/backups/{backup_id}/export/close", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303
+    assert c.http("GET", f"/api/v1/backups/{backup_id}/export").status_code == 404
