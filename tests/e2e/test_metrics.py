@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from fixtures.cluster import Cluster
-from fixtures.lifecycle import MiB, cluster_env, error_body, lifecycle_cluster, write_random
+from fixtures.lifecycle import (
+    MiB,
+    catalog_exec,
+    cluster_env,
+    error_body,
+    lifecycle_cluster,
+    write_random,
+)
 
 BOTH = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 SCRAPER_TOKEN = "scrape-" + "x" * 30
@@ -41,7 +49,7 @@ def value(samples: dict[str, list[Sample]], metric: str, /, **labels: str) -> fl
     return found[0]
 
 
-@cluster_env(hub={"SENDENSE_METRICS_TOKEN": SCRAPER_TOKEN})
+@cluster_env(hub={"SENDENSE_METRICS_TOKEN": SCRAPER_TOKEN, "SENDENSE_SCHEDULER": "false"})
 @pytest.mark.parametrize("cluster", BOTH, indirect=True)
 def test_metrics_say_what_happened(cluster: Cluster, make_vm) -> None:
     c = cluster
@@ -89,9 +97,30 @@ def test_metrics_say_what_happened(cluster: Cluster, make_vm) -> None:
         assert value(m, "sendense_repository_backup_bytes", **labels) == repo["backup_bytes"]
         assert value(m, "sendense_repository_online", **labels) == 1
         assert value(m, "sendense_scheduler_lag_seconds") == 0
+        assert value(m, "sendense_scheduler_overdue_seconds") == 0
         assert value(m, "sendense_scheduler_queued_vms") == 0
         assert value(m, "sendense_policy_runs_missed") == 0
         assert value(m, "sendense_build_info") == 1
+
+    # A policy due ten minutes ago and no scheduler (it is off here): overdue.
+    policy = c.client.post(
+        "/api/v1/policies",
+        {
+            "name": "late",
+            "selector": {"vms": ["ghost"]},
+            "repository_id": "default",
+            "schedule": "* * * * *",
+            "retention": {"keep_last": 1},
+        },
+    )["policy_id"]
+    catalog_exec(
+        c,
+        "UPDATE policies SET last_scheduled_at = :at WHERE id = :id",
+        at=datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=10),
+        id=policy,
+    )
+    overdue = value(scrape(c), "sendense_scheduler_overdue_seconds")
+    assert 9 * 60 - 5 < overdue <= 10 * 60 + 5, overdue
 
     r = c.http("GET", "/metrics", token=viewer)
     for secret in (c.admin_token, viewer, SCRAPER_TOKEN, c.node_token):

@@ -26,6 +26,8 @@ sendense_repository_backup_bytes           repository_id, name          on disk 
 sendense_repository_online                 repository_id, name          1 reachable, 0 not
 sendense_scheduler_lag_seconds                                          how late the latest
                                                                         scheduled runs were claimed
+sendense_scheduler_overdue_seconds                                      how long the most overdue
+                                                                        scheduled run has waited
 sendense_scheduler_queued_vms                                           VMs waiting in run queues
 sendense_scheduler_oldest_queued_seconds                                age of the oldest of them
 sendense_policy_runs                       status                       policy runs
@@ -49,6 +51,7 @@ several tenants, whose scrapes may end up in a shared Prometheus),
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +67,7 @@ from sendense.catalog.models import (
     ApiToken,
     Backup,
     BackupJob,
+    Policy,
     PolicyRun,
     PolicyRunVm,
     Repository,
@@ -72,11 +76,19 @@ from sendense.catalog.models import (
 )
 from sendense.catalog.stores import RepositoryStore
 from sendense.core.access import Principal
+from sendense.core.errors import Error
 from sendense.engine import inventory
 from sendense.hub.state import HubState
+from sendense.policy.schedule import Schedule
+from sendense.scheduler.loop import since
 
 # Scheduled runs whose claim delay makes the lag figure.
 LAG_RUNS = 20
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule(expression: str, timezone: str) -> Schedule:
+    return Schedule.parse(expression, timezone)
 
 
 def vm_names_shown(s: Session, setting: str, now: datetime) -> bool:
@@ -166,6 +178,18 @@ def _hub_wide(s: Session, now: datetime) -> dict[str, Any]:
     queued, oldest = s.execute(
         select(func.count(), func.min(PolicyRunVm.created_at)).where(PolicyRunVm.status == "queued")
     ).one()
+    earliest: datetime | None = None
+    for expression, zone, last, created in s.execute(
+        select(Policy.schedule, Policy.timezone, Policy.last_scheduled_at, Policy.created_at).where(
+            Policy.enabled.is_(True)
+        )
+    ).all():
+        try:
+            first = _schedule(expression, zone or "UTC").next_run(since(last, created))
+        except Error:
+            continue  # the scheduler logs it
+        if first is not None and (earliest is None or first < earliest):
+            earliest = first
     runs = s.execute(select(PolicyRun.status, func.count()).group_by(PolicyRun.status)).all()
     missed = s.scalar(select(func.coalesce(func.sum(PolicyRun.missed_count), 0)))
     deliveries = s.execute(
@@ -175,6 +199,7 @@ def _hub_wide(s: Session, now: datetime) -> dict[str, Any]:
         "lag": max(lag, 0.0),
         "queued": int(queued or 0),
         "oldest_queued_at": oldest,
+        "earliest_due_at": earliest,
         "runs": [(status, int(n)) for status, n in runs],
         "missed": int(missed or 0),
         "deliveries": [(status, int(n)) for status, n in deliveries],
@@ -286,6 +311,13 @@ class CatalogCollector:
             "sendense_scheduler_oldest_queued_seconds",
             "Age of the oldest VM waiting in a policy run queue (0: none)",
             value=max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0,
+        )
+        due = h["earliest_due_at"]
+        yield GaugeMetricFamily(
+            "sendense_scheduler_overdue_seconds",
+            "How long the most overdue scheduled run of an enabled policy has waited to be "
+            "claimed (0: none due); grows while no scheduler runs",
+            value=max((now - due).total_seconds(), 0.0) if due is not None else 0.0,
         )
         runs = GaugeMetricFamily("sendense_policy_runs", "Policy runs by status", labels=["status"])
         for status, n in h["runs"]:
