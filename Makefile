@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd python3-venv \
                 postgresql e2fsprogs ca-certificates xfsprogs dosfstools mtools ntfs-3g fdisk \
-                golang-go golang-github-vmware-govmomi-dev chromium chromium-driver
+                golang-go golang-github-vmware-govmomi-dev chromium chromium-driver \
+                xxhash b3sum
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages venv demo test test-fast check fmt bench clean
@@ -60,8 +61,8 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix src tests bench scripts
 
 # Every benchmark; each prints its figures as key=value on its last line.
-.PHONY: bench-backup bench-api bench-consolidate bench-restore bench-policy
-bench: bench-backup bench-api bench-consolidate bench-restore bench-policy
+.PHONY: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source
+bench: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source
 
 bench-backup: setup
 	$(PY) bench/backup_bench.py
@@ -83,6 +84,11 @@ bench-restore: setup
 # planning over 100,000 restore points (pure CPU, about a minute).
 bench-policy: venv
 	$(PY) bench/policy_bench.py
+
+# The file source's hash pass against xxhsum and b3sum; a vmware full and a
+# 10% incremental behind the vCenter simulator against nbdcopy (4 GiB).
+bench-source: setup
+	$(PY) bench/source_bench.py
 
 clean:
 	rm -rf var build *.egg-info
