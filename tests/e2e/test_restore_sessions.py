@@ -267,10 +267,23 @@ def test_listing_paging_ranges_archives_and_refusals(
         assert inside.issym() and inside.linkname == "../hello.txt"
 
     # hostile paths
-    for bad in ("/../../etc/passwd", "/nested/../../etc", "/links/outside", "/hello.txt\x00x"):
-        r = get(cluster, mid, "download", path=bad, partition=1)
-        assert r.status_code in (400, 404), (bad, r.status_code, r.text)
-        assert "root:" not in r.text
+    for bad, reason in (
+        ("/../../etc/passwd", "dotdot"),
+        ("/nested/../../etc", "dotdot"),
+        ("nested/..", "dotdot"),
+        ("/links/outside", "link_escapes"),
+        ("/links/outside_absolute", "link_escapes"),
+        ("/links/dir/../../etc", "dotdot"),
+        ("/hello.txt\x00x", "nul"),
+    ):
+        for what in ("download", "files/info", "files", "download-directory"):
+            r = get(cluster, mid, what, path=bad, partition=1)
+            if what == "files/info" and reason == "link_escapes":
+                assert r.status_code == 200  # the link itself, not followed
+                continue
+            body = error_body(r, 400, "path_refused")
+            assert body["details"]["reason"] == reason, (bad, what, body)
+            assert "root:" not in r.text
     error_body(get(cluster, mid, "download", path="/nested", partition=1), 400)
     error_body(get(cluster, mid, "files", path="/hello.txt", partition=1), 400)
     error_body(get(cluster, mid, "files", path="/nope", partition=1), 404)
