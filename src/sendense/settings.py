@@ -4,6 +4,7 @@ and overridden by command-line flags."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -80,7 +81,7 @@ class HubSettings(BaseSettings):
     # live scoped token exists, i.e. several tenants), "always" or "never"
     # (the vm_id label is always there).
     metrics_token: str = ""
-    metrics_vm_names: str = "auto"
+    metrics_vm_names: Literal["auto", "always", "never"] = "auto"
     log_level: str = "INFO"
 
     @property

@@ -81,6 +81,7 @@ ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/webhooks"): "admin",
     ("GET", "/api/v1/webhooks/{webhook_id}"): "admin",
     ("PATCH", "/api/v1/webhooks/{webhook_id}"): "admin",
+    ("POST", "/api/v1/webhooks/{webhook_id}/test"): "admin",
     ("DELETE", "/api/v1/webhooks/{webhook_id}"): "admin",
     ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): "admin",
     ("GET", "/metrics"): "viewer",

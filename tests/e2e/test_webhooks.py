@@ -232,6 +232,28 @@ def test_webhooks_completed_failed_retried_and_given_up(
     error_body(c.http("GET", f"/api/v1/webhooks/{signed['webhook_id']}"), 404, "not_found")
 
 
+@cluster_env(hub=FAST)
+def test_a_test_delivery_reaches_the_receiver(cluster: Cluster, receivers: list[Receiver]) -> None:
+    c = cluster
+    rx = Receiver()
+    receivers.append(rx)
+    hook = c.client.post(
+        "/api/v1/webhooks", {"url": rx.url, "events": ["job.failed"], "secret": SECRET}
+    )["webhook_id"]
+    queued = json.loads(cli(c, "--json", "webhook", "test", hook).stdout)
+    assert queued["event"] == "webhook.test" and queued["status"] == "pending"
+    (post,) = rx.wait(1)
+    assert post["headers"]["x-sendense-event"] == "webhook.test"
+    assert post["headers"]["x-sendense-delivery"] == queued["delivery_id"]
+    assert_signed(post, SECRET)
+    assert post["json"]["data"] == {"webhook_id": hook, "requested_by": "admin"}
+    (d,) = wait_delivery(c, hook, "delivered")
+    assert d["attempts"] == 1 and d["last_error"] is None
+    c.client.request("PATCH", f"/api/v1/webhooks/{hook}", json={"enabled": False})
+    r = c.http("POST", f"/api/v1/webhooks/{hook}/test")
+    assert "disabled" in error_body(r, 409, "conflict")["message"]
+
+
 def test_webhook_requests_are_checked(cluster: Cluster) -> None:
     c = cluster
     for body, field in [

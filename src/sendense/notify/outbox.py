@@ -48,6 +48,8 @@ RUN_FINISHED = "run.finished"
 # What a webhook may subscribe to (scheduler/events.py documents the run
 # events' payloads; notify/sender.py the job events').
 EVENTS = (JOB_FAILED, JOB_COMPLETED, RUN_MISSED, RUN_FINISHED)
+# Sent on request only (POST /api/v1/webhooks/{id}/test), never subscribed to.
+TEST = "webhook.test"
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -158,6 +160,34 @@ def record_event(
         # RETURNING, not rowcount: psycopg answers -1 for a row not inserted.
         added += len(s.execute(stmt).all())
     return added
+
+
+def record_test(s: Session, webhook_id: str, requested_by: str, now: datetime | None = None) -> str:
+    """A ``webhook.test`` delivery for one webhook, whatever it subscribes
+    to (an administrator checking the receiver and its signature check).
+    Its id."""
+    now = _now(now)
+    delivery_id = new_id()
+    s.add(
+        WebhookDelivery(
+            id=delivery_id,
+            webhook_id=webhook_id,
+            event=TEST,
+            event_key=f"{TEST}:{delivery_id}",
+            payload={
+                "event": TEST,
+                "event_key": f"{TEST}:{delivery_id}",
+                "occurred_at": now.isoformat(),
+                "data": {"webhook_id": webhook_id, "requested_by": requested_by},
+            },
+            status=PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+    s.flush()
+    return delivery_id
 
 
 def recorded_keys(s: Session, keys: list[str]) -> set[str]:

@@ -255,9 +255,14 @@ class WebhookSender:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the request in flight, if any: waits at most a few
+        seconds (the thread is a daemon; an unfinished delivery's lease
+        expires and it is sent again, by this hub after restart or another)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout + 5)
+            self._thread.join(timeout=min(self.timeout, 5.0) + 1)
+            if self._thread.is_alive():
+                return  # still in a request: closing its client under it helps no one
         self._http.close()
 
     def _loop(self) -> None:

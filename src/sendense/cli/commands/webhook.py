@@ -151,6 +151,19 @@ def webhook_edit(
     )
 
 
+@webhook_app.command("test")
+def webhook_test(webhook_id: str) -> None:
+    """Send a webhook.test event now; see it with `webhook deliveries`."""
+    m = _m()
+    data = m.call(m.client().post, f"/api/v1/webhooks/{webhook_id}/test")
+    if m.ctx.json:
+        m.out(data)
+        return
+    m.console.print(
+        f"test delivery {data['delivery_id']} queued for webhook {webhook_id}", markup=False
+    )
+
+
 @webhook_app.command("rm")
 def webhook_rm(webhook_id: str) -> None:
     """Remove a webhook and its outbox (pending deliveries are not sent)."""

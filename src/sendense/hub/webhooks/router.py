@@ -11,6 +11,7 @@ from sendense.hub.openapi import errors
 from sendense.hub.webhooks import service
 from sendense.hub.webhooks.schemas import (
     DeliveryList,
+    DeliveryRead,
     WebhookCreate,
     WebhookDeleted,
     WebhookList,
@@ -47,6 +48,15 @@ def update_webhook(
     """Change a webhook (``enabled``, ``events``, ``url``, ``policy_id``,
     ``secret``: null removes it). The secret is never answered."""
     return service.update_webhook(st, webhook_id, body)
+
+
+@router.post(
+    "/{webhook_id}/test", status_code=202, response_model=DeliveryRead, responses=errors(404, 409)
+)
+def test_webhook(st: HubDep, who: Admin, webhook_id: str = WebhookId) -> dict:
+    """Send a ``webhook.test`` event now (signed like the others): the
+    delivery is answered; follow it in ``/deliveries``. 409 if disabled."""
+    return service.test_webhook(st, who, webhook_id)
 
 
 @router.delete("/{webhook_id}", response_model=WebhookDeleted, responses=errors(404))

@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, select
 
 from sendense.catalog.models import Policy, Webhook, WebhookDelivery
 from sendense.core.access import Principal
-from sendense.core.errors import InvalidRequest, NotFound
+from sendense.core.errors import Conflict, InvalidRequest, NotFound
 from sendense.hub.state import HubState
 from sendense.hub.webhooks.schemas import WebhookCreate, WebhookUpdate
 from sendense.notify import outbox
@@ -154,6 +154,19 @@ def update_webhook(st: HubState, webhook_id: str, body: WebhookUpdate) -> dict[s
             hook.secret_encrypted = st.secrets.encrypt(body.secret) if body.secret else None
         s.flush()
         return webhook_view(hook, _stats(s, [hook.id])[hook.id])
+
+
+def test_webhook(st: HubState, who: Principal, webhook_id: str) -> dict[str, Any]:
+    """Queue a ``webhook.test`` delivery (sent within a pass, retried like
+    any other); 409 on a disabled webhook, which sends nothing."""
+    with st.db.session() as s:
+        hook = _get(s, webhook_id)
+        if not hook.enabled:
+            raise Conflict(
+                f"webhook {webhook_id} is disabled: enable it first", webhook_id=webhook_id
+            )
+        delivery_id = outbox.record_test(s, hook.id, who.name)
+        return delivery_view(s.get_one(WebhookDelivery, delivery_id))
 
 
 def delete_webhook(st: HubState, webhook_id: str) -> dict[str, Any]:
