@@ -321,6 +321,55 @@ def source_add_file(
     out(data) if ctx.json else console.print(f"source {name} registered: {data['source_id']}")
 
 
+@source_app.command("add-vmware")
+def source_add_vmware(
+    name: str,
+    node: Annotated[str, typer.Option(help="node_id or node name")],
+    host: Annotated[str, typer.Option(help="vCenter or ESXi host name")],
+    user: Annotated[str, typer.Option(help="e.g. backup@vsphere.local")],
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file holding the password (first line); else $SENDENSE_VSPHERE_PASSWORD, "
+            "else asked for on the terminal. Never a command-line argument."
+        ),
+    ] = None,
+    datacenter: Annotated[str | None, typer.Option(help="limit discovery to one")] = None,
+    port: Annotated[int, typer.Option()] = 443,
+    thumbprint: Annotated[
+        str | None, typer.Option(help="SHA-1 or SHA-256 certificate thumbprint to pin")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="accept any certificate (tests and labs only)")
+    ] = False,
+) -> None:
+    """Register a vmware source: a vCenter (or ESXi host) the node reaches."""
+    if password_file is not None:
+        try:
+            password = password_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as e:
+            err.print(f"[red]--password-file {password_file}: cannot read a password ({e})")
+            raise typer.Exit(2) from None
+    elif os.environ.get("SENDENSE_VSPHERE_PASSWORD"):
+        password = os.environ["SENDENSE_VSPHERE_PASSWORD"]
+    else:
+        password = typer.prompt(f"password of {user} on {host}", hide_input=True)
+    c = client()
+    config: dict[str, Any] = {"host": host, "port": port, "user": user, "password": password}
+    if datacenter:
+        config["datacenter"] = datacenter
+    if thumbprint:
+        config["thumbprint"] = thumbprint
+    if insecure:
+        config["insecure"] = True
+    data = call(
+        c.post,
+        "/api/v1/sources",
+        {"name": name, "node_id": _node_id(c, node), "type": "vmware", "config": config},
+    )
+    out(data) if ctx.json else console.print(f"source {name} registered: {data['source_id']}")
+
+
 def _node_id(c: HubClient, ref: str) -> str:
     for n in call(c.get, "/api/v1/nodes")["nodes"]:
         if ref in (n["node_id"], n["name"]):
