@@ -142,6 +142,13 @@ def test_backup_from_vm_page_progress_and_cancel(
     console.wait(lambda: console.finds("#job-progress"), 20, "the job page")
     job_url = console.driver.current_url
     job_id = job_url.rsplit("/", 1)[1].split("?")[0]
+    # The job page follows the job by server-sent events, without reloading.
+    console.driver.execute_script("window.notReloaded = true")
+    first = console.find("#job-progress .progress").text
+    console.wait(
+        lambda: console.find("#job-progress .progress").text != first, 30, "job page progress"
+    )
+    assert console.driver.execute_script("return window.notReloaded") is True
 
     console.go("/ui/")
     seen: list[float] = []

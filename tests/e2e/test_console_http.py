@@ -233,6 +233,12 @@ def test_whole_disk_restore_and_export_from_the_console(
     job_id = r.headers["location"].split("/ui/jobs/", 1)[1].split("?")[0]
     assert c.wait_job(job_id)["status"] == "completed"
     assert img.compare(str(target), str(reference))
+    events = admin.get(f"/ui/jobs/{job_id}/events")  # a job that ended: one "end" event
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert events.text.startswith("retry: 1000\n\nevent: end\ndata: ")
+    assert events.text.endswith("\n\n")
+    assert 'data-status="completed"' in events.text
+    assert console(c).get(f"/ui/jobs/{job_id}/events").status_code == 303  # not signed in
     again = admin.post(
         f"/ui/backups/{backup_id}/restore",
         data={"csrf": csrf_of(page.text), "path": str(target), "format": "qcow2"},

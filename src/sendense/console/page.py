@@ -76,6 +76,12 @@ class Page:
                 role_needed=needed.value,
             )
 
+    def still_valid(self) -> bool:
+        """Whether this page's session would still be accepted (token not
+        revoked or expired): for long-lived answers such as event streams."""
+        cookie = self.request.cookies.get(session.COOKIE)
+        return session.resume(self.st, self.key, cookie) is not None
+
     def render(self, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
         return render.page(self.request, self, template, status=status, **context)
 

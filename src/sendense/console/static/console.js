@@ -82,3 +82,39 @@
     all();
   }
 })();
+
+// A running job's page: server-sent events carry its live part as HTML
+// (rendered and escaped by the hub) until the job ends.
+(function () {
+  "use strict";
+  function follow(el) {
+    if (!window.EventSource) { return; }
+    var source = new EventSource(el.getAttribute("data-sse"));
+    function show(event) { el.innerHTML = event.data; }
+    source.addEventListener("progress", show);
+    source.addEventListener("end", function (event) {
+      show(event);
+      source.close();
+      el.removeAttribute("data-sse");
+    });
+    source.addEventListener("signed-out", function () {
+      source.close();
+      window.location.reload();
+    });
+    source.onerror = function () {
+      // Refused (the session ended) or the hub went away: the browser gives
+      // up on a refused stream; reload to show what the hub says now.
+      if (source.readyState === EventSource.CLOSED) {
+        window.setTimeout(function () { window.location.reload(); }, 3000);
+      }
+    };
+  }
+  function all() {
+    document.querySelectorAll("[data-sse]").forEach(follow);
+  }
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", all);
+  } else {
+    all();
+  }
+})();
