@@ -416,6 +416,11 @@ class BackupEngine:
                     export_name=export,
                     host=self.settings.nbd_bind,
                     port=port,
+                    # Zeros the source sends as data (a thick VMware disk, a
+                    # block device, a guest that wrote zeros) are stored as
+                    # zero clusters, not as data: measured, 256 MiB of zeros
+                    # then 64 MiB of random data make a 64.3 MiB file.
+                    detect_zeroes="unmap",
                     pidfile=str(self.run_dir / f"nbd-{b.id}.pid"),
                     log_path=str(self.log_dir / f"nbd-{b.id}.log"),
                 )

@@ -43,6 +43,7 @@ class QemuNbdServer:
         cache: str = "writeback",
         aio: str | None = None,
         discard: bool = True,
+        detect_zeroes: str | None = None,
         pidfile: str | None = None,
         log_path: str | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class QemuNbdServer:
         self.cache = cache
         self.aio = aio
         self.discard = discard
+        self.detect_zeroes = detect_zeroes
         self.pidfile = pidfile
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -86,6 +88,8 @@ class QemuNbdServer:
             args.append(f"--aio={self.aio}")
         if self.discard and not self.read_only:
             args.append("--discard=unmap")
+        if self.detect_zeroes and not self.read_only:
+            args.append(f"--detect-zeroes={self.detect_zeroes}")
         if self.read_only:
             args.append("--read-only")
         if self.socket_path:
