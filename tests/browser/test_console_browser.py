@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -308,6 +309,12 @@ def test_restore_browser_download_equals_source(
     target = downloads / "settings.bin"
     console.wait(lambda: target.exists() and target.stat().st_size == len(payload), 60, "download")
     assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(payload).hexdigest()
+    # The directory as a ZIP, streamed by the hub.
+    console.find("#dir-zip").click()
+    archive = downloads / "app.zip"
+    console.wait(lambda: archive.exists() and zipfile.is_zipfile(archive), 60, "the ZIP")
+    with zipfile.ZipFile(archive) as z:
+        assert z.read("settings.bin") == payload
 
     # Close the session from the page: the restore point is free again.
     console.find("#close-session").click()

@@ -9,6 +9,7 @@ the raw HTML.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
 from typing import Any
@@ -222,6 +223,13 @@ def test_whole_disk_restore_and_export_from_the_console(
     (backup_id,) = c.backup("disk1", "full")["backups"]
     reference = raw_copy(vm.disks[0], tmp_path / "reference.raw")
     admin = sign_in(c, c.admin_token)
+    # The backups list's day filters (UTC days, "to" inclusive).
+    today = datetime.now(UTC).date()
+    listed = admin.get("/ui/backups", params={"since": str(today), "until": str(today)})
+    assert f"/ui/backups/{backup_id}" in listed.text
+    later = admin.get("/ui/backups", params={"since": str(today + timedelta(days=1))})
+    assert f"/ui/backups/{backup_id}" not in later.text and "No restore point" in later.text
+    assert admin.get("/ui/backups", params={"since": "yesterday"}).status_code == 400
     page = admin.get(f"/ui/backups/{backup_id}")
     assert page.status_code == 200 and 'id="restore-form"' in page.text
     target = c.hub_dir.resolve() / "restores" / "disk1.qcow2"

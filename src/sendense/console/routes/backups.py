@@ -3,6 +3,7 @@ delete (409 reasons in words), consolidate."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from fastapi import APIRouter, Query
@@ -11,11 +12,10 @@ from fastapi.responses import HTMLResponse, Response
 from sendense.console import queries
 from sendense.console.page import Form, Signed, build, done, field_int
 from sendense.console.render import quote
-from sendense.core.errors import NotFound
+from sendense.core.errors import InvalidRequest, NotFound
 from sendense.hub.backups import service as backups
 from sendense.hub.backups.schemas import ConsolidateRequest
 from sendense.hub.restore import service as restore
-from sendense.hub.validation import IsoDateTime
 
 router = APIRouter()
 
@@ -31,8 +31,8 @@ def backup_list(
     status: Literal["", "pending", "running", "completed", "failed", "cancelled"] = "",
     verify_status: Literal["", "ok", "failed", "never"] = "",
     disk_id: int | None = Query(default=None, ge=0, le=1_000_000),
-    since: IsoDateTime = None,
-    until: IsoDateTime = None,
+    since: str = Query(default="", max_length=40),
+    until: str = Query(default="", max_length=40),
     offset: int = Query(default=0, ge=0, le=10_000_000),
 ) -> HTMLResponse:
     found = backups.list_backups(
@@ -45,8 +45,8 @@ def backup_list(
             status=status or None,
             verify_status=verify_status or None,
             disk_index=disk_id,
-            since=since,
-            until=until,
+            since=_day_start(since, "since"),
+            until=_day_start(until, "until", next_day=True),
         ),
         limit=PAGE,
         offset=offset,
@@ -64,9 +64,27 @@ def backup_list(
             "status": status,
             "verify_status": verify_status,
             "disk_id": "" if disk_id is None else disk_id,
+            "since": since,
+            "until": until,
         },
         repositories=queries.repository_choices(page.st, page.who),
     )
+
+
+def _day_start(text: str, name: str, *, next_day: bool = False) -> datetime | None:
+    """A day (``2026-11-20``, the form's date field) or an ISO date-time, in
+    UTC; ``until`` a day means up to the end of that day."""
+    if not text.strip():
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a date (2026-11-20)", field=name) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    if next_day and len(text.strip()) == 10:
+        value += timedelta(days=1)
+    return value
 
 
 @router.get("/backups/{backup_id}", response_class=HTMLResponse)
