@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -363,3 +365,42 @@ def test_missed_runs_are_told_once(cluster: Cluster, receivers: list[Receiver]) 
     time.sleep(2)  # (a new minute may bring a scheduled run and its run.finished)
     told = [p["json"]["event"] for p in rx.posts]
     assert told.count("run.missed") == 1 and other_rx.posts == [], told
+
+
+@pytest.mark.postgres
+def test_two_hubs_on_one_catalog_send_an_event_once(
+    pg_server, tmp_path: Path, make_vm, receivers: list[Receiver]
+) -> None:  # type: ignore[no-untyped-def]
+    """Both hubs poll job ends and send the outbox: one POST per event."""
+    url = str(pg_server.create_database(f"hooks_{uuid.uuid4().hex[:10]}"))
+    a = Cluster(tmp_path / "a", url, hub_env=FAST)
+    b = Cluster(tmp_path / "b", url, hub_env=FAST)
+    try:
+        a.start_node()
+        a.start_hub()
+        # Hubs sharing a catalog share the key that encrypts its secrets.
+        b.hub_dir.mkdir(parents=True)
+        shutil.copy2(a.hub_dir / "secret.key", b.hub_dir / "secret.key")
+        b.start_hub()
+        rx = Receiver()
+        receivers.append(rx)
+        hook = a.client.post(
+            "/api/v1/webhooks",
+            {"url": rx.url, "events": ["job.completed", "job.failed"], "secret": SECRET},
+        )["webhook_id"]
+        vm = make_vm("twin1", [8 * MiB])
+        a.register(vm)
+        jobs = [a.backup("twin1", "full"), a.backup("twin1", "incremental")]
+        posts = rx.wait(2)
+        time.sleep(2)  # both hubs made several passes since
+        assert len(rx.posts) == 2, [p["json"]["event_key"] for p in rx.posts]
+        assert sorted(p["json"]["data"]["job_id"] for p in posts) == sorted(
+            j["job_id"] for j in jobs
+        )
+        for p in posts:
+            assert_signed(p, SECRET)
+        listed = wait_delivery(b, hook, "delivered")
+        assert len(listed) == 2 and all(d["attempts"] == 1 for d in listed), listed
+    finally:
+        b.stop()
+        a.stop()
