@@ -197,6 +197,9 @@ def test_roles_scopes_and_escaping(cluster: Cluster, make_vm: Any) -> None:
         "/ui/vms/plain/tags", data={"csrf": csrf_of(admin_page), "tags": "tier=gold, env=prod"}
     )
     assert r.status_code == 303, r.text
+    assert "Tags saved" in admin.get(r.headers["location"]).text  # the notice, signed
+    forged = admin.get("/ui/vms/plain", params={"done": "Call 555-0100 now", "n": "0" * 32})
+    assert "555-0100" not in forged.text  # a link from elsewhere cannot make it speak
     assert c.http("GET", "/api/v1/vms/plain").json()["tags"] == {"tier": "gold", "env": "prod"}
     r = admin.post("/ui/vms/plain/tags", data={"csrf": csrf_of(admin_page), "tags": "oops"})
     assert r.status_code == 400 and "not key=value" in r.text

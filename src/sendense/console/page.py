@@ -8,6 +8,8 @@ services directly, below the API's role dependencies.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, TypeVar
@@ -82,6 +84,27 @@ class Page:
         cookie = self.request.cookies.get(session.COOKIE)
         return session.resume(self.st, self.key, cookie) is not None
 
+    def done(self, path: str, message: str) -> RedirectResponse:
+        """After a form: back to a page (303, so a reload does not send it
+        again), with a notice. The notice is signed for this session: a link
+        from elsewhere cannot make the console say something."""
+        sep = "&" if "?" in path else "?"
+        query = urlencode({"done": message, "n": self._notice_mac(message)})
+        return RedirectResponse(f"{path}{sep}{query}", status_code=303)
+
+    @property
+    def notice(self) -> str | None:
+        """The signed notice of the page's URL, if any."""
+        message = self.request.query_params.get("done")
+        given = self.request.query_params.get("n", "")
+        if not message or not hmac.compare_digest(given, self._notice_mac(message)):
+            return None
+        return message
+
+    def _notice_mac(self, message: str) -> str:
+        data = f"notice:{self.session.sid}:{message}".encode()
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()[:32]
+
     def render(self, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
         return render.page(self.request, self, template, status=status, **context)
 
@@ -149,9 +172,3 @@ def build(model: type[M], **data: Any) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(validation_message(e.errors())) from None  # type: ignore[arg-type]
-
-
-def done(path: str, message: str) -> RedirectResponse:
-    """After a form: back to a page (303, so reload does not resend), with a notice."""
-    sep = "&" if "?" in path else "?"
-    return RedirectResponse(f"{path}{sep}{urlencode({'done': message})}", status_code=303)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from sendense.console import queries
-from sendense.console.page import Form, Signed, build, done
+from sendense.console.page import Form, Signed, build
 from sendense.console.render import quote
 from sendense.hub.audit import service as audit
 from sendense.hub.nodes import service as nodes
@@ -42,7 +42,7 @@ def rescan(repository_id: str, page: Signed, form: Form) -> Response:
     page.require("admin")
     body = build(RescanCreate, dry_run=form.get("dry_run") == "on")
     started = repositories.start_rescan(page.st, page.who, repository_id, body)
-    return done(f"/ui/jobs/{quote(started['job_id'])}", "Rescan started")
+    return page.done(f"/ui/jobs/{quote(started['job_id'])}", "Rescan started")
 
 
 @router.get("/nodes", response_class=HTMLResponse)
@@ -105,7 +105,7 @@ def _expiry(text: str) -> str:
 def revoke_token(token_id: str, page: Signed, form: Form) -> Response:
     page.require("admin")
     gone = tokens.revoke_token(page.st, token_id)
-    return done("/ui/tokens", f"Token {gone['name']} revoked")
+    return page.done("/ui/tokens", f"Token {gone['name']} revoked")
 
 
 @router.get("/audit", response_class=HTMLResponse)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from sendense.console import queries
-from sendense.console.page import Form, Signed, build, done, field_int
+from sendense.console.page import Form, Signed, build, field_int
 from sendense.console.render import quote
 from sendense.core.errors import InvalidRequest, NotFound
 from sendense.hub.backups import service as backups
@@ -113,7 +113,7 @@ def backup_page(backup_id: str, page: Signed) -> HTMLResponse:
 def verify(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     started = backups.verify_backup(page.st, page.who, backup_id)
-    return done(f"/ui/jobs/{quote(started['job_id'])}", "Verification started")
+    return page.done(f"/ui/jobs/{quote(started['job_id'])}", "Verification started")
 
 
 @router.post("/backups/{backup_id}/delete")
@@ -125,7 +125,7 @@ def delete(backup_id: str, page: Signed, form: Form) -> Response:
     )
     gone = len(result.get("deleted") or result.get("backup_ids") or [backup_id])
     target = f"/ui/vms/{quote(b['vm_name'])}" if b.get("vm_name") else "/ui/backups"
-    return done(target, f"Deleted {gone} restore point{'s' if gone != 1 else ''}")
+    return page.done(target, f"Deleted {gone} restore point{'s' if gone != 1 else ''}")
 
 
 @router.post("/backups/{backup_id}/consolidate")
@@ -133,4 +133,4 @@ def consolidate(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("admin")
     body = build(ConsolidateRequest, chain_id=backup_id, keep=field_int(form, "keep"))
     started = backups.consolidate(page.st, page.who, body, dry_run=False)
-    return done(f"/ui/jobs/{quote(started['job_id'])}", "Consolidation started")
+    return page.done(f"/ui/jobs/{quote(started['job_id'])}", "Consolidation started")

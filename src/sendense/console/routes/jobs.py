@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from sendense.console.page import Form, Signed, done
+from sendense.console.page import Form, Signed
 from sendense.console.render import quote
 from sendense.hub.jobs import service as jobs
 
@@ -120,4 +120,4 @@ def _event(name: str, data: str) -> str:
 def cancel_job(job_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     jobs.cancel(page.st, page.who, job_id)
-    return done(f"/ui/jobs/{quote(job_id)}", "Cancel requested: the job stops and cleans up")
+    return page.done(f"/ui/jobs/{quote(job_id)}", "Cancel requested: the job stops and cleans up")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from sendense.console import queries
-from sendense.console.page import Form, Signed, build, done, field_int
+from sendense.console.page import Form, Signed, build, field_int
 from sendense.console.render import quote
 from sendense.core.errors import InvalidRequest
 from sendense.hub.policies import service as policies
@@ -189,7 +189,9 @@ def create_policy(page: Signed, form: Form) -> Response:
         created = policies.create_policy(page.st, page.who, body)
     except InvalidRequest as e:
         return _editor(page, None, status=400, form=_form_back(form), error=e.message)
-    return done(f"/ui/policies/{quote(created['policy_id'])}", f"Policy {created['name']} created")
+    return page.done(
+        f"/ui/policies/{quote(created['policy_id'])}", f"Policy {created['name']} created"
+    )
 
 
 @router.get("/policies/{policy_id}", response_class=HTMLResponse)
@@ -214,14 +216,14 @@ def update_policy(policy_id: str, page: Signed, form: Form) -> Response:
         updated = policies.update_policy(page.st, page.who, policy_id, body)
     except InvalidRequest as e:
         return _editor(page, policy, status=400, form=_form_back(form), error=e.message)
-    return done(f"/ui/policies/{quote(policy_id)}", f"Policy {updated['name']} saved")
+    return page.done(f"/ui/policies/{quote(policy_id)}", f"Policy {updated['name']} saved")
 
 
 @router.post("/policies/{policy_id}/delete")
 def delete_policy(policy_id: str, page: Signed, form: Form) -> Response:
     page.require("admin")
     policies.delete_policy(page.st, page.who, policy_id)
-    return done("/ui/policies", "Policy deleted (jobs it started run on)")
+    return page.done("/ui/policies", "Policy deleted (jobs it started run on)")
 
 
 @router.post("/policies/{policy_id}/run")
@@ -229,7 +231,7 @@ def run_policy(policy_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     result = policies.run_policy(page.st, page.who, policy_id)
     n = len(result.get("job_ids") or [])
-    return done(f"/ui/policies/{quote(policy_id)}", f"Policy run started: {n} job(s)")
+    return page.done(f"/ui/policies/{quote(policy_id)}", f"Policy run started: {n} job(s)")
 
 
 @router.get("/policies/{policy_id}/retention", response_class=HTMLResponse)
@@ -246,4 +248,4 @@ def apply_retention(policy_id: str, page: Signed, form: Form) -> Response:
     page.require("admin")
     result = policies.apply_retention(page.st, page.who, policy_id)
     n = len(result.get("job_ids") or [])
-    return done(f"/ui/policies/{quote(policy_id)}", f"Retention started: {n} job(s)")
+    return page.done(f"/ui/policies/{quote(policy_id)}", f"Retention started: {n} job(s)")

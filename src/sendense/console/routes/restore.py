@@ -15,7 +15,7 @@ from urllib.parse import quote as url_quote
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from sendense.console.page import Form, Signed, build, done
+from sendense.console.page import Form, Signed, build
 from sendense.console.render import quote
 from sendense.core.errors import NotADirectory, NotAFile
 from sendense.hub.restore import service as restore
@@ -33,7 +33,7 @@ SORTABLE = 5000
 def open_session(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     opened = restore.open_mount(page.st, page.who, backup_id)
-    return done(f"/ui/restore/{quote(opened['mount_id'])}", "Restore session open")
+    return page.done(f"/ui/restore/{quote(opened['mount_id'])}", "Restore session open")
 
 
 @router.get("/restore", response_class=HTMLResponse)
@@ -161,7 +161,7 @@ def archive(
 def close_session(mount_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     restore.close_mount(page.st, page.who, mount_id)
-    return done("/ui/restore", "Restore session closed")
+    return page.done("/ui/restore", "Restore session closed")
 
 
 @router.post("/backups/{backup_id}/restore")
@@ -177,18 +177,18 @@ def restore_disk(backup_id: str, page: Signed, form: Form) -> Response:
         },
     )
     started = restore.start_restore(page.st, page.who, body)
-    return done(f"/ui/jobs/{quote(started['job_id'])}", "Whole-disk restore started")
+    return page.done(f"/ui/jobs/{quote(started['job_id'])}", "Whole-disk restore started")
 
 
 @router.post("/backups/{backup_id}/export")
 def start_export(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     restore.start_export(page.st, page.who, backup_id, form.get("writable") == "on")
-    return done(f"/ui/backups/{quote(backup_id)}", "Export started")
+    return page.done(f"/ui/backups/{quote(backup_id)}", "Export started")
 
 
 @router.post("/backups/{backup_id}/export/close")
 def close_export(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
     restore.close_export(page.st, page.who, backup_id)
-    return done(f"/ui/backups/{quote(backup_id)}", "Export stopped")
+    return page.done(f"/ui/backups/{quote(backup_id)}", "Export stopped")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from sendense.console import queries
-from sendense.console.page import Form, Signed, build, done, field_int
+from sendense.console.page import Form, Signed, build, field_int
 from sendense.console.render import quote
 from sendense.core.errors import InvalidRequest
 from sendense.hub.backups import service as backups
@@ -79,7 +79,7 @@ def back_up_now(vm_name: str, page: Signed, form: Form) -> Response:
         disk_id=field_int(form, "disk_id"),
     )
     started = backups.start_backup(page.st, page.who, body)
-    return done(f"/ui/jobs/{quote(started['job_id'])}", f"Backup of {vm_name} started")
+    return page.done(f"/ui/jobs/{quote(started['job_id'])}", f"Backup of {vm_name} started")
 
 
 @router.post("/vms/{vm_name:path}/tags")
@@ -95,4 +95,4 @@ def set_tags(vm_name: str, page: Signed, form: Form) -> Response:
             tags[key.strip()] = value.strip()
     body = build(VmUpdate, tags=tags)
     vms.update_vm(page.st, page.who, vm_name, body.tags)
-    return done(f"/ui/vms/{quote(vm_name)}", "Tags saved")
+    return page.done(f"/ui/vms/{quote(vm_name)}", "Tags saved")
