@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-DRIVER = "/usr/bin/chromedriver"
+# Debian's packages (chromium, chromium-driver); elsewhere point these at a
+# matching browser and driver.
+CHROMIUM = os.environ.get("SENDENSE_CHROMIUM", "/usr/bin/chromium")
+DRIVER = os.environ.get("SENDENSE_CHROMEDRIVER", "/usr/bin/chromedriver")
 WIDTH, HEIGHT = 1280, 900
 
 
