@@ -31,7 +31,7 @@ from fixtures.disks import (
     overwrite,
     tools_missing,
 )
-from fixtures.lifecycle import MiB, error_body, lifecycle_cluster
+from fixtures.lifecycle import MiB, cluster_env, error_body, lifecycle_cluster
 
 pytestmark = pytest.mark.skipif(
     bool(tools_missing()), reason=f"test disk tools missing: {tools_missing()}"
@@ -88,6 +88,9 @@ def get(c: Cluster, mid: str, what: str, **params: Any) -> Any:
     return c.http("GET", f"/api/v1/restore/mounts/{mid}/{what}", params=params)
 
 
+# A lower memory limit than the default 1 GiB: the hostile FAT reaches it
+# sooner, well within the client's timeout on a loaded machine.
+@cluster_env(hub={"SENDENSE_RESTORE_WORKER_MEMORY": str(512 * MiB)})
 def test_names_that_are_not_utf8_corrupt_and_hostile_filesystems(
     cluster: Cluster, make_vm: Any, tmp_path: Path
 ) -> None:

@@ -39,7 +39,7 @@ from sendense.catalog.models import BackupJob
 from sendense.core.errors import Error
 from sendense.engine.lifecycle import ACTIVE, JobContext
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
-from sendense.restore.fs.client import FsPool, FsWorker, source_for_nbd_socket
+from sendense.restore.fs.client import FsPool, FsWorker, WorkerLimits, source_for_nbd_socket
 
 if TYPE_CHECKING:
     from sendense.catalog.db import Database
@@ -58,12 +58,36 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def worker_limits() -> WorkerLimits:
+    """The limits of session filesystem workers: ``SENDENSE_RESTORE_WORKER_MEMORY``
+    (bytes of address space, default 1 GiB) and ``SENDENSE_RESTORE_REQUEST_TIMEOUT``
+    (seconds per request, default 60). Read from the environment here (not
+    HubSettings, whose file others were changing); a value that does not
+    parse keeps the default, with a warning."""
+    default = WorkerLimits()
+    memory, timeout = default.memory, default.request_timeout
+    raw = os.environ.get("SENDENSE_RESTORE_WORKER_MEMORY")
+    if raw:
+        try:
+            memory = max(256 * 1024 * 1024, int(raw))
+        except ValueError:
+            log.warning("SENDENSE_RESTORE_WORKER_MEMORY=%r is not a number of bytes", raw)
+    raw = os.environ.get("SENDENSE_RESTORE_REQUEST_TIMEOUT")
+    if raw:
+        try:
+            timeout = max(1.0, float(raw))
+        except ValueError:
+            log.warning("SENDENSE_RESTORE_REQUEST_TIMEOUT=%r is not a number of seconds", raw)
+    return WorkerLimits(memory=memory, request_timeout=timeout)
+
+
 class SessionPools:
     """This process's filesystem workers, per session."""
 
-    def __init__(self, db: Database, size: int = 2) -> None:
+    def __init__(self, db: Database, size: int = 2, limits: WorkerLimits | None = None) -> None:
         self.db = db
         self.size = size
+        self.limits = limits or worker_limits()
         self._pools: dict[str, FsPool] = {}
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -75,7 +99,7 @@ class SessionPools:
         with self._lock:
             pool = self._pools.get(mount_id)
             if pool is None:
-                pool = self._pools[mount_id] = FsPool(url, size=self.size)
+                pool = self._pools[mount_id] = FsPool(url, size=self.size, limits=self.limits)
             return pool
 
     def touch(self, mount_id: str, every: float = TOUCH_EVERY) -> None:
@@ -194,7 +218,7 @@ class MountJob:
             server.start()
             try:
                 url = source_for_nbd_socket(sock)
-                probe = FsWorker(url)
+                probe = FsWorker(url, limits=self.st.restore_pools.limits)
                 try:
                     partitions = [p.to_wire() for p in probe.partitions()]
                 finally:
