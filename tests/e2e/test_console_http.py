@@ -149,6 +149,11 @@ def test_sign_in_cookie_headers_csrf_and_revocation(cluster: Cluster) -> None:
         'sendense_session=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
     )
     assert admin.get("/ui/").status_code == 303
+    # Without a session: a form goes to sign-in, a refreshing fragment says where.
+    r = console(c).post("/ui/signout", data={"csrf": "x"})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+    r = console(c).get("/ui/fragments/running", headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.headers["hx-redirect"] == "/ui/signin"
 
 
 def sign_in_raw(c: Cluster, token: str) -> httpx.Response:

@@ -133,16 +133,15 @@ def create_console(hub: FastAPI) -> FastAPI:
 
     @app.exception_handler(SignInNeeded)
     async def sign_in_needed(request: Request, exc: SignInNeeded) -> Response:
+        if request.headers.get("hx-request"):
+            # A refreshing fragment: htmx follows HX-Redirect to the sign-in page.
+            return Response(status_code=401, headers={"HX-Redirect": "/ui/signin"})
         target = "/ui/signin"
-        if request.method == "GET" and not request.headers.get("hx-request"):
+        if request.method == "GET":
             here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"{target}?next={render.quote(here)}", status_code=303)
-        # htmx follows HX-Redirect; a plain POST sees the sign-in page.
-        response = render.page(
-            request, None, "signin.html", status=401, message="Your session ended: sign in again."
-        )
-        response.headers["HX-Redirect"] = target
-        return response
+            target += f"?next={render.quote(here)}"
+        # A form sent after the session ended: sign in again (303: as a GET).
+        return RedirectResponse(target, status_code=303)
 
     @app.exception_handler(CsrfRefused)
     async def csrf_refused(request: Request, exc: CsrfRefused) -> HTMLResponse:
