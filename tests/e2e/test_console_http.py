@@ -273,3 +273,37 @@ def test_whole_disk_restore_and_export_from_the_console(
     r = admin.post(f"/ui/backups/{backup_id}/export/close", data={"csrf": csrf_of(page.text)})
     assert r.status_code == 303
     assert c.http("GET", f"/api/v1/backups/{backup_id}/export").status_code == 404
+
+
+def test_verify_and_consolidate_from_the_console(cluster: Cluster, make_vm: Any) -> None:
+    from fixtures.lifecycle import MiB, write_random
+
+    c = cluster
+    vm = make_vm("chain1", [8 * MiB])
+    c.register(vm)
+    points = []
+    for kind in ("full", "incremental", "incremental"):
+        write_random(vm, 0, len(points) * MiB, MiB)
+        points.append(c.backup("chain1", kind)["backups"][0])
+    admin = sign_in(c, c.admin_token)
+    page = admin.get(f"/ui/backups/{points[-1]}")
+    r = admin.post(f"/ui/backups/{points[-1]}/verify", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].split("/ui/jobs/", 1)[1].split("?")[0]
+    assert c.wait_job(job_id)["status"] == "completed"
+    shown = admin.get(f"/ui/backups/{points[-1]}").text
+    assert '<span class="status s-ok">ok</span>' in shown
+
+    r = admin.post(
+        f"/ui/backups/{points[-1]}/consolidate", data={"csrf": csrf_of(page.text), "keep": "1"}
+    )
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].split("/ui/jobs/", 1)[1].split("?")[0]
+    assert c.wait_job(job_id)["status"] == "completed"
+    chain = c.http("GET", "/api/v1/backups/chain1/chain").json()["disks"][0]
+    assert chain["chain_length"] == 1 and chain["chain"][0]["synthetic"]
+    assert "synthetic full" in admin.get("/ui/vms/chain1").text
+    bad = admin.post(
+        f"/ui/backups/{points[-1]}/consolidate", data={"csrf": csrf_of(page.text), "keep": "0"}
+    )
+    assert bad.status_code == 400 and "keep" in bad.text
