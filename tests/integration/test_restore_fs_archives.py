@@ -44,6 +44,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FsWorker]:
     (tree / "hello.txt").write_bytes(b"hello, world\n")
     (tree / "empty.txt").write_bytes(b"")
     (tree / "nested/a/mid.txt").write_bytes(os.urandom(70_000))
+    (tree / "text.txt").write_bytes(b"a line of text that compresses well\n" * 10_000)
     (tree / "nested/a/run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
     (tree / "nested/a/run.sh").chmod(0o4755)  # setuid: not carried into archives
     for name, target in LINKS.items():
@@ -71,6 +72,11 @@ def test_zip_stores_symlinks_as_links_and_lists_special_files(
     assert stat.S_ISREG(run) and stat.S_IMODE(run) == 0o755
     assert stat.S_ISDIR(infos["nested/"].external_attr >> 16) and infos["nested/"].is_dir()
     assert z.read("hello.txt") == b"hello, world\n" and z.read("empty.txt") == b""
+    # random data is stored (deflate would only cost time), text is deflated
+    assert infos["nested/a/mid.txt"].compress_type == zipfile.ZIP_STORED
+    assert infos["text.txt"].compress_type == zipfile.ZIP_DEFLATED
+    assert infos["text.txt"].compress_size < infos["text.txt"].file_size // 10
+    assert z.read("text.txt") == b"a line of text that compresses well\n" * 10_000
     manifest = z.read(streams.MANIFEST).decode()
     assert "skipped other nested/pipe" in manifest and "symlink" not in manifest
     assert "nested/pipe" not in infos

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import queue
 import stat
 import tarfile
 import threading
+import zlib
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -97,6 +99,23 @@ class ModeZipStream(ZipStream):
             compress_type=ZIP_STORED,
         )
 
+    def _gen_file_entry(  # type: ignore[no-untyped-def]
+        self, *, iterable=None, compress_type=None, **kwargs
+    ) -> Iterator[bytes]:
+        """Data that does not compress is stored: the first piece is read as
+        the entry starts (it is read then anyway) and a sample of it tried
+        at level 1; random, compressed or encrypted data goes through at
+        read speed instead of deflate's (~60 MiB/s on one core)."""
+        if iterable is not None and (compress_type or self._compress_type) == ZIP_DEFLATED:
+            pieces = iter(iterable)
+            first = next(pieces, None)
+            if first is not None and _incompressible(first):
+                compress_type = ZIP_STORED
+            iterable = itertools.chain(() if first is None else (first,), pieces)
+        return super()._gen_file_entry(  # type: ignore[no-any-return]
+            iterable=iterable, compress_type=compress_type, **kwargs
+        )
+
     def file(self) -> Generator[bytes, None, bool]:  # type: ignore[override]
         mode = self._modes.popleft() if self._modes and self._queue else None
         done = yield from super().file()
@@ -104,6 +123,15 @@ class ModeZipStream(ZipStream):
             zinfo = self._filelist[-1]
             zinfo.external_attr = (mode & 0xFFFF) << 16 | (zinfo.external_attr & 0xFFFF)
         return bool(done)
+
+
+SAMPLE = 64 * 1024
+
+
+def _incompressible(piece: bytes) -> bool:
+    """True when deflate (level 1) saves less than 5% on a sample of ``piece``."""
+    sample = piece[:SAMPLE]
+    return len(sample) >= 4096 and len(zlib.compress(sample, 1)) > 0.95 * len(sample)
 
 
 def _perm(mode: int | None, default: int) -> int:
