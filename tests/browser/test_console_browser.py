@@ -273,6 +273,9 @@ def test_restore_browser_download_equals_source(
     (tree / "etc" / "app" / "settings.bin").write_bytes(payload)
     (tree / "etc" / "hostname").write_text("guest1\n")
     (tree / "<img src=x onerror=alert(1)>.txt").write_text("odd name\n")
+    (tree / "many").mkdir()
+    for i in range(250):  # more than a page (200)
+        (tree / "many" / f"f{i:03d}.txt").write_bytes(b"x" * (i * 10))
     ext4 = tmp_path / "p1.ext4"
     build_ext4(ext4, tree, size=32 * MiB)
     raw = tmp_path / "disk.raw"
@@ -315,6 +318,17 @@ def test_restore_browser_download_equals_source(
     console.wait(lambda: archive.exists() and zipfile.is_zipfile(archive), 60, "the ZIP")
     with zipfile.ZipFile(archive) as z:
         assert z.read("settings.bin") == payload
+
+    # A big directory is paged by the hub, and sorts across pages.
+    mount_path = console.driver.current_url.split("?")[0]
+    console.driver.get(mount_path + "?path=/many")
+    console.wait(lambda: "1\u2013200 of 250" in console.text(), 30, "the first page")
+    console.find("a[rel=next]").click()
+    console.wait(lambda: "201\u2013250 of 250" in console.text(), 30, "the second page")
+    assert console.finds("table.files a.file")[0].text == "f200.txt"
+    console.driver.get(mount_path + "?path=/many&sort=size&order=desc")
+    console.wait(lambda: console.finds("table.files a.file"), 30, "sorted by size")
+    assert console.finds("table.files a.file")[0].text == "f249.txt"
 
     # Close the session from the page: the restore point is free again.
     console.find("#close-session").click()
