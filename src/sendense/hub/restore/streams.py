@@ -238,10 +238,15 @@ def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
     return stream()
 
 
-class _QueueWriter(io.RawIOBase):
+class _GzipQueueWriter(io.RawIOBase):
+    """What tarfile writes, gzip-compressed at level 1 into the queue the
+    answer drains (tarfile's own ``w|gz`` compresses at level 9: three to
+    seven times slower on text for ~5% smaller output)."""
+
     def __init__(self, q: queue.Queue[bytes | BaseException | None], stop: threading.Event) -> None:
         self.q = q
         self.stop = stop
+        self.gz = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
 
     def writable(self) -> bool:
         return True
@@ -249,29 +254,38 @@ class _QueueWriter(io.RawIOBase):
     def write(self, b: Any) -> int:
         if self.stop.is_set():
             raise BrokenPipeError("the client went away")
-        data = bytes(b)
-        self.q.put(data)
-        return len(data)
+        data = self.gz.compress(b)
+        if data:
+            self.q.put(data)
+        return len(b)
+
+    def finish(self) -> None:
+        """The end of the gzip stream (its trailer)."""
+        self.q.put(self.gz.flush())
 
 
 class _IterReader(io.RawIOBase):
+    """A file-like reader over pieces of bytes (tarfile copies a member from
+    it in blocks); each piece is handed out by slices, never re-copied."""
+
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self.chunks = chunks
         self.buf = b""
+        self.pos = 0
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
+        if self.pos >= len(self.buf):
             chunk = next(self.chunks, None)
             if chunk is None:
-                break
-            self.buf += chunk
+                return b""
+            self.buf, self.pos = chunk, 0
         if n < 0:
-            out, self.buf = self.buf, b""
-        else:
-            out, self.buf = self.buf[:n], self.buf[n:]
+            n = len(self.buf) - self.pos
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += len(out)
         return out
 
 
@@ -282,7 +296,9 @@ def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
     def produce() -> None:
         try:
             notes: list[str] = []
-            with tarfile.open(fileobj=_QueueWriter(q, stop), mode="w|gz", bufsize=1 << 20) as tar:
+            out = _GzipQueueWriter(q, stop)
+            with tarfile.open(fileobj=out, mode="w|", bufsize=1 << 20) as tar:
+                tar.copybufsize = 1 << 20  # type: ignore[attr-defined]  # 1 MiB blocks, not 16 KiB
                 for e in walk(pool, partition, root, notes):
                     rel = relative(e, root)
                     ti = tarfile.TarInfo(rel)
@@ -306,6 +322,7 @@ def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
                     ti = tarfile.TarInfo(MANIFEST)
                     ti.size = len(data)
                     tar.addfile(ti, io.BytesIO(data))
+            out.finish()
             q.put(None)
         except BaseException as e:  # handed to the reader
             q.put(e)
