@@ -131,10 +131,16 @@ def test_a_scheduled_run_backs_up_verifies_and_applies_retention(tmp_path: Path,
         assert backup["backup_type"] == "full"  # the VM's first run under the policy
         assert img.compare(backup["file_path"], str(vm.disks[0]))
         [verify_id] = entry["verify_job_ids"]
-        assert c.client.get(f"/api/v1/jobs/{verify_id}")["status"] == "completed"
+        verify = c.client.get(f"/api/v1/jobs/{verify_id}")
+        assert verify["status"] == "completed"
         assert c.client.get(f"/api/v1/backups/{bid}")["verify_status"] == "ok"
         retention = c.client.get(f"/api/v1/jobs/{entry['retention_job_id']}")
         assert retention["status"] == "completed" and retention["kind"] == "retention"
+        # The follow-up jobs say which policy and run they belong to, as the
+        # backup job does (policy-scoped webhooks hear of them).
+        for follow_up in (verify, retention):
+            assert follow_up["tags"]["policy_id"] == pid, follow_up["tags"]
+            assert follow_up["tags"]["policy_run_id"] == run.id
         # keep_last 1: the manual restore point went, the new one stays.
         left = c.client.get("/api/v1/backups", vm_name="sched1")["backups"]
         assert [b["backup_id"] for b in left] == [bid]

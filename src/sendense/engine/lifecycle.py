@@ -274,10 +274,12 @@ class JobLifecycle:
         created_by: str = "admin",
         holds: Iterable[str] = (),
         step: str = "queued",
+        tags: dict[str, Any] | None = None,
     ) -> BackupJob:
         """Insert a pending local job and its holds in the caller's transaction.
 
-        Start it with `launch` after the transaction commits.
+        Start it with `launch` after the transaction commits. ``tags``: what
+        the job belongs to (e.g. the policy and run that started it).
         """
         if kind not in self.kinds:
             raise Error(f"unknown job kind {kind}")
@@ -291,6 +293,7 @@ class JobLifecycle:
             step=step,
             requested_type=kind,
             params=params,
+            tags=dict(tags or {}),
             created_by=created_by,
             created_at=now,
             **self.claim_fields(),

@@ -186,7 +186,12 @@ def steps_of(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def new_retention_job(
-    st: HubState, s: Session, plan: dict[str, Any], *, created_by: str
+    st: HubState,
+    s: Session,
+    plan: dict[str, Any],
+    *,
+    created_by: str,
+    tags: dict[str, Any] | None = None,
 ) -> BackupJob:
     """Insert the ``retention`` job of ``plan`` in the caller's transaction
     (start it with ``st.lifecycle.launch(job.id)`` after the commit).
@@ -201,6 +206,7 @@ def new_retention_job(
         vm_id=plan["vm_id"],
         repository_id=plan.get("repository_id"),
         created_by=created_by,
+        tags=tags,
     )
 
 

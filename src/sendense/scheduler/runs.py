@@ -674,7 +674,7 @@ def _advance(st: HubState, item_id: str, status: str, now: datetime) -> list[str
                 else f"backup job {item.job_id} is gone from the catalog",
             )
         elif status == STARTED and policy is not None and policy.verify_after:
-            launch = _start_verify(st, s, item, vm_name, now)
+            launch = _start_verify(st, s, item, policy, vm_name, now)
         elif status == VERIFYING and failed:
             reason = "; ".join(_job_error(j) for j in failed)
             _finish_item(
@@ -709,8 +709,14 @@ def _finish_item(
     _note(s, item.run_id, vm_name, status=status, reason=reason)
 
 
+def follow_up_tags(item: PolicyRunVm, policy: Policy) -> dict[str, str]:
+    """What a policy's verify and retention jobs carry, like its backup jobs:
+    policy-scoped webhooks hear of them too."""
+    return {"policy": policy.name, "policy_id": policy.id, "policy_run_id": item.run_id}
+
+
 def _start_verify(
-    st: HubState, s: Session, item: PolicyRunVm, vm_name: str, now: datetime
+    st: HubState, s: Session, item: PolicyRunVm, policy: Policy, vm_name: str, now: datetime
 ) -> list[str]:
     """A verify job per restore point the backup made (``verifying``)."""
     delete.lock_vm(s, item.vm_id)  # as POST /backups/{id}/verify does
@@ -735,6 +741,7 @@ def _start_verify(
             repository_id=b.repository_id,
             created_by="scheduler",
             holds=params["backup_ids"],
+            tags=follow_up_tags(item, policy),
         )
         job_ids.append(job.id)
     if errors or not job_ids:
@@ -770,7 +777,9 @@ def _start_retention(
                 s, item, vm_name, now, DONE, _append(verified, "retention: nothing to remove")
             )
             return []
-        job = retention_engine.new_retention_job(st, s, plan, created_by="scheduler")
+        job = retention_engine.new_retention_job(
+            st, s, plan, created_by="scheduler", tags=follow_up_tags(item, policy)
+        )
     except Error as e:
         _finish_item(
             s, item, vm_name, now, FAILED, _append(verified, f"retention refused ({e.code}: {e})")
