@@ -115,6 +115,7 @@ class FakeLifecycle:
         created_by: str = "admin",
         holds: Iterable[str] = (),
         step: str = "queued",
+        tags: dict[str, Any] | None = None,
     ) -> BackupJob:
         job = BackupJob(
             kind=kind,
@@ -122,6 +123,7 @@ class FakeLifecycle:
             repository_id=repository_id,
             status="pending",
             step=step,
+            tags=dict(tags or {}),
             requested_type=kind,
             params=params,
             created_by=created_by,
