@@ -89,6 +89,9 @@ def test_policy_editor_preview_pages_and_rpo(cluster: Cluster, make_vm: Any) -> 
     page = admin.get(f"/ui/policies/{policy_id}")
     assert page.status_code == 200
     assert "/ui/vms/web1" in page.text and "Run now" in page.text and "Edit" in page.text
+    listed = admin.get("/ui/vms").text  # the VM list names the policies of each VM
+    assert f'<a href="/ui/policies/{policy_id}">nightly</a>' in listed
+    assert f'<a href="/ui/policies/{policy_id}">nightly</a>' in admin.get("/ui/vms/web1").text
     api = c.http("GET", f"/api/v1/policies/{policy_id}").json()
     assert api["timezone"] == "Europe/Berlin" and api["retention"]["keep_daily"] == 7
     assert api["retention"]["keep_last"] == 3 and api["selector"]["vms"] == ["web1"]

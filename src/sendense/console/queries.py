@@ -284,3 +284,30 @@ def repository_details(st: Any, who: Principal) -> list[dict[str, Any]]:
         s.expunge_all()
     # statvfs and the attribute probe with no session open (a share may be slow).
     return [repositories._view(st, r, u, locks) for r, u, locks in rows]
+
+
+def policies_by_vm(st: Any, who: Principal) -> dict[str, list[dict[str, Any]]]:
+    """For each VM name, the policies (id, name, enabled) that select it now;
+    reused while the catalog is unchanged (one selector check per VM and
+    policy)."""
+    from sendense.hub.policies import service as policies
+
+    def compute() -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        offset = 0
+        while True:
+            page = policies.list_policies(st, who, name=None, limit=1000, offset=offset)
+            for p in page["policies"]:
+                for name in p["matched_vms"]:
+                    out.setdefault(name, []).append(
+                        {"policy_id": p["policy_id"], "name": p["name"], "enabled": p["enabled"]}
+                    )
+            offset += len(page["policies"])
+            if not page["policies"] or offset >= page["total"]:
+                return out
+
+    generation = st.db.generation()
+    found: dict[str, list[dict[str, Any]]] = st.cache.get(
+        ("console.policies_by_vm", who.scope), compute, generation
+    )
+    return found

@@ -41,6 +41,7 @@ def vm_list(
     every.sort(key=lambda v: v["name"])
     return page.render(
         "vms.html",
+        policies=queries.policies_by_vm(page.st, page.who),
         vms=every[offset : offset + PAGE],
         total=len(every),
         offset=offset,
@@ -60,6 +61,7 @@ def vm_page(vm_name: str, page: Signed) -> HTMLResponse:
     return page.render(
         "vm.html",
         vm=vm,
+        policies=queries.policies_by_vm(page.st, page.who).get(vm["name"], []),
         history=queries.vm_history(page.st, vm["vm_id"]),
         chains=chains["disks"],
         recent=recent["backups"],
