@@ -226,6 +226,35 @@ def test_listing_paging_ranges_archives_and_refusals(
         headers={"Range": "bytes=500-100"},
     )
     assert r.status_code == 200 and len(r.content) == BIG_SIZE
+    # several ranges: multipart/byteranges (overlapping ones merged)
+    r = cluster.http(
+        "GET",
+        f"/api/v1/restore/mounts/{mid}/download",
+        params={"path": f"/{BIG_FILE}", "partition": 1},
+        headers={"Range": "bytes=0-99, 5000000-5000999, -10, 50-149"},
+    )
+    assert r.status_code == 206, r.text
+    media, _, boundary = r.headers["content-type"].partition("; boundary=")
+    assert media == "multipart/byteranges" and boundary
+    assert int(r.headers["content-length"]) == len(r.content)
+    parts = r.content.split(f"--{boundary}".encode())
+    assert parts[0] == b"" and parts[-1] == b"--\r\n"
+    got = []
+    for p in parts[1:-1]:
+        head, _, body = p.partition(b"\r\n\r\n")
+        assert body.endswith(b"\r\n")
+        ranges = [h for h in head.decode().split("\r\n") if h.startswith("Content-Range: ")]
+        first, _, last = (
+            ranges[0].removeprefix("Content-Range: bytes ").split("/")[0].partition("-")
+        )
+        got.append((int(first), int(last), body[:-2]))
+    assert [(a, b) for a, b, _ in got] == [
+        (0, 149),
+        (5_000_000, 5_000_999),
+        (BIG_SIZE - 10, BIG_SIZE - 1),
+    ]
+    for a, b, body in got:
+        assert body == data[a : b + 1]
     # HEAD: the same headers, nothing read
     params = {"path": f"/{BIG_FILE}", "partition": 1}
     r = cluster.http("HEAD", f"/api/v1/restore/mounts/{mid}/download", params=params)

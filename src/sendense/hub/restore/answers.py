@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import secrets
 from collections.abc import Iterator
 from typing import Any, Literal
 from urllib.parse import quote
@@ -48,30 +49,56 @@ def entry_view(e: FsEntry) -> dict[str, Any]:
     }
 
 
-def _ranges(header: str | None, size: int) -> tuple[int, int] | None:
-    """One ``bytes=a-b`` range (a suffix ``-n`` too) -> (start, end inclusive);
-    None: the whole file. 416 when it cannot be satisfied."""
+MAX_RANGES = 32  # more ranges in one request are ignored (the whole file is sent)
+
+
+def _ranges(header: str | None, size: int) -> list[tuple[int, int]] | None:
+    """The ``bytes=`` ranges of a Range header -> [(start, end inclusive)];
+    None: the whole file (no header, one not understood or not valid, more
+    than MAX_RANGES). Ranges past the end are dropped; none left is 416.
+    Overlapping ranges are merged (RFC 9110 allows coalescing); otherwise
+    they keep the order asked."""
     if not header:
         return None
     unit, _, spec = header.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None  # not understood or several ranges: the whole file (RFC 9110 allows it)
-    first, _, last = spec.strip().partition("-")
-    try:
-        if first == "":  # the last n bytes
-            n = int(last)
-            if n <= 0 or size == 0:
-                raise RangeNotSatisfiable(size)
-            return max(0, size - n), size - 1
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
+    if unit.strip() != "bytes":
         return None
-    if start < 0 or (last and end < start):
-        return None  # not a valid range: ignored (RFC 9110 14.2), the whole file
-    if start >= size:
+    specs = [p.strip() for p in spec.split(",") if p.strip()]
+    if not specs or len(specs) > MAX_RANGES:
+        return None
+    out: list[tuple[int, int]] = []
+    for one in specs:
+        first, dash, last = one.partition("-")
+        if not dash:
+            return None
+        try:
+            if first == "":  # the last n bytes
+                n = int(last)
+                if n < 0:
+                    return None
+                if n > 0 and size > 0:
+                    out.append((max(0, size - n), size - 1))
+                continue
+            start = int(first)
+            end = int(last) if last else size - 1
+        except ValueError:
+            return None
+        if start < 0 or (last and end < start):
+            return None  # not a valid range: the header is ignored (RFC 9110 14.2)
+        if start < size:
+            out.append((start, min(end, size - 1)))
+    if not out:
         raise RangeNotSatisfiable(size)
-    return start, min(end, size - 1)
+    ordered = sorted(out)
+    if any(b[0] <= a[1] + 1 for a, b in itertools.pairwise(ordered)):
+        merged = [ordered[0]]
+        for start, end in ordered[1:]:
+            if start <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        out = merged
+    return out
 
 
 class RangeNotSatisfiable(Exception):
@@ -91,8 +118,8 @@ def file_response(
     range_header: str | None = None,
     if_range: str | None = None,
 ) -> Response:
-    """A file of a session: 200 whole, 206 one range, 416; HEAD: the
-    headers only."""
+    """A file of a session: 200 whole, 206 one range or several
+    (multipart/byteranges), 416; HEAD: the headers only."""
     fs, part = service.session_fs(st, who, mount_id, partition)
     entry = fs.stat(part, fs_path(path, escaped), follow=True)
     if entry.type != "file":
@@ -126,19 +153,60 @@ def file_response(
             media_type="application/octet-stream",
             headers=headers,
         )
-    start, end = wanted
-    headers["Content-Length"] = str(end - start + 1)
-    headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+    if len(wanted) == 1:
+        ((start, end),) = wanted
+        headers["Content-Length"] = str(end - start + 1)
+        headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+        if head:
+            return Response(status_code=206, media_type="application/octet-stream", headers=headers)
+        return StreamingResponse(
+            first_read(
+                service.streaming(
+                    st,
+                    mount_id,
+                    fs.iter_file(part, entry.path, offset=start, length=end - start + 1),
+                )
+            ),
+            status_code=206,
+            media_type="application/octet-stream",
+            headers=headers,
+        )
+    # several ranges: multipart/byteranges, its length known before it starts
+    boundary = secrets.token_hex(16)
+    heads = [
+        (
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {start}-{end}/{entry.size}\r\n\r\n"
+        ).encode()
+        for start, end in wanted
+    ]
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(
+        len(h) + (end - start + 1) + 2 for h, (start, end) in zip(heads, wanted, strict=True)
+    )
+    headers["Content-Length"] = str(length + len(tail))
+    media = f"multipart/byteranges; boundary={boundary}"
     if head:
-        return Response(status_code=206, media_type="application/octet-stream", headers=headers)
+        return Response(status_code=206, media_type=media, headers=headers)
+    first_start, first_end = wanted[0]
+    first_part = first_read(
+        fs.iter_file(part, entry.path, offset=first_start, length=first_end - first_start + 1)
+    )
+
+    def parts() -> Iterator[bytes]:
+        for n, (h, (start, end)) in enumerate(zip(heads, wanted, strict=True)):
+            yield h
+            if n == 0:
+                yield from first_part
+            else:
+                yield from fs.iter_file(part, entry.path, offset=start, length=end - start + 1)
+            yield b"\r\n"
+        yield tail
+
     return StreamingResponse(
-        first_read(
-            service.streaming(
-                st, mount_id, fs.iter_file(part, entry.path, offset=start, length=end - start + 1)
-            )
-        ),
+        service.streaming(st, mount_id, parts()),
         status_code=206,
-        media_type="application/octet-stream",
+        media_type=media,
         headers=headers,
     )
 

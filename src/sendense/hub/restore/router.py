@@ -175,7 +175,7 @@ def file_info(
     responses={
         **errors(404),
         200: {"content": {"application/octet-stream": {}}, "description": "the file"},
-        206: {"description": "the requested range"},
+        206: {"description": "the requested range, or ranges as multipart/byteranges"},
         416: {"description": "range not satisfiable"},
     },
     response_class=StreamingResponse,
@@ -189,8 +189,9 @@ def download(
     partition: int | None = PartitionQ,
     escaped: bool = EscapedQ,
 ) -> Response:
-    """A file, streamed, with Content-Length, ETag and single-range requests
-    (206). HEAD answers the same headers without reading the file."""
+    """A file, streamed, with Content-Length, ETag and range requests (206;
+    several ranges as multipart/byteranges, overlapping ones merged; 416).
+    HEAD answers the same headers without reading the file."""
     return answers.file_response(
         st,
         who,
