@@ -364,6 +364,10 @@ def test_policy_editor_shows_next_runs_as_typed(
     console.wait(lambda: console.finds("#run-policy"), 20, "the policy page")
     policy = c.http("GET", "/api/v1/policies").json()["policies"][0]
     assert policy["schedule"] == "30 4 * * 1" and policy["matched_vms"] == ["web1"]
+    for kind in ("full", "incremental", "full", "incremental"):
+        c.backup("web1", kind)  # one day: keep_daily keeps the newest (and the oldest)
     console.find("#retention-plan").click()
     console.wait(lambda: console.finds("#plan"), 20, "the retention preview")
+    plan = console.find("#plan").text
+    assert "removes 2" in plan and "delete" in plan and "consolidate" in plan, plan
     console.shot("policy", doc="policy", full=True)
