@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import disks
+from sendense.core.errors import ParserLimit
 from sendense.hub.restore import streams
 from sendense.restore.fs import FsWorker, WorkerLimits
 
@@ -150,3 +151,9 @@ def test_archives_of_a_hostile_filesystem_note_what_could_not_be_read(tmp_path: 
         assert "unreadable hello.txt (zeros from byte 0)" in notes
         assert "unreadable directory /nested" in notes
         assert "nested" in members and "nested/deep.txt" not in members
+
+        # the directory asked for cannot be listed: the call raises, before
+        # any answer would start (never a 200 cut short)
+        for make in (streams.zip_stream, streams.tar_gz_stream):
+            with pytest.raises(ParserLimit):
+                make(w, 0, "/nested")  # type: ignore[arg-type]

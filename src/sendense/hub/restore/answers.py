@@ -149,7 +149,7 @@ def file_response(
         if head:
             return Response(media_type="application/octet-stream", headers=headers)
         return StreamingResponse(
-            first_read(service.streaming(st, mount_id, fs.iter_file(part, entry.path))),
+            streams.first_read(service.streaming(st, mount_id, fs.iter_file(part, entry.path))),
             media_type="application/octet-stream",
             headers=headers,
         )
@@ -160,7 +160,7 @@ def file_response(
         if head:
             return Response(status_code=206, media_type="application/octet-stream", headers=headers)
         return StreamingResponse(
-            first_read(
+            streams.first_read(
                 service.streaming(
                     st,
                     mount_id,
@@ -189,7 +189,7 @@ def file_response(
     if head:
         return Response(status_code=206, media_type=media, headers=headers)
     first_start, first_end = wanted[0]
-    first_part = first_read(
+    first_part = streams.first_read(
         fs.iter_file(part, entry.path, offset=first_start, length=first_end - first_start + 1)
     )
 
@@ -209,18 +209,6 @@ def file_response(
         media_type=media,
         headers=headers,
     )
-
-
-def first_read(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    """The first piece read before the answer starts: a file the parser
-    cannot read (corrupt, a looping chain, a limit hit) is an error answer
-    (409 ``filesystem_corrupt`` / ``parser_limit``), not a 200 cut short. A
-    failure further on can only end the stream early (Content-Length tells
-    the client)."""
-    first = next(pieces, None)
-    if first is None:
-        return iter(())
-    return itertools.chain((first,), pieces)
 
 
 def archive_response(
@@ -252,7 +240,7 @@ def archive_response(
             f"{base}.tar.gz",
         )
     return StreamingResponse(
-        first_read(service.streaming(st, mount_id, body)),
+        streams.first_read(service.streaming(st, mount_id, body)),
         media_type=media,
         headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
     )

@@ -203,10 +203,30 @@ def guarded(
                 yield bytes(n)
 
 
+def first_read(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """The first piece read before the answer starts: a file the parser
+    cannot read (corrupt, a looping chain, a limit hit), or a directory
+    that cannot be listed, is an error answer (409 ``filesystem_corrupt`` /
+    ``parser_limit``), not a 200 cut short. A failure further on can only
+    end the stream early (Content-Length tells the client)."""
+    first = next(pieces, None)
+    if first is None:
+        return iter(())
+    return itertools.chain((first,), pieces)
+
+
 def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
-    """The entries are listed first (names and sizes only); zipstream-ng
-    then reads each file piece by piece as the archive is streamed. The
-    manifest goes last, once every file was read (read failures too)."""
+    """A ZIP of the directory ``root``, its first piece already produced
+    (so that a root that cannot be listed raises here, see `first_read`)."""
+    return first_read(_zip(pool, partition, root))
+
+
+def _zip(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
+    """Entries are added as the walk finds them and streamed at once (each
+    file read piece by piece): the first bytes go out before the tree is
+    walked, and only the central directory's records are kept until the
+    end. The manifest goes last, once every file was read (read failures
+    too)."""
     zs = ModeZipStream(compress_type=ZIP_DEFLATED, compress_level=1)
     notes: list[str] = []
     for e in walk(pool, partition, root, notes):
@@ -227,15 +247,11 @@ def zip_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
             zs.add_symlink(rel, e.target or "")
         else:
             notes.append(f"skipped {e.type} {shown(rel)}")
-
-    def stream() -> Iterator[bytes]:
         yield from zs.all_files()
-        if notes:
-            zs.add("\n".join(notes) + "\n", MANIFEST, mode=stat.S_IFREG | 0o644)
-            yield from zs.all_files()
-        yield from zs.footer()
-
-    return stream()
+    if notes:
+        zs.add("\n".join(notes) + "\n", MANIFEST, mode=stat.S_IFREG | 0o644)
+        yield from zs.all_files()
+    yield from zs.footer()
 
 
 class _GzipQueueWriter(io.RawIOBase):
@@ -290,6 +306,12 @@ class _IterReader(io.RawIOBase):
 
 
 def tar_gz_stream(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
+    """A tar.gz of the directory ``root``, its first piece already produced
+    (see `first_read`)."""
+    return first_read(_tar_gz(pool, partition, root))
+
+
+def _tar_gz(pool: FsPool, partition: int, root: str) -> Iterator[bytes]:
     q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
     stop = threading.Event()
 
