@@ -155,3 +155,12 @@ def console(browser: Any, cluster: Any, tmp_path: Path) -> Iterator[Console]:
     browser.delete_all_cookies()
     yield c
     browser.delete_all_cookies()
+
+
+@pytest.fixture(autouse=True)
+def templates_complete(console: Console, cluster: Any) -> Iterator[None]:
+    """A page rendered with a value missing (shown empty, logged by the hub)
+    fails the test that showed it."""
+    yield
+    missing = [line for line in cluster.log("hub").splitlines() if "Template variable" in line]
+    assert not missing, missing[:5]

@@ -9,6 +9,7 @@ the raw HTML.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from fixtures.cluster import Cluster
 
@@ -25,6 +27,15 @@ HEADERS = {
     "referrer-policy": "no-referrer",
     "x-content-type-options": "nosniff",
 }
+
+
+@pytest.fixture(autouse=True)
+def templates_complete(cluster: Cluster) -> Iterator[None]:
+    """A page rendered with a value missing (shown empty, logged by the hub)
+    fails the test that showed it."""
+    yield
+    missing = [line for line in cluster.log("hub").splitlines() if "Template variable" in line]
+    assert not missing, missing[:5]
 
 
 def csrf_of(html: str) -> str:

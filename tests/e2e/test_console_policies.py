@@ -24,6 +24,15 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     yield from lifecycle_cluster(request, tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def templates_complete(cluster: Cluster) -> Iterator[None]:
+    """A page rendered with a value missing (shown empty, logged by the hub)
+    fails the test that showed it."""
+    yield
+    missing = [line for line in cluster.log("hub").splitlines() if "Template variable" in line]
+    assert not missing, missing[:5]
+
+
 def csrf_of(html: str) -> str:
     m = re.search(r'name="csrf" value="([^"]+)"', html)
     assert m, "no CSRF field in the page"

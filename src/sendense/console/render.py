@@ -6,6 +6,7 @@ or a user is text, never markup.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,26 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    ChainableUndefined,
+    Environment,
+    FileSystemLoader,
+    Undefined,
+    make_logging_undefined,
+    select_autoescape,
+)
 
 from sendense import __version__
 
 TEMPLATES = Path(__file__).parent / "templates"
+log = logging.getLogger(__name__)
 
 env = Environment(
     loader=FileSystemLoader(TEMPLATES),
     autoescape=select_autoescape(default=True, default_for_string=True),
-    undefined=StrictUndefined,
+    # A value missing from an answer renders empty (and is logged) rather than
+    # failing the whole page.
+    undefined=make_logging_undefined(log, ChainableUndefined),
     trim_blocks=True,
     lstrip_blocks=True,
 )
@@ -33,9 +44,13 @@ def quote(text: str) -> str:
     return _quote(text, safe="")
 
 
+def _missing(value: Any) -> bool:
+    return value is None or isinstance(value, Undefined)
+
+
 def size(value: Any) -> str:
     """Bytes for a person: 1.5 GiB (binary units, as qemu-img shows them)."""
-    if value is None:
+    if _missing(value):
         return "-"
     n = float(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -46,7 +61,7 @@ def size(value: Any) -> str:
 
 
 def _parse(value: Any) -> datetime | None:
-    if value is None or value == "":
+    if _missing(value) or value == "":
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -78,7 +93,7 @@ def ago(value: Any) -> str:
 
 
 def duration(seconds: Any) -> str:
-    if seconds is None:
+    if _missing(seconds):
         return "-"
     s = int(float(seconds))
     if s < 60:
@@ -91,20 +106,20 @@ def duration(seconds: Any) -> str:
 
 
 def rate(value: Any) -> str:
-    return "-" if not value else size(value) + "/s"
+    return "-" if _missing(value) or not value else size(value) + "/s"
 
 
 def short(value: Any) -> str:
     """The first 8 characters of an id (the whole id is in the link and title)."""
-    return str(value)[:8] if value else "-"
+    return "-" if _missing(value) or not value else str(value)[:8]
 
 
 def eta(value: Any) -> str:
-    return "-" if value is None else duration(value)
+    return "-" if _missing(value) else duration(value)
 
 
 def percent(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.1f} %"
+    return "-" if _missing(value) else f"{float(value):.1f} %"
 
 
 def with_query(request: Request, **changes: Any) -> str:
