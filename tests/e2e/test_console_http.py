@@ -137,6 +137,8 @@ def test_sign_in_cookie_headers_csrf_and_revocation(cluster: Cluster) -> None:
     assert r.status_code == 403
     refused = audit(c, "/ui/signout")
     assert any(e["status"] == 403 and e["method"] == "POST" for e in refused), refused
+    signins = audit(c, "/ui/signin")  # sign-ins are audited, the refused one as 401
+    assert {(e["status"], e["token_name"]) for e in signins} >= {(401, None), (303, "admin")}
 
     # A changed cookie is no session.
     forged = console(c)
