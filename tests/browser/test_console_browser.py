@@ -24,6 +24,9 @@ from fixtures.cluster import Cluster
 from fixtures.disks import PartitionSpec, build_ext4, build_partitioned, tools_missing
 from fixtures.lifecycle import MiB, cluster_env, lifecycle_cluster
 
+# About a minute in all: run by `make test`, left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 XSS = "<script>alert(1)</script>"
 # The mover at 3 MiB/s: a 24 MiB disk of random data takes about 8 s.
 SLOW = {"SENDENSE_NODE_MAX_RATE": str(3 * MiB), "SENDENSE_NODE_REQUEST_SIZE": str(MiB)}
