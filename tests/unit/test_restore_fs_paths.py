@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sendense.core.errors import FilesystemCorrupt, PathRefused
@@ -126,3 +128,42 @@ def test_unescape_refuses_bad_escapes(bad: str) -> None:
     with pytest.raises(PathRefused) as e:
         unescape(bad)
     assert e.value.details["reason"] == "bad_escape"
+
+
+def test_a_session_shows_guest_labels_it_cannot_write_as_utf8_escaped() -> None:
+    """Partition labels, types and warnings are guest data too: a session's
+    answer must always be writable as UTF-8 (JSON)."""
+    from types import SimpleNamespace
+
+    from sendense.hub.restore.service import mount_view
+
+    job = SimpleNamespace(
+        id="m1",
+        params={"backup_id": "b1", "disk_id": 0},
+        result={
+            "partitions": [
+                {
+                    "index": 1,
+                    "filesystem": "ntfs",
+                    "label": "vol\udce9\ud800",
+                    "size": 1,
+                    "offset": 0,
+                    "table": "lvm",
+                    "type": "vg\udcff/lv",
+                    "warnings": ["dirty \udcfe"],
+                }
+            ]
+        },
+        status="running",
+        step="open",
+        progress={},
+        started_at=None,
+        created_at=None,
+        vm_name="vm",
+        error_message=None,
+        created_by="admin",
+    )
+    (part,) = mount_view(job)["partitions"]  # type: ignore[arg-type]
+    assert part["label"] == "vol%E9\ufffd" and part["type"] == "vg%FF/lv"
+    assert part["warnings"] == ["dirty %FE"]
+    json.dumps(part, ensure_ascii=False).encode("utf-8")

@@ -22,6 +22,7 @@ from sendense.hub.state import HubState
 from sendense.hub.views import job_view
 from sendense.restore import disk, export, sessions
 from sendense.restore.fs.client import FsPool
+from sendense.restore.fs.paths import shown
 
 END_WAIT = 15.0
 
@@ -203,12 +204,13 @@ def mount_view(job: BackupJob) -> dict[str, Any]:
             {
                 "index": p["index"],
                 "filesystem": p["filesystem"],
-                "label": p["label"],
+                # a label is guest data: shown escaped if it cannot be UTF-8
+                "label": None if p["label"] is None else shown(p["label"]),
                 "size": p["size"],
                 "offset": p["offset"],
                 "table": p["table"],
-                "type": p["type"],
-                "warnings": p["warnings"],
+                "type": shown(p["type"]),
+                "warnings": [shown(w) for w in p["warnings"]],
             }
             for p in result.get("partitions") or []
         ],
