@@ -320,3 +320,26 @@ def test_verify_and_consolidate_from_the_console(cluster: Cluster, make_vm: Any)
         f"/ui/backups/{points[-1]}/consolidate", data={"csrf": csrf_of(page.text), "keep": "0"}
     )
     assert bad.status_code == 400 and "keep" in bad.text
+
+
+def test_locked_restore_point_shows_its_lock_and_refuses_delete(
+    cluster: Cluster, make_vm: Any
+) -> None:
+    from fixtures.lifecycle import catalog_exec
+
+    c = cluster
+    c.register(make_vm("locked1", [8 << 20]))
+    (backup_id,) = c.backup("locked1", "full")["backups"]
+    until = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+    catalog_exec(
+        c, "UPDATE backups SET immutable_until = :until WHERE id = :id", until=until, id=backup_id
+    )
+    admin = sign_in(c, c.admin_token)
+    shown = until.strftime("%Y-%m-%d %H:%M:%S")
+    page = admin.get(f"/ui/backups/{backup_id}")
+    assert f"immutable until {shown}" in page.text
+    assert f"locked until {shown}" in admin.get("/ui/vms/locked1").text
+    r = admin.post(f"/ui/backups/{backup_id}/delete", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 409
+    assert "This restore point is locked" in r.text and f"Locked until <strong>{shown}" in r.text
+    assert c.http("GET", f"/api/v1/backups/{backup_id}").status_code == 200
