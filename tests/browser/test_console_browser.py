@@ -315,6 +315,17 @@ def test_restore_browser_download_equals_source(
     target = downloads / "settings.bin"
     console.wait(lambda: target.exists() and target.stat().st_size == len(payload), 60, "download")
     assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(payload).hexdigest()
+    # The same answer as the API's: a range is a 206 of exactly those bytes.
+    href = console.find("a.file").get_attribute("href")
+    got = console.driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {headers: {Range: 'bytes=10-19'}})"
+        ".then(function (r) { return r.arrayBuffer().then(function (b) {"
+        "  done([r.status, Array.from(new Uint8Array(b))]); }); })"
+        ".catch(function (e) { done(String(e)); });",
+        href,
+    )
+    assert got[0] == 206 and bytes(got[1]) == payload[10:20], got
     # The directory as a ZIP, streamed by the hub.
     console.find("#dir-zip").click()
     archive = downloads / "app.zip"

@@ -2,25 +2,24 @@
 files, archives), whole-disk restore, and NBD exports.
 
 Downloads go through these routes (the session cookie authenticates them,
-the API's routes want a bearer token) and reuse the hub's restore service:
-the same session lookup, scope and path checks, the same file and archive
-streams.
+the API's routes want a bearer token) and answer exactly as the API does
+(hub/restore/answers.py): the same session lookup, scope and path checks,
+ETag, ranges, HEAD, and file and archive streams.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import quote as url_quote
 
-from fastapi import APIRouter, Query
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
 
 from sendense.console.page import Form, Signed, build
 from sendense.console.render import quote
-from sendense.core.errors import NotADirectory, NotAFile
+from sendense.hub.restore import answers
 from sendense.hub.restore import service as restore
-from sendense.hub.restore import streams
 from sendense.hub.restore.schemas import RestoreCreate
+from sendense.restore.fs.paths import has_raw_bytes, shown
 
 router = APIRouter()
 
@@ -54,6 +53,7 @@ def browse(
     offset: int = Query(default=0, ge=0, le=10_000_000),
     sort: Literal["name", "size", "mtime"] = "name",
     order: Literal["asc", "desc"] = "asc",
+    escaped: bool = False,
 ) -> HTMLResponse:
     page.require("operator")
     session = restore.get_mount(page.st, page.who, mount_id)
@@ -63,16 +63,17 @@ def browse(
     if session["status"] == "open" and (partition is not None or len(readable) == 1):
         fs, part = restore.session_fs(page.st, page.who, mount_id, partition)
         partition = part
+        where = answers.fs_path(path, escaped)
         if sort == "name" and order == "asc":
-            got = fs.list_dir(part, path, offset=offset, limit=PAGE)
-            entries, total = got.entries, got.total
+            got = fs.list_dir(part, where, offset=offset, limit=PAGE)
+            entries, total = list(got.entries), got.total
         else:
-            got = fs.list_dir(part, path, offset=0, limit=SORTABLE)
+            got = fs.list_dir(part, where, offset=0, limit=SORTABLE)
             entries, total = list(got.entries), got.total
             if total > SORTABLE:
                 note = f"this directory has {total} entries: sorted by name only"
-                got = fs.list_dir(part, path, offset=offset, limit=PAGE)
-                entries = got.entries
+                got = fs.list_dir(part, where, offset=offset, limit=PAGE)
+                entries = list(got.entries)
             else:
                 key = {
                     "name": lambda e: e.name,
@@ -81,7 +82,13 @@ def browse(
                 }[sort]
                 entries = sorted(entries, key=key, reverse=order == "desc")
                 entries = entries[offset : offset + PAGE]
-        listing = {"path": got.path, "entries": entries, "total": total}
+        listing = {
+            # Names that are not UTF-8 are shown escaped, as the API shows them.
+            "path": shown(got.path),
+            "escaped": has_raw_bytes(got.path),
+            "entries": [answers.entry_view(e) for e in entries],
+            "total": total,
+        }
     return page.render(
         "restore_browse.html",
         s=session,
@@ -105,25 +112,28 @@ def _crumbs(path: str) -> list[tuple[str, str]]:
     return out
 
 
-@router.get("/restore/{mount_id}/download")
+@router.api_route("/restore/{mount_id}/download", methods=["GET", "HEAD"])
 def download(
     mount_id: str,
+    request: Request,
     page: Signed,
     path: str = Query(max_length=4096),
     partition: int | None = Query(default=None, ge=0, le=1024),
+    escaped: bool = False,
 ) -> Response:
+    """The API's answer (restore/answers.py): ETag, ranges, HEAD, the first
+    piece read before the answer starts."""
     page.require("operator")
-    fs, part = restore.session_fs(page.st, page.who, mount_id, partition)
-    entry = fs.stat(part, path, follow=True)
-    if entry.type != "file":
-        raise NotAFile(f"{path} is a {entry.type}, not a file", path=path)
-    return StreamingResponse(
-        fs.iter_file(part, entry.path),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(entry.size),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{url_quote(entry.name)}",
-        },
+    return answers.file_response(
+        page.st,
+        page.who,
+        mount_id,
+        partition,
+        path,
+        escaped=escaped,
+        method=request.method,
+        range_header=request.headers.get("range"),
+        if_range=request.headers.get("if-range"),
     )
 
 
@@ -134,26 +144,11 @@ def archive(
     path: str = Query(default="/", max_length=4096),
     partition: int | None = Query(default=None, ge=0, le=1024),
     format: Literal["zip", "tar.gz"] = "zip",
+    escaped: bool = False,
 ) -> Response:
     page.require("operator")
-    fs, part = restore.session_fs(page.st, page.who, mount_id, partition)
-    root = fs.stat(part, path, follow=True)
-    if root.type != "dir":
-        raise NotADirectory(f"{path} is a {root.type}, not a directory", path=path)
-    base = root.name or "root"
-    if format == "zip":
-        body, media, name = (
-            streams.zip_stream(fs, part, root.path),
-            "application/zip",
-            base + ".zip",
-        )
-    else:
-        body = streams.tar_gz_stream(fs, part, root.path)
-        media, name = "application/gzip", base + ".tar.gz"
-    return StreamingResponse(
-        body,
-        media_type=media,
-        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{url_quote(name)}"},
+    return answers.archive_response(
+        page.st, page.who, mount_id, partition, path, escaped=escaped, format=format
     )
 
 
