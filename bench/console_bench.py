@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (debugging)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sendense-console-bench-", dir=args.workdir or "/var/tmp"))
     data = work / "hub"
@@ -105,7 +107,11 @@ def main() -> int:
             print(f"{name:18s} {ms[len(ms) // 2]:8.1f} {p95:8.1f} {ms[-1]:8.1f}", flush=True)
     finally:
         stop_service(hub)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results))
     worst = max(results, key=lambda k: results[k])
     print(f"console_worst_p95_ms={results[worst]:.1f} console_worst_page={worst}")
     return 0
