@@ -155,13 +155,19 @@ def test_sign_in_cookie_headers_csrf_and_revocation(cluster: Cluster) -> None:
     r = ops.get("/ui/jobs")
     assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
 
-    # Sign-out clears the cookie.
+    # Sign-out clears the cookie and revokes the session: a copy of the
+    # cookie taken before (a lost laptop's disk) no longer works either.
+    copy = console(c)
+    copy.cookies.set("sendense_session", admin.cookies["sendense_session"], path="/ui")
+    assert copy.get("/ui/").status_code == 200
     r = admin.post("/ui/signout", data={"csrf": csrf_of(admin.get("/ui/").text)})
     assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
     assert (
         'sendense_session=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
     )
     assert admin.get("/ui/").status_code == 303
+    r = copy.get("/ui/")
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
     # Without a session: a form goes to sign-in, a refreshing fragment says where.
     r = console(c).post("/ui/signout", data={"csrf": "x"})
     assert r.status_code == 303 and r.headers["location"] == "/ui/signin"

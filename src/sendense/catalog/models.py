@@ -425,3 +425,17 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ConsoleSessionRecord(Base):
+    """A web console sign-in (console/session.py): the cookie names it by a
+    random id (stored here hashed); signing out revokes it, so a copied
+    cookie stops working at once. ``token_id`` null: the bootstrap token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)

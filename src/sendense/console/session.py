@@ -4,14 +4,16 @@ The cookie holds no secret, only what the hub needs to find the caller again
 (``{"tid": token id, "exp": unix seconds, "sid": random}``, the bootstrap
 admin token as ``tid = "bootstrap"`` with a fingerprint of that token), signed
 with HMAC-SHA256 under a key derived from the hub's ``secret.key``. Every API
-process of the hub reads the same file, so any of them accepts the cookie, and
-no table is needed.
+process of the hub reads the same file, so any of them accepts the cookie.
 
-On every request the token behind the cookie is looked up again: revoking the
-token (``DELETE /api/v1/tokens/{id}``), its expiry, or a new bootstrap token
-end every console session of it at once. Signing out clears the cookie; a
-copy of the cookie taken before stays valid until it expires
-(`SESSION_SECONDS`) or its token is revoked (docs/console.md).
+Each sign-in is also a catalog row (``console_sessions``, keyed by a hash of
+the random ``sid``): signing out revokes it, so a copy of the cookie taken
+before stops working at once, in every hub process.
+
+On every request the session row and the token behind the cookie are looked
+up again: signing out, revoking the token (``DELETE /api/v1/tokens/{id}``),
+its expiry, or a new bootstrap token end the session at once; at the latest
+it ends after `SESSION_SECONDS`.
 
 CSRF: every form carries ``HMAC(key, "csrf:" + sid)``, bound to the session;
 the sign-in form (no session yet) is bound to a random pre-session cookie
@@ -27,14 +29,14 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from sendense.auth import token_matches
-from sendense.catalog.models import ApiToken
+from sendense.catalog.models import ApiToken, ConsoleSessionRecord
 from sendense.core.access import ADMIN, SCOPED_ROLE_MAX, Principal, Role, Scope
 
 COOKIE = "sendense_session"
@@ -148,7 +150,47 @@ def sign_in(st: Any, key: bytes, token: str) -> tuple[str, ConsoleSession] | Non
             payload = {"tid": row.id}
             who = _principal(row)
     payload.update({"exp": expires, "sid": sid})
+    with st.db.session() as s:
+        # Sessions ended a day ago go, so the table stays small.
+        s.execute(
+            delete(ConsoleSessionRecord).where(
+                ConsoleSessionRecord.expires_at < now - timedelta(days=1)
+            )
+        )
+        s.add(
+            ConsoleSessionRecord(
+                id=record_id(sid),
+                token_id=None if payload["tid"] == BOOTSTRAP else payload["tid"],
+                created_at=now,
+                expires_at=datetime.fromtimestamp(expires, UTC),
+            )
+        )
     return sign(key, payload), ConsoleSession(who, sid, expires)
+
+
+def record_id(sid: str) -> str:
+    """The catalog's name for a session: a hash, so the table holds no cookie."""
+    return hashlib.sha256(f"console-session:{sid}".encode()).hexdigest()
+
+
+def _live(s: Any, sid: str) -> bool:
+    row = s.get(ConsoleSessionRecord, record_id(sid))
+    return row is not None and row.revoked_at is None
+
+
+def sign_out(st: Any, key: bytes, cookie: str | None) -> bool:
+    """Revoke the session behind a cookie (for every copy of it); whether
+    there was one to revoke."""
+    data = unsign(key, cookie)
+    sid = data.get("sid") if data else None
+    if not sid:
+        return False
+    with st.db.session() as s:
+        row = s.get(ConsoleSessionRecord, record_id(str(sid)))
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = datetime.now(UTC)
+        return True
 
 
 def resume(st: Any, key: bytes, cookie: str | None) -> ConsoleSession | None:
@@ -163,9 +205,12 @@ def resume(st: Any, key: bytes, cookie: str | None) -> ConsoleSession | None:
     if tid == BOOTSTRAP:
         if not hmac.compare_digest(str(data.get("fp", "")), fingerprint(key, st.admin_token)):
             return None
-        return ConsoleSession(ADMIN, sid, expires)
+        with st.db.session() as s:
+            return ConsoleSession(ADMIN, sid, expires) if _live(s, sid) else None
     now = datetime.now(UTC)
     with st.db.session() as s:
+        if not _live(s, sid):
+            return None
         row = s.get(ApiToken, tid)
         if row is None or not _usable(row, now):
             return None

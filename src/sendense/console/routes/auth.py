@@ -86,6 +86,8 @@ async def signin(request: Request) -> Response:
 
 @router.post("/signout")
 def signout(request: Request, form: Form) -> Response:
+    # Revoked in the catalog: a copy of the cookie stops working too.
+    session.sign_out(hub_of(request), key_of(request), request.cookies.get(session.COOKIE))
     response = RedirectResponse("/ui/signin", status_code=303)
     response.delete_cookie(
         session.COOKIE,
