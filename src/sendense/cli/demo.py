@@ -166,6 +166,10 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
             " in another terminal or append & (stop it with Ctrl-C, or kill %1):"
         )
         console.print(f"  .venv/bin/sendense hub serve --data-dir {hub_dir} &")
+        console.print(
+            "  then open the web console at http://127.0.0.1:8082/ui/ and sign in with"
+            f" the token in {hub_dir / 'admin.token'}"
+        )
         console.print(f"  .venv/bin/sendense --data-dir {hub_dir} backup ls")
         console.print(f"  .venv/bin/sendense --data-dir {hub_dir} backup chain demo-vm")
         return 0 if ok else 1
