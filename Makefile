@@ -61,8 +61,10 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix src tests bench scripts
 
 # Every benchmark; each prints its figures as key=value on its last line.
-.PHONY: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source
-bench: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source
+.PHONY: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source \
+        bench-console
+bench: bench-backup bench-api bench-consolidate bench-restore bench-policy bench-source \
+       bench-console
 
 bench-backup: setup
 	$(PY) bench/backup_bench.py
@@ -89,6 +91,10 @@ bench-policy: venv
 # 10% incremental behind the vCenter simulator against nbdcopy (4 GiB).
 bench-source: setup
 	$(PY) bench/source_bench.py
+
+# Web console pages on the API benchmark's catalog (100,000 backups): p95.
+bench-console: venv
+	$(PY) bench/console_bench.py
 
 clean:
 	rm -rf var build *.egg-info
