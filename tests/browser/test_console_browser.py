@@ -155,10 +155,11 @@ def test_backup_from_vm_page_progress_and_cancel(
     assert console.driver.execute_script("return window.notReloaded") is True
 
     console.go("/ui/")
+    console.driver.execute_script("window.notReloaded = true")
     seen: list[float] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        value = percent_of(console)  # refreshed in place by htmx, no reload
+        value = percent_of(console)  # replaced in place by server-sent events
         if value >= 0 and (not seen or value != seen[-1]):
             seen.append(value)
             if len(seen) == 2:
@@ -167,6 +168,7 @@ def test_backup_from_vm_page_progress_and_cancel(
             break
         time.sleep(0.3)
     assert len(seen) >= 2 and seen == sorted(seen), f"progress did not move: {seen}"
+    assert console.driver.execute_script("return window.notReloaded") is True
 
     console.driver.get(job_url)
     console.wait(lambda: "completed" in console.find("#job-status").text, 90, "completion")

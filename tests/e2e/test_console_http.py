@@ -155,6 +155,14 @@ def test_sign_in_cookie_headers_csrf_and_revocation(cluster: Cluster) -> None:
     r = ops.get("/ui/jobs")
     assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
 
+    # The dashboard's running jobs arrive as server-sent events.
+    with admin.stream("GET", "/ui/fragments/running/events") as events:
+        assert events.status_code == 200
+        assert events.headers["content-type"].startswith("text/event-stream")
+        lines = events.iter_lines()
+        first = [next(lines) for _ in range(4)]
+    assert "event: progress" in first and any("Nothing running" in x for x in first), first
+
     # Sign-out clears the cookie and revokes the session: a copy of the
     # cookie taken before (a lost laptop's disk) no longer works either.
     copy = console(c)
