@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fixtures.cluster import Cluster, cli
 
 
@@ -97,6 +99,7 @@ def test_cli_errors_are_clear(cluster: Cluster) -> None:
     assert proc.returncode == 1 and "401" in proc.stderr
 
 
+@pytest.mark.timeout(720)  # two demos, each waits for its policy's one-minute schedule
 def test_demo_passes_and_every_check_counts(tmp_path: Path, monkeypatch) -> None:
     """``sendense demo`` exits 0 with every check passed; a check that fails
     (here: the full restore point no longer reading as recorded) makes it 1."""
@@ -105,7 +108,7 @@ def test_demo_passes_and_every_check_counts(tmp_path: Path, monkeypatch) -> None
         [sys.executable, "-m", "sendense.cli.main", *argv],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every check passed" in proc.stdout and "FAILED" not in proc.stdout, proc.stdout
@@ -125,4 +128,4 @@ def test_demo_passes_and_every_check_counts(tmp_path: Path, monkeypatch) -> None
 
     monkeypatch.setattr(demo, "digest_of_image", digest_of_image)
     assert demo.run_demo(tmp_path / "bad", 32) == 1
-    assert len(fulls) == 2  # both disks' full restore points were checked
+    assert len(fulls) == 3  # every disk's full restore point was checked

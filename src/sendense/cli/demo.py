@@ -81,6 +81,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         hub = start_service(
             ["hub", "serve", "--port", str(hub_port), "--data-dir", str(hub_dir)],
             workdir / "hub.log",
+            # The policy step waits for a one-minute schedule: look every 2 s.
+            env={"SENDENSE_SCHEDULER_INTERVAL": "2"},
         )
         node = start_service(
             ["node", "serve", "--port", str(node_port), "--data-dir", str(node_dir)],
