@@ -82,6 +82,12 @@ def check(path: str, *, allow_leaks: bool = False) -> dict[str, Any]:
     return result
 
 
+def repair_leaks(path: str) -> None:
+    """``qemu-img check -r leaks``: free clusters nothing references (what a
+    write interrupted mid-way leaves). Touches refcounts only, never data."""
+    run(["check", "-r", "leaks", "--output=json", path])
+
+
 def compare(a: str, b: str, *, strict: bool = False) -> bool:
     """True when both images read the same (exit 0), False when they differ (1)."""
     cmd = [QEMU_IMG, "compare", "-U", *(["-s"] if strict else []), a, b]
