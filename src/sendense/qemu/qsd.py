@@ -73,7 +73,10 @@ class QsdVm:
                 raise QmpError("qemu-storage-daemon did not create its QMP socket")
             time.sleep(0.01)
         if guest_exports:
-            with QmpClient(self.qmp_socket) as qmp:
+            # Opening its images can wait on the host's write-back (images
+            # just written by qemu-img on a busy disk): more than QMP's
+            # usual 30 s was seen under a full test run.
+            with QmpClient(self.qmp_socket, timeout=120.0) as qmp:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.guest_socket)
                 # A guest-side server on its own socket: the node's connector
