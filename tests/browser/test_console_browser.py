@@ -148,7 +148,9 @@ def test_backup_from_vm_page_progress_and_cancel(
     job_id = job_url.rsplit("/", 1)[1].split("?")[0]
     # The job page follows the job by server-sent events, without reloading.
     console.driver.execute_script("window.notReloaded = true")
-    first = console.find("#job-progress .progress").text
+    # (read through wait: the events may replace the element between the
+    # lookup and the read)
+    first = console.wait(lambda: console.find("#job-progress .progress").text, 20, "progress")
     console.wait(
         lambda: console.find("#job-progress .progress").text != first, 30, "job page progress"
     )

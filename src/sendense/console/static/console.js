@@ -96,6 +96,8 @@
       show(event);
       source.close();
       el.removeAttribute("data-sse");
+      // Actions for a running job only (cancel) go once it has ended.
+      document.querySelectorAll("[data-live-only]").forEach(function (x) { x.remove(); });
     });
     source.addEventListener("signed-out", function () {
       source.close();
