@@ -68,6 +68,10 @@ class Node(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # SHA-256 (hex) of the node's TLS certificate, pinned at registration, and
+    # the certificate itself (PEM, public): the hub trusts it for this node only.
+    fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
+    certificate: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Source(Base):
@@ -131,6 +135,8 @@ class Repository(Base):
     path: Mapped[str] = mapped_column(String(1000))
     immutable: Mapped[bool] = mapped_column(Boolean, default=False)
     retention_days: Mapped[int] = mapped_column(Integer, default=0)
+    # Backups are QCOW2 with LUKS encryption; the key is in `RepositoryKey`.
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
     # Type-specific settings (nfs/cifs: server, share, mount options); no secrets.
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Secret part of the config (a cifs password), encrypted; never returned.
@@ -439,3 +445,17 @@ class ConsoleSessionRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class RepositoryKey(Base):
+    """An encrypted repository's data key, wrapped with the hub's master key
+    (a file outside the catalog, settings ``master_key_file``)."""
+
+    __tablename__ = "repository_keys"
+
+    repository_id: Mapped[str] = mapped_column(
+        ForeignKey("repositories.id", ondelete="CASCADE"), primary_key=True
+    )
+    key_id: Mapped[str] = mapped_column(String(64))
+    wrapped_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
