@@ -204,7 +204,13 @@ class JobRunner:
         if not report.ended and not self._alive(job_id, pid):
             # Re-read: the worker may have finished between the two reads.
             report = self._read_report(job_dir) or report
-            if not report.ended:
+            if not report.ended and self._cancelled_before_start(job_id):
+                report.status = "cancelled"
+                report.step = "cancelled"
+                report.error = JobError(
+                    code="cancelled", message="job cancelled before its worker started"
+                )
+            elif not report.ended:
                 try:
                     stderr = (job_dir / "worker.stderr").read_text(errors="replace")[-500:]
                 except OSError:
@@ -216,6 +222,17 @@ class JobRunner:
                     + (f": {stderr.strip()}" if stderr.strip() else ""),
                 )
         return report
+
+    def _cancelled_before_start(self, job_id: str) -> bool:
+        """A cancelled job whose worker the SIGTERM ended: that happens only
+        while a spare worker is still importing (seen in a full test run under
+        load), before its first statement blocks the signal; once blocked,
+        SIGTERM only sets the job's cancel event. So the job did nothing."""
+        with self._jobs_lock:
+            entry = self._jobs.get(job_id)
+        if entry is None or entry.proc is None or not entry.cancel_requested:
+            return False
+        return entry.proc.poll() == -signal.SIGTERM
 
     def cancel(self, job_id: str) -> JobStatusReport:
         report = self.status(job_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ class QsdVm:
             if time.monotonic() > deadline:
                 raise QmpError("qemu-storage-daemon did not create its QMP socket")
             time.sleep(0.01)
+        self._wait_listening(deadline)
         if guest_exports:
             # Opening its images can wait on the host's write-back (images
             # just written by qemu-img on a busy disk): more than QMP's
@@ -94,6 +96,26 @@ class QsdVm:
                         name=f"guest{i}",
                         writable=True,
                     )
+
+    def _wait_listening(self, deadline: float) -> None:
+        """Until the QMP socket accepts connections: the daemon binds the
+        path before it listens, and a connect between the two is refused
+        (seen once in a full test run, right after a restart)."""
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.qmp_socket)
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise QmpError(
+                        f"qemu-storage-daemon exited with {self.proc.returncode}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise QmpError("qemu-storage-daemon does not accept QMP connections") from None
+                time.sleep(0.01)
+            finally:
+                probe.close()
 
     @property
     def pid(self) -> int | None:
