@@ -59,6 +59,7 @@ from sendense.catalog.models import Backup, BackupJob, Vm, Webhook
 from sendense.engine.lifecycle import ACTIVE
 from sendense.notify import outbox
 from sendense.notify.outbox import Backoff, Due
+from sendense.notify.sealed import unseal
 from sendense.secretbox import SecretBox, scrub
 
 log = logging.getLogger(__name__)
@@ -320,10 +321,8 @@ class WebhookSender:
     def post(self, d: Due) -> str | None:
         """POST one delivery; None when the receiver took it, else why not
         (with neither the secret nor the URL's path or query)."""
-        secret: str | None = None
         try:
-            if d.secret_encrypted:
-                secret = str(self.secrets.decrypt(d.secret_encrypted))
+            url, secret = unseal(self.secrets, d.url, d.secret_encrypted)
         except Exception as e:
             name = type(e).__name__
             return f"cannot decrypt the webhook's secret ({name}): was secret.key replaced?"
@@ -339,16 +338,16 @@ class WebhookSender:
         if secret:
             headers["X-Sendense-Signature"] = sign(secret, timestamp, body)
         try:
-            r = self._http.post(d.url, content=body, headers=headers)
+            r = self._http.post(url, content=body, headers=headers)
         except httpx.TimeoutException:
             return f"timed out after {self.timeout:g}s"
         except Exception as e:
-            return self._clean(f"{type(e).__name__}: {e}", d.url, secret)
+            return self._clean(f"{type(e).__name__}: {e}", url, secret)
         if 200 <= r.status_code < 300:
             return None
         text = r.text[:200].strip() if r.content else ""
         note = " (redirects are not followed)" if 300 <= r.status_code < 400 else ""
-        return self._clean(f"HTTP {r.status_code}{note}: {text}".rstrip(": "), d.url, secret)
+        return self._clean(f"HTTP {r.status_code}{note}: {text}".rstrip(": "), url, secret)
 
     @staticmethod
     def _clean(message: str, url: str, secret: str | None) -> str:

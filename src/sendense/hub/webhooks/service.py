@@ -5,8 +5,9 @@ Rules:
 - Admin only (a webhook sends job and VM names to a URL of the caller's
   choice).
 - The secret is encrypted at rest (`SecretBox`) and never answered; a
-  webhook shows ``has_secret``. The URL is answered with a password in it
-  shown as ``***``.
+  webhook shows ``has_secret``. A password in the URL is encrypted with it
+  (the row keeps the URL with ``***`` in its place: notify/sealed.py), and
+  the URL is answered that way.
 - ``policy_id`` must name a policy (400 naming the field otherwise): such a
   webhook hears only that policy's jobs and runs; without one, everything.
 - ``DELETE`` removes the webhook and its outbox (pending deliveries are
@@ -16,7 +17,6 @@ Rules:
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import delete, func, select
 
@@ -26,15 +26,8 @@ from sendense.core.errors import Conflict, InvalidRequest, NotFound
 from sendense.hub.state import HubState
 from sendense.hub.webhooks.schemas import WebhookCreate, WebhookUpdate
 from sendense.notify import outbox
-
-
-def shown_url(url: str) -> str:
-    """The URL with a password in its user part replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+from sendense.notify.sealed import credentials, seal, shown_url, unseal
+from sendense.secretbox import SecretBox
 
 
 def _stats(s: Any, hook_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -58,14 +51,18 @@ def _stats(s: Any, hook_ids: list[str]) -> dict[str, dict[str, Any]]:
     return stats
 
 
-def webhook_view(h: Webhook, stats: dict[str, Any]) -> dict[str, Any]:
+def webhook_view(h: Webhook, stats: dict[str, Any], box: SecretBox) -> dict[str, Any]:
+    try:
+        has_secret = credentials(box, h.secret_encrypted)[0] is not None
+    except Exception:  # secret.key replaced: the sender says so on each delivery
+        has_secret = bool(h.secret_encrypted)
     return {
         "webhook_id": h.id,
         "url": shown_url(h.url),
         "events": list(h.events or []),
         "policy_id": h.policy_id,
         "enabled": h.enabled,
-        "has_secret": bool(h.secret_encrypted),
+        "has_secret": has_secret,
         "created_at": h.created_at,
         "created_by": h.created_by,
         "pending": stats.get("pending", 0),
@@ -107,30 +104,31 @@ def _check_policy(s: Any, policy_id: str | None) -> None:
 def create_webhook(st: HubState, who: Principal, body: WebhookCreate) -> dict[str, Any]:
     with st.db.session() as s:
         _check_policy(s, body.policy_id)
+        url, sealed = seal(st.secrets, body.url, body.secret)
         hook = Webhook(
-            url=body.url,
+            url=url,
             events=list(body.events),
             policy_id=body.policy_id,
             enabled=body.enabled,
-            secret_encrypted=st.secrets.encrypt(body.secret) if body.secret else None,
+            secret_encrypted=sealed,
             created_by=who.name,
         )
         s.add(hook)
         s.flush()
-        return webhook_view(hook, {})
+        return webhook_view(hook, {}, st.secrets)
 
 
 def list_webhooks(st: HubState) -> list[dict[str, Any]]:
     with st.db.session() as s:
         hooks = list(s.scalars(select(Webhook).order_by(Webhook.created_at, Webhook.id)))
         stats = _stats(s, [h.id for h in hooks])
-        return [webhook_view(h, stats[h.id]) for h in hooks]
+        return [webhook_view(h, stats[h.id], st.secrets) for h in hooks]
 
 
 def get_webhook(st: HubState, webhook_id: str) -> dict[str, Any]:
     with st.db.session() as s:
         hook = _get(s, webhook_id)
-        return webhook_view(hook, _stats(s, [hook.id])[hook.id])
+        return webhook_view(hook, _stats(s, [hook.id])[hook.id], st.secrets)
 
 
 def update_webhook(st: HubState, webhook_id: str, body: WebhookUpdate) -> dict[str, Any]:
@@ -144,16 +142,19 @@ def update_webhook(st: HubState, webhook_id: str, body: WebhookUpdate) -> dict[s
             _check_policy(s, body.policy_id)
             hook.policy_id = body.policy_id
         # url, events and enabled are never null when given (schemas.py).
-        if body.url is not None:
-            hook.url = body.url
         if body.events is not None:
             hook.events = list(body.events)
         if body.enabled is not None:
             hook.enabled = body.enabled
-        if "secret" in given:
-            hook.secret_encrypted = st.secrets.encrypt(body.secret) if body.secret else None
+        if body.url is not None or "secret" in given:
+            url, secret = unseal(st.secrets, hook.url, hook.secret_encrypted)
+            hook.url, hook.secret_encrypted = seal(
+                st.secrets,
+                body.url if body.url is not None else url,
+                body.secret if "secret" in given else secret,
+            )
         s.flush()
-        return webhook_view(hook, _stats(s, [hook.id])[hook.id])
+        return webhook_view(hook, _stats(s, [hook.id])[hook.id], st.secrets)
 
 
 def test_webhook(st: HubState, who: Principal, webhook_id: str) -> dict[str, Any]:
