@@ -82,6 +82,12 @@ class HubSettings(BaseSettings):
     # (the vm_id label is always there).
     metrics_token: str = ""
     metrics_vm_names: Literal["auto", "always", "never"] = "auto"
+    # --- Encrypted repositories (issue 10, keystore.py, docs/security.md): the
+    # master key wrapping each encrypted repository's data key; empty:
+    # <data_dir>/master.key (made, mode 0600, with the first encrypted
+    # repository). Keep it on other storage than the repositories and the
+    # catalog's backups: without it encrypted backups are unreadable.
+    master_key_file: Path | None = None
     log_level: str = "INFO"
 
     @property
@@ -89,6 +95,10 @@ class HubSettings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir.resolve() / 'catalog.db'}"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or self.data_dir.resolve() / "master.key"
 
     @property
     def advertise_host(self) -> str:

@@ -293,3 +293,15 @@ class DiskReadFailed(Error):
     """The disk reader (nbdkit) could not be started."""
 
     code = "vsphere_read_failed"
+
+
+class EncryptionFixed(Conflict):
+    """A repository's encryption is chosen at creation and never changes."""
+
+    code = "encryption_fixed"
+
+
+class NotEncrypted(Conflict):
+    """The repository is not encrypted (it has no key to export)."""
+
+    code = "not_encrypted"

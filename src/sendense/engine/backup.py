@@ -46,6 +46,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from sendense import keystore
 from sendense.catalog.db import Database
 from sendense.catalog.models import (
     Backup,
@@ -196,6 +197,9 @@ class BackupEngine:
                     f"repository_id {req.repository_id} does not exist",
                     repository_id=req.repository_id,
                 )
+            # Encrypted repository: a missing or wrong master key is a clear 503
+            # now, not a failed job later.
+            keystore.from_settings(self.settings).image_key(s, repo)
             # Across hub processes: the VM's row lock serializes the busy check.
             s.execute(select(Vm.id).where(Vm.id == vm.id).with_for_update())
             disks = self._disks(vm, req.disk_id)
@@ -392,6 +396,8 @@ class BackupEngine:
             targets = []
             prev_ids: dict[str, str] = {}
             any_incremental = False
+            # Encrypted repository: every target is LUKS-encrypted (qemu/img.py).
+            key = keystore.from_settings(self.settings).image_key_of(s, job.repository_id)
             for b in job.backups:
                 path = Path(b.file_path)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,12 +406,18 @@ class BackupEngine:
                     assert parent is not None
                     backing = os.path.relpath(parent.file_path, path.parent)
                     img.create(
-                        str(path), None, backing=backing, cluster_size=self.settings.cluster_size
+                        str(path),
+                        b.total_bytes if key else None,
+                        backing=backing,
+                        cluster_size=self.settings.cluster_size,
+                        key=key,
                     )
                     prev_ids[str(b.disk_key)] = parent.change_id or ""
                     any_incremental = True
                 else:
-                    img.create(str(path), b.total_bytes, cluster_size=self.settings.cluster_size)
+                    img.create(
+                        str(path), b.total_bytes, cluster_size=self.settings.cluster_size, key=key
+                    )
                 port = self.ports.allocate()
                 # Held in memory too: if this transaction rolls back, the
                 # cleanup still knows which port to give back.
@@ -423,6 +435,7 @@ class BackupEngine:
                     detect_zeroes="unmap",
                     pidfile=str(self.run_dir / f"nbd-{b.id}.pid"),
                     log_path=str(self.log_dir / f"nbd-{b.id}.log"),
+                    key=key,
                 )
                 self._servers[b.id] = server
                 b.nbd_port = port
@@ -656,13 +669,15 @@ class BackupEngine:
     def _record_files(self, job_id: str, vm_name: str, t: _Target, disk: DiskStatus | None) -> None:
         """Check one finished target and write its sidecar; fills ``t``'s outcome."""
         path = Path(t.file_path)
+        with self.db.session() as s:
+            key = keystore.from_settings(self.settings).image_key_of(s, t.repository_id)
         if disk is None or not disk.change_id or not disk.digest:
             raise JobFailed(f"node reported no change id/digest for disk {t.disk_key}")
         if t.backup_type == "incremental" and disk.mode == "full":
             # The node could not use the change id and read the whole disk into
             # this target: every cluster is written (data or zero), so it no
             # longer needs its backing file. Make it a full.
-            img.run(["rebase", "-q", "-u", "-b", "", str(path)])
+            img.rebase(str(path), "", key=key)
             t.backup_type = "full"
             t.parent_id = None
             t.parent_file = None
@@ -676,7 +691,7 @@ class BackupEngine:
                 os.rename(path, full_path)
                 path = full_path
                 t.file_path = str(full_path)
-        img.check(str(path))
+        img.check(str(path), key=key)
         t.change_id = disk.change_id
         t.digest = disk.digest
         t.bytes_transferred = int(disk.data_bytes or disk.bytes_done or 0)

@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from sendense import keystore
 from sendense.catalog.models import Backup, BackupJob, Vm
 from sendense.core.errors import Cancelled, Conflict, Error, HasDependents, InvalidRequest
 from sendense.engine.delete import (
@@ -283,6 +284,7 @@ class ConsolidateJob:
         self.db = st.db
         self.lifecycle = st.lifecycle
         self.rate_limit = st.settings.merge_rate or None
+        self.keys = keystore.from_settings(st.settings)
 
     def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -349,6 +351,7 @@ class ConsolidateJob:
     ) -> dict[str, Any]:
         """Steps 2-7 of the module docstring; each is skipped when done."""
         top, base = d["new_base"]["file_path"], d["base"]["file_path"]
+        key = self._key(d["new_base"]["backup_id"])
         before = sum(chain.bytes_on_disk(r["file_path"]) for r in d["remove"])
         before += chain.bytes_on_disk(top)
         if not Path(top).exists():
@@ -357,13 +360,15 @@ class ConsolidateJob:
             if not Path(base).exists():
                 raise Conflict(f"the chain's base {base} is missing: cannot merge into it")
             log.info("merge disk=%s base=%s top=%s", d["disk_id"], base, top)
-            chain.merge_into_base(top, base, rate_limit=rate_limit, on_progress=on_progress)
-            if img.check(base, allow_leaks=True).get("leaks"):
+            chain.merge_into_base(
+                top, base, rate_limit=rate_limit, on_progress=on_progress, key=key
+            )
+            if img.check(base, allow_leaks=True, key=key).get("leaks"):
                 # A commit killed mid-way and redone leaves clusters nothing
                 # references (zero clusters the redo writes free what the
                 # first run allocated): wasted space only; given back here.
-                img.repair_leaks(base)
-                img.check(base)
+                img.repair_leaks(base, key=key)
+                img.check(base, key=key)
             chain.replace(base, top)
         self._finish(d)
         after = chain.bytes_on_disk(top)
@@ -374,6 +379,12 @@ class ConsolidateJob:
             "chain_length": len(d["kept"]),
             "freed_bytes": max(0, before - after),
         }
+
+    def _key(self, backup_id: str) -> img.ImageKey | None:
+        """The key of the restore point's repository (None: not encrypted)."""
+        with self.db.session() as s:
+            repository_id = s.scalar(select(Backup.repository_id).where(Backup.id == backup_id))
+            return self.keys.image_key_of(s, repository_id)
 
     def _finish(self, d: dict[str, Any]) -> None:
         """Steps 5-7: sidecar, files of the merged points, catalog."""
@@ -478,7 +489,9 @@ class ConsolidateJob:
         if not digest or not Path(base["file_path"]).exists():
             return False
         try:
-            return digest_of_image(base["file_path"], algorithm=algorithm_of(digest)) == digest
+            key = self._key(base["backup_id"])
+            found = digest_of_image(base["file_path"], algorithm=algorithm_of(digest), key=key)
+            return found == digest
         except (Error, ValueError):
             return False
 

@@ -260,12 +260,24 @@ class RescanJob:
             if repo is None:
                 raise NotFound(f"repository {params['repository_id']} not found")
             root = Path(repo.path)
+            encrypted = bool(repo.encrypted)
         if not root.is_dir():
             raise Error(f"repository folder {root} is not reachable", code="repository_offline")
         ctx.progress("scanning files", force=True)
         found = files.scan(root)
-        pairs, problems = files.order_by_parent(found.points)
+        # An encrypted image in a plain repository (or the reverse) cannot be
+        # read with this repository's key: not imported, reported.
+        mismatched = [p for p in found.points if p.encrypted != encrypted]
+        usable = [p for p in found.points if p.encrypted == encrypted]
+        pairs, problems = files.order_by_parent(usable)
         out = Outcome(problems=[*found.problems, *problems])
+        for p in mismatched:
+            out.problem(
+                p.path,
+                "encrypted image in a repository that is not encrypted"
+                if p.encrypted
+                else "unencrypted image in an encrypted repository",
+            )
         out.skipped = len(found.points) - len(pairs)
         by_vm: dict[str, list[tuple[files.Point, files.Point | None]]] = defaultdict(list)
         for p, parent in pairs:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import nbd
 
+from sendense import keystore
 from sendense.catalog.models import Backup
 from sendense.core.errors import BackupInUse, BackupNotRestorable, QemuImgError
 from sendense.engine.lifecycle import JobContext
@@ -102,6 +103,7 @@ def read_block_hashes(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     cancel_event: threading.Event | None = None,
+    key: img.ImageKey | None = None,
 ) -> str:
     """Digest of what ``path`` reads (through its chain); keeps its block
     hash list at ``list_path``. Read-only qemu-nbd on a private socket, the
@@ -109,7 +111,7 @@ def read_block_hashes(
     constant they are)."""
     with tempfile.TemporaryDirectory(prefix="sendense-verify-") as tmp:
         sock = str(Path(tmp) / "nbd.sock")
-        with QemuNbdServer(str(path), socket_path=sock, read_only=True) as server:
+        with QemuNbdServer(str(path), socket_path=sock, read_only=True, key=key) as server:
             h = nbd.NBD()
             try:
                 h.add_meta_context("base:allocation")
@@ -157,9 +159,11 @@ def differing_blocks(a: str | Path, b: str | Path, hash_size: int) -> list[tuple
     return runs
 
 
-def image_at(top: str, members: list[dict[str, Any]], offset: int) -> str | None:
+def image_at(
+    top: str, members: list[dict[str, Any]], offset: int, key: img.ImageKey | None = None
+) -> str | None:
     """The chain's image that holds the data at disk ``offset`` (qemu-img map)."""
-    for e in img.map_extents(top):
+    for e in img.map_extents(top, key=key):
         if e["start"] <= offset < e["start"] + e["length"]:
             if not e.get("data"):
                 return None
@@ -170,13 +174,17 @@ def image_at(top: str, members: list[dict[str, Any]], offset: int) -> str | None
 
 
 def describe_ranges(
-    runs: list[tuple[int, int]], size: int, top: str, members: list[dict[str, Any]]
+    runs: list[tuple[int, int]],
+    size: int,
+    top: str,
+    members: list[dict[str, Any]],
+    key: img.ImageKey | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     ranges: list[dict[str, Any]] = []
     for first, last in runs:
         start = first * BLOCK_SIZE
         end = min((last + 1) * BLOCK_SIZE, size) - 1
-        ranges.append({"start": start, "end": end, "image": image_at(top, members, start)})
+        ranges.append({"start": start, "end": end, "image": image_at(top, members, start, key)})
     shown = ", ".join(
         f"{r['start']}-{r['end']}" + (f" (in {os.path.basename(r['image'])})" if r["image"] else "")
         for r in ranges[:MAX_RANGES_SHOWN]
@@ -202,6 +210,7 @@ class VerifyJob:
 
     def __init__(self, st: HubState) -> None:
         self.db = st.db
+        self.keys = keystore.from_settings(st.settings)
 
     def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         backup_id = params["backup_id"]
@@ -212,13 +221,16 @@ class VerifyJob:
             b = s.get(Backup, backup_id)
             recorded = b.digest if b is not None else None
             size = b.total_bytes if b is not None else 0
+            # Encrypted repository: a missing master key fails the job (the
+            # restore point's verify state is left as it was).
+            key = self.keys.image_key_of(s, b.repository_id if b is not None else None)
         problems: list[str] = []
         result: dict[str, Any] = {"backup_id": backup_id, "checked": []}
         for m in members:
             ctx.check_cancel()
             ctx.progress(f"qemu-img check {m['backup_id'][:8]}", force=True)
             try:
-                report = img.check(m["file_path"], allow_leaks=True)
+                report = img.check(m["file_path"], allow_leaks=True, key=key)
                 result["checked"].append(
                     {"backup_id": m["backup_id"], "leaks": report.get("leaks", 0)}
                 )
@@ -229,7 +241,7 @@ class VerifyJob:
                     + summarize(e.stderr or e.message)
                 )
         if not problems:
-            problem, ranges = self._check_data(job_id, top, members, recorded, size, ctx)
+            problem, ranges = self._check_data(job_id, top, members, recorded, size, ctx, key)
             result["digest_recorded"] = recorded
             if ranges:
                 result["ranges"] = ranges
@@ -257,6 +269,7 @@ class VerifyJob:
         recorded: str | None,
         size: int,
         ctx: JobContext,
+        key: img.ImageKey | None = None,
     ) -> tuple[str | None, list[dict[str, Any]]]:
         """The digest check: (what differs or None, ranges that differ)."""
         if not recorded:
@@ -277,7 +290,7 @@ class VerifyJob:
 
         try:
             got = read_block_hashes(
-                top, fresh, algorithm, on_progress=progress, cancel_event=cancel
+                top, fresh, algorithm, on_progress=progress, cancel_event=cancel, key=key
             )
             if got == recorded:
                 os.replace(fresh, kept)  # the reference for later verifies
@@ -285,7 +298,7 @@ class VerifyJob:
             if kept.exists() and list_digest(kept, algorithm) == recorded:
                 hash_size = os.path.getsize(kept) // max(1, block_count(size))
                 runs = differing_blocks(kept, fresh, hash_size)
-                where, ranges = describe_ranges(runs, size, top, members)
+                where, ranges = describe_ranges(runs, size, top, members, key)
                 return f"digest mismatch {where} (recorded {recorded}, read {got})", ranges
             return (
                 f"digest mismatch: recorded {recorded}, read {got}; no block hash list "

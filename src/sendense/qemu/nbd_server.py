@@ -13,6 +13,7 @@ restarted hub can find and stop servers left by a crash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import nbd
 
 from sendense.core.errors import QemuNbdError
+from sendense.qemu import img
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class QemuNbdServer:
         detect_zeroes: str | None = None,
         pidfile: str | None = None,
         log_path: str | None = None,
+        key: img.ImageKey | None = None,
     ) -> None:
         if socket_path is None and port is None:
             raise ValueError("either socket_path or port is needed")
@@ -63,6 +66,11 @@ class QemuNbdServer:
         self.detect_zeroes = detect_zeroes
         self.pidfile = pidfile
         self.log_path = log_path
+        # An encrypted QCOW2 chain (qemu/img.py): the passphrase goes by a
+        # secret file that lives only until the server is up.
+        self.key = key
+        self._secret: contextlib.ExitStack | None = None
+        self._secret_path: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,7 +86,7 @@ class QemuNbdServer:
     def argv(self) -> list[str]:
         args = [
             "qemu-nbd",
-            f"--format={self.fmt}",
+            *self._image_format(),
             f"--export-name={self.export_name}",
             "--persistent",
             f"--shared={self.shared}",
@@ -97,8 +105,18 @@ class QemuNbdServer:
         # TCP: no --bind/--port; the listening socket comes by socket activation.
         if self.pidfile:
             args.append(f"--pid-file={self.pidfile}")
-        args.append(self.image)
+        args += self._image_args()
         return args
+
+    def _image_format(self) -> list[str]:
+        return [] if self.key else [f"--format={self.fmt}"]
+
+    def _image_args(self) -> list[str]:
+        if not self.key:
+            return [self.image]
+        if self._secret_path is None:
+            raise QemuNbdError("the image's secret file is made by start()")
+        return [*img.secret_args(self._secret_path), "--image-opts", img.image_spec(self.image)]
 
     def _listen(self) -> socket.socket:
         """The TCP listener, made here so that it has TCP_NODELAY.
@@ -121,6 +139,21 @@ class QemuNbdServer:
         return lsock
 
     def start(self, *, timeout: float = 10.0) -> None:
+        if self.key is not None:
+            self._secret = contextlib.ExitStack()
+            self._secret_path = self._secret.enter_context(img.secret_file(self.key))
+        try:
+            self._start(timeout)
+        finally:
+            # qemu-nbd read the secret when it started (or never will): gone.
+            self._drop_secret()
+
+    def _drop_secret(self) -> None:
+        if self._secret is not None:
+            self._secret.close()
+            self._secret, self._secret_path = None, None
+
+    def _start(self, timeout: float) -> None:
         argv = self.argv()
         lsock = None
         stdin: int = subprocess.DEVNULL

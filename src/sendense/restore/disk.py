@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from sendense import keystore
 from sendense.catalog.models import Backup
 from sendense.core.errors import BackupInUse, BackupNotRestorable, DestinationExists, InvalidRequest
 from sendense.engine.lifecycle import JobContext
@@ -209,15 +210,30 @@ class RestoreJob:
         def progress(percent: float) -> None:
             ctx.progress("restoring", done=int(total * percent / 100), total=total)
 
+        # Encrypted repository: qemu-img decrypts the chain; what it writes is
+        # the user's disk, in clear (qemu/img.py).
+        key = keystore.from_settings(self.st.settings).backup_key_now(
+            self.st.db, params.get("backup_id")
+        )
         try:
             if dest["type"] == "file":
-                return self._to_file(params, dest, progress, cancel)
-            img.run_with_progress(
-                ["convert", "-p", "-n", "-O", "raw", params["source"], dest["url"]],
-                progress,
-                die_with_parent=True,
-                cancel=cancel,
-            )
+                return self._to_file(params, dest, progress, cancel, key)
+            with img.keyed(key) as obj:
+                img.run_with_progress(
+                    [
+                        "convert",
+                        *obj,
+                        "-p",
+                        "-n",
+                        *img.source_args(params["source"], key=key),
+                        "-O",
+                        "raw",
+                        dest["url"],
+                    ],
+                    progress,
+                    die_with_parent=True,
+                    cancel=cancel,
+                )
             return {"destination": {"type": "nbd", "url": dest["url"]}, "bytes_total": total}
         finally:
             stop.set()
@@ -229,16 +245,27 @@ class RestoreJob:
         dest: dict[str, Any],
         progress: Any,
         cancel: threading.Event,
+        key: img.ImageKey | None = None,
     ) -> dict[str, Any]:
         partial, final = Path(dest["partial"]), Path(dest["path"])
         cache = ["-t", "none"] if direct_io_ok(partial.parent) else []
         try:
-            img.run_with_progress(
-                ["convert", "-p", *cache, "-O", dest["format"], params["source"], str(partial)],
-                progress,
-                die_with_parent=True,
-                cancel=cancel,
-            )
+            with img.keyed(key) as obj:
+                img.run_with_progress(
+                    [
+                        "convert",
+                        *obj,
+                        "-p",
+                        *cache,
+                        *img.source_args(params["source"], key=key),
+                        "-O",
+                        dest["format"],
+                        str(partial),
+                    ],
+                    progress,
+                    die_with_parent=True,
+                    cancel=cancel,
+                )
             fd = os.open(partial, os.O_RDONLY)
             try:
                 os.fsync(fd)

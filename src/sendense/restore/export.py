@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from sendense import keystore
 from sendense.catalog.models import BackupJob
 from sendense.core.errors import Error
 from sendense.engine.lifecycle import JobContext
@@ -76,8 +77,14 @@ class ExportJob:
         try:
             port = self.st.ports.allocate()
             image = params["source"]
+            # Encrypted repository: the chain is decrypted by qemu-nbd and the
+            # overlay is encrypted with the same key (keystore.py, qemu/img.py).
+            key = keystore.from_settings(self.st.settings).backup_key_now(
+                self.st.db, params.get("backup_id")
+            )
             if params["writable"]:
-                img.create(str(overlay), backing=image, backing_fmt="qcow2")
+                size = img.info(image)["virtual-size"] if key else None
+                img.create(str(overlay), size, backing=image, backing_fmt="qcow2", key=key)
                 image = str(overlay)
             server = QemuNbdServer(
                 image,
@@ -86,6 +93,7 @@ class ExportJob:
                 port=port,
                 read_only=not params["writable"],
                 pidfile=str(pidfile),
+                key=key,
             )
             server.start()
             try:

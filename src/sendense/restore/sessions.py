@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
+from sendense import keystore
 from sendense.catalog.models import BackupJob
 from sendense.core.errors import Error
 from sendense.engine.lifecycle import ACTIVE, JobContext
@@ -207,6 +208,10 @@ class MountJob:
         idle = timedelta(seconds=self.st.settings.restore_idle_timeout)
         reason = "closed"
         try:
+            # Encrypted repository: qemu-nbd decrypts the chain (qemu/img.py).
+            key = keystore.from_settings(self.st.settings).backup_key_now(
+                self.st.db, params.get("backup_id")
+            )
             server = QemuNbdServer(
                 params["source"],
                 export_name="",
@@ -214,6 +219,7 @@ class MountJob:
                 read_only=True,
                 shared=16,
                 pidfile=str(pidfile),
+                key=key,
             )
             server.start()
             try:

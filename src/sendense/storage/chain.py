@@ -119,6 +119,7 @@ def merge_into_base(
     *,
     rate_limit: int | None = None,
     on_progress: Callable[[float], None] | None = None,
+    key: img.ImageKey | None = None,
 ) -> None:
     """Write what ``top`` reads into ``base`` (the oldest image of its chain),
     durably. Afterwards ``base`` alone reads exactly as ``top`` does.
@@ -130,8 +131,57 @@ def merge_into_base(
     between change what they read. ``qemu-img commit -b`` (which implies
     ``-d``) leaves ``top`` as it was.
     """
-    img.commit(str(top), str(base), rate_limit=rate_limit, on_progress=on_progress)
+    if key is None:
+        img.commit(str(top), str(base), rate_limit=rate_limit, on_progress=on_progress)
+    else:
+        _merge_layer_by_layer(str(top), str(base), key, rate_limit, on_progress)
     fsync_file(base)
+
+
+def _merge_layer_by_layer(
+    top: str,
+    base: str,
+    key: img.ImageKey,
+    rate_limit: int | None,
+    on_progress: Callable[[float], None] | None,
+) -> None:
+    """`merge_into_base` for an encrypted chain, one layer at a time.
+
+    ``qemu-img commit -b base`` finds ``base`` in the chain by file name, and
+    qemu 7.2 names an image opened with a secret option by a ``json:{...}``
+    string: the lookup never matches ("Did not find ... in the backing chain").
+    Without ``-b`` commit goes into the image's own backing file, no lookup.
+    So, oldest layer first, for each image between ``base`` (exclusive) and
+    ``top`` (inclusive):
+
+    1. if its backing file is not ``base`` yet, ``rebase -u`` it onto ``base``:
+       ``base`` already holds everything its old backing read (step 2 of the
+       layer below), so it reads the same;
+    2. ``commit -d`` it into ``base`` (``-d``: the layer keeps its clusters).
+
+    The invariant of `merge_into_base` holds at every step: only clusters
+    that ``top`` and everything newer read from above ``base`` are written.
+    Redone after a crash, the layers already merged are out of ``top``'s
+    chain and the first still in it is merged again (idempotent). The cost:
+    a cluster changed in several layers is written once per layer.
+    """
+    chain = [str(e["filename"]) for e in img.info(top, backing_chain=True)]
+    real = [os.path.realpath(p) for p in chain]
+    base_real = os.path.realpath(base)
+    if base_real not in real:
+        raise ValueError(f"{base} is not in the backing chain of {top}")
+    layers = list(reversed(chain[: real.index(base_real)]))  # oldest first, top last
+    for i, layer in enumerate(layers):
+        if os.path.realpath(os.path.join(os.path.dirname(layer), backing_file(layer) or "")) != (
+            base_real
+        ):
+            img.rebase(layer, os.path.relpath(base, os.path.dirname(layer)), unsafe=True, key=key)
+
+        def progress(percent: float, i: int = i) -> None:
+            if on_progress is not None:
+                on_progress((i + percent / 100) * 100 / len(layers))
+
+        img.commit_into_backing(layer, rate_limit=rate_limit, on_progress=progress, key=key)
 
 
 def replace(src: str | Path, dst: str | Path) -> None:

@@ -44,6 +44,7 @@ class Point:
     sidecar: dict[str, Any]
     backing_file: str | None  # from the image header (a name relative to its folder)
     size_on_disk: int
+    encrypted: bool = False  # the image header names an encryption (LUKS)
 
     @property
     def backup_id(self) -> str:
@@ -112,6 +113,17 @@ def qcow2_backing_file(path: str | Path) -> str | None:
         return f.read(size).decode("utf-8", errors="replace")
 
 
+def qcow2_encrypted(path: str | Path) -> bool:
+    """Does the QCOW2 header name an encryption (qcow2.txt: ``crypt_method``,
+    bytes 32-35: 0 none, 1 AES-CBC (legacy), 2 LUKS)?"""
+    with open(path, "rb") as f:
+        header = f.read(36)
+    if len(header) < 36 or header[:4] != QCOW2_MAGIC:
+        raise ValueError(f"{path} is not a QCOW2 image")
+    (method,) = struct.unpack(">I", header[32:36])
+    return bool(method)
+
+
 REQUIRED = ("backup_id", "vm_name", "disk_id", "disk_key", "backup_type")
 
 
@@ -134,10 +146,13 @@ def read_point(qcow2: Path) -> Point | str:
     try:
         int(data["disk_id"]), int(data["disk_key"])
         backing = qcow2_backing_file(qcow2)
+        encrypted = qcow2_encrypted(qcow2)
         size = sum(os.stat(p).st_blocks * 512 for p in (qcow2, sidecar))
     except (OSError, ValueError) as e:
         return f"image unreadable: {e}"
-    return Point(path=qcow2, sidecar=data, backing_file=backing, size_on_disk=size)
+    return Point(
+        path=qcow2, sidecar=data, backing_file=backing, size_on_disk=size, encrypted=encrypted
+    )
 
 
 def scan(repo: Path) -> Scan:

@@ -11,6 +11,7 @@ from sendense.hub.repositories import service
 from sendense.hub.repositories.schemas import (
     RepositoryCreate,
     RepositoryDeleted,
+    RepositoryKeyExport,
     RepositoryList,
     RepositoryRead,
     RepositoryUpdate,
@@ -67,3 +68,15 @@ def rescan_repository(
 ) -> dict:
     """Rebuild catalog records from the repository's files and sidecars, as a job."""
     return service.start_rescan(st, who, repository_id, body or RescanCreate())
+
+
+@router.post(
+    "/{repository_id}/key/export",
+    response_model=RepositoryKeyExport,
+    responses=errors(404, 409, 503),
+)
+def export_repository_key(st: HubDep, who: Admin, repository_id: str = RepositoryId) -> dict:
+    """A recovery copy of an encrypted repository's key (the LUKS passphrase of
+    its images). Keep it apart from the repository: with it, anyone holding the
+    files reads the backups; without it and the master key, nobody does."""
+    return service.export_key(st, who, repository_id)

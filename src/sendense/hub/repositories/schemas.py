@@ -33,6 +33,19 @@ class RepositoryCreate(BaseModel):
         le=MAX_RETENTION_DAYS,
         description="Immutable repositories lock each new backup until created_at + this",
     )
+    encrypted: bool = Field(
+        default=False,
+        description="Every backup is a LUKS-encrypted QCOW2 (AES-256-XTS) with this "
+        "repository's key, kept wrapped by the hub's master key; fixed at creation",
+    )
+    encryption_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Disaster recovery: the key exported from the repository's previous "
+        "hub (`sendense repo export-key`), so that a rescan finds backups this hub can "
+        "read. Needs encrypted: true; never returned",
+    )
     config: dict[str, Any] = Field(default_factory=dict)
 
     def __repr__(self) -> str:  # never show the password in config
@@ -53,6 +66,10 @@ class RepositoryUpdate(BaseModel):
     immutable: bool | None = None
     retention_days: int | None = Field(default=None, ge=0, le=MAX_RETENTION_DAYS)
     config: dict[str, Any] | None = None
+    encrypted: bool | None = Field(
+        default=None,
+        description="Fixed at creation: only its current value is accepted (409 otherwise)",
+    )
 
     def __repr__(self) -> str:
         return f"RepositoryUpdate(fields={sorted(self.model_fields_set)})"
@@ -65,6 +82,7 @@ class RepositoryRead(BaseModel):
     path: str
     immutable: bool
     retention_days: int
+    encrypted: bool = Field(description="Backups here are LUKS-encrypted QCOW2")
     config: dict[str, Any] = Field(description="The config without its password")
     has_credentials: bool
     mounted_by_hub: bool = Field(description="The hub mounts this share itself (config.server)")
@@ -98,3 +116,18 @@ class RepositoryDeleted(BaseModel):
     repository_id: str
     deleted: Literal[True] = True
     unmounted: bool
+
+
+class RepositoryKeyExport(BaseModel):
+    """A recovery copy of an encrypted repository's key: the LUKS passphrase
+    of every image in it. Answered to an admin who asks; audited."""
+
+    repository_id: str
+    key_id: str = Field(description="Id of the master key that wraps it in the catalog")
+    passphrase: str = Field(
+        description="The LUKS passphrase (base64 text of the 256-bit data key): write it to a "
+        "file without a newline and open an image with qemu-img --object "
+        "secret,id=sec0,file=<file>,format=raw --image-opts "
+        "driver=qcow2,file.filename=<image>,encrypt.key-secret=sec0"
+    )
+    format: Literal["luks-passphrase"] = "luks-passphrase"

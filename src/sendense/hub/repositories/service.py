@@ -12,10 +12,17 @@ Rules (engine/inventory.py has the pieces):
   on a catalog without any repository.
 - ``immutable`` cannot be switched off while locks are live (409
   ``locks_live`` with the count and the latest end).
+- ``encrypted`` is chosen at creation and never changes (409
+  ``encryption_fixed``): images are written encrypted or not from the first
+  backup on. Creating an encrypted repository makes its data key (and the
+  master key, the first time: keystore.py) in the same transaction as the
+  record. ``POST .../key/export`` answers the key to an admin, once per call
+  (the audit log records the call; the key is never logged).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +30,16 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from sendense.catalog.models import BackupJob, Repository
+from sendense import keystore
+from sendense.catalog.models import BackupJob, Repository, RepositoryKey
 from sendense.catalog.stores import JobStore, RepositoryStore
 from sendense.core.access import Principal
 from sendense.core.errors import (
     Conflict,
+    EncryptionFixed,
+    InvalidRequest,
     LocksLive,
+    NotEncrypted,
     NotFound,
     RepositoryInUse,
     RepositoryNotEmpty,
@@ -41,6 +52,8 @@ from sendense.hub.repositories.schemas import RepositoryCreate, RepositoryUpdate
 from sendense.hub.state import HubState
 from sendense.hub.views import job_view, repository_view
 from sendense.storage import backends
+
+log = logging.getLogger(__name__)
 
 
 def _view(
@@ -60,6 +73,7 @@ def _view(
         repo,
         {
             **capacity,
+            "encrypted": bool(repo.encrypted),
             "has_credentials": bool(repo.secret_encrypted),
             "mounted_by_hub": backends.hub_mounted(repo.type, repo.config or {}),
             "online": online,
@@ -120,6 +134,13 @@ def create_repository(st: HubState, who: Principal, body: RepositoryCreate) -> d
         password=password,
     )
     inventory.check_retention(spec.immutable, spec.retention_days)
+    data_key = None
+    if body.encryption_key is not None:
+        if not body.encrypted:
+            raise InvalidRequest(
+                "encryption_key is given only with encrypted: true", field="encryption_key"
+            )
+        data_key = keystore.data_key_of_passphrase(body.encryption_key)
     with st.db.session() as s:
         _check_name_free(s, spec.name)
         inventory.check_path_free(s, spec.path, st.settings.data_dir)
@@ -136,9 +157,13 @@ def create_repository(st: HubState, who: Principal, body: RepositoryCreate) -> d
                 retention_days=spec.retention_days,
                 config=spec.config,
                 secret_encrypted=st.secrets.encrypt({"password": password}) if password else None,
+                encrypted=body.encrypted,
             )
             s.add(repo)
             s.flush()
+            if body.encrypted:
+                keystore.from_settings(st.settings).add_key(s, repo.id, data_key=data_key)
+                s.flush()
     except IntegrityError as e:  # a concurrent create took the name
         if mounted:
             backends.unmount(spec.path)
@@ -169,6 +194,13 @@ def update_repository(
         old_path = Path(repo.path)
         old_config = dict(repo.config or {})
         password = inventory.repository_password(repo, st.secrets)
+        if body.encrypted is not None and body.encrypted != bool(repo.encrypted):
+            raise EncryptionFixed(
+                f"repository {repo.name} is {'' if repo.encrypted else 'not '}encrypted and "
+                "stays so: encryption is chosen when a repository is created (create another "
+                "repository to change it)",
+                encrypted=bool(repo.encrypted),
+            )
         immutable = repo.immutable if body.immutable is None else body.immutable
         retention = repo.retention_days if body.retention_days is None else body.retention_days
         if "name" in given and body.name is not None:
@@ -315,3 +347,25 @@ def start_rescan(
         assert started is not None
         view = job_view(started)
     return {"job_id": job_id, "status": view["status"], "job": view, "backups": []}
+
+
+def export_key(st: HubState, who: Principal, repository_id: str) -> dict[str, Any]:
+    """The LUKS passphrase of an encrypted repository's images (a recovery copy)."""
+    with st.db.session() as s:
+        repo = _visible(st, s, who, repository_id)
+        if not repo.encrypted:
+            raise NotEncrypted(
+                f"repository {repo.name} is not encrypted: it has no key", repository_id=repo.id
+            )
+        keys = keystore.from_settings(st.settings)
+        passphrase = keystore.passphrase_of(keys.data_key(s, repo.id))
+        row = s.get(RepositoryKey, repo.id)
+        assert row is not None  # data_key found it
+        key_id = row.key_id
+    log.info("repository=%s key exported by=%s", repository_id, who.name)
+    return {
+        "repository_id": repository_id,
+        "key_id": key_id,
+        "passphrase": passphrase.decode(),
+        "format": "luks-passphrase",
+    }
