@@ -110,7 +110,7 @@ def bench_vmware(args: argparse.Namespace, work: Path, rng: random.Random) -> di
             c = cluster.client
             node = c.post(
                 "/api/v1/nodes",
-                {"name": "node1", "url": cluster.node_url, "token": cluster.node_token},
+                cluster.node_body("node1"),  # HTTPS, the node's certificate pinned
             )
             source = c.post(
                 "/api/v1/sources",

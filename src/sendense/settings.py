@@ -82,6 +82,12 @@ class HubSettings(BaseSettings):
     # (the vm_id label is always there).
     metrics_token: str = ""
     metrics_vm_names: Literal["auto", "always", "never"] = "auto"
+    # --- Hub <-> node HTTPS (issue 10, docs/security.md): the API serves TLS
+    # when both files are given (PEM; hub/serve.py); nodes at http:// URLs are
+    # refused unless their host is loopback or this is true (demo, lab).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allow_plain_http_nodes: bool = False
     # --- Encrypted repositories (issue 10, keystore.py, docs/security.md): the
     # master key wrapping each encrypted repository's data key; empty:
     # <data_dir>/master.key (made, mode 0600, with the first encrypted
@@ -128,4 +134,8 @@ class NodeSettings(BaseSettings):
     # Seconds an ended job's folder (<data_dir>/jobs/<id>: status, log) is
     # kept after its last change; 0 keeps them all.
     job_retention: float = 7 * 86400.0
+    # --- Hub <-> node HTTPS (issue 10): serve HTTPS with the certificate made on
+    # first start under <data_dir>/tls/ (the hub pins it); false serves plain
+    # HTTP, for loopback and demos only (a hub refuses it beyond loopback).
+    tls: bool = True
     log_level: str = "INFO"

@@ -35,7 +35,7 @@ def test_node_registration_checks_url_and_token(cluster: Cluster) -> None:
     r = cluster.http(
         "POST",
         "/api/v1/nodes",
-        json={"name": "n", "url": cluster.node_url, "token": "not-the-token"},
+        json=cluster.node_body("n", token="not-the-token"),
     )
     assert r.status_code == 400
     assert "rejected the token" in r.json()["message"]
@@ -46,7 +46,7 @@ def test_node_registration_checks_url_and_token(cluster: Cluster) -> None:
     r = cluster.http(
         "POST",
         "/api/v1/nodes",
-        json={"name": "n", "url": cluster.node_url, "token": cluster.node_token},
+        json=cluster.node_body("n"),
     )
     assert r.status_code == 201
     body = r.json()
@@ -57,7 +57,7 @@ def test_node_registration_checks_url_and_token(cluster: Cluster) -> None:
     r = cluster.http(
         "POST",
         "/api/v1/nodes",
-        json={"name": "n", "url": cluster.node_url, "token": cluster.node_token},
+        json=cluster.node_body("n"),
     )
     assert r.status_code == 409
 
@@ -95,6 +95,7 @@ def node_post(
         f"{cluster.node_url}{path}",
         json=body,
         timeout=10,
+        verify=cluster.node_verify,
         headers={"Authorization": f"Bearer {token or cluster.node_token}"},
     )
 
@@ -132,9 +133,10 @@ def test_node_start_validation_names_the_field(
 def test_node_needs_its_token(cluster: Cluster) -> None:
     r = node_post(cluster, "/api/v1/backup/start", GOOD, token="wrong")
     assert r.status_code == 401
-    r = httpx.get(f"{cluster.node_url}/api/v1/status/j1", timeout=5)
+    r = httpx.get(f"{cluster.node_url}/api/v1/status/j1", timeout=5, verify=cluster.node_verify)
     assert r.status_code == 401
-    assert httpx.get(f"{cluster.node_url}/api/v1/health", timeout=5).status_code == 200
+    health = httpx.get(f"{cluster.node_url}/api/v1/health", timeout=5, verify=cluster.node_verify)
+    assert health.status_code == 200
 
 
 def test_node_job_with_unreachable_vm_fails_with_reason(cluster: Cluster) -> None:
@@ -148,6 +150,7 @@ def test_node_job_with_unreachable_vm_fails_with_reason(cluster: Cluster) -> Non
         st = httpx.get(
             f"{cluster.node_url}/api/v1/status/j-unreach",
             timeout=5,
+            verify=cluster.node_verify,
             headers={"Authorization": f"Bearer {cluster.node_token}"},
         ).json()
         if st["status"] != "running":
@@ -191,9 +194,7 @@ def test_credentials_never_reach_logs_or_files(cluster: Cluster, make_vm) -> Non
     file or catalog row may hold it in clear."""
     secret = "s3cr3t-Pa55word-xyz"
     vm = make_vm("sec1", [4 << 20])
-    node = cluster.client.post(
-        "/api/v1/nodes", {"name": "n", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = cluster.client.post("/api/v1/nodes", cluster.node_body("n"))
     src = cluster.client.post(
         "/api/v1/sources",
         {
@@ -216,9 +217,7 @@ def test_credentials_never_reach_logs_or_files(cluster: Cluster, make_vm) -> Non
 
 
 def test_discovery_of_an_unreachable_vm_says_so(cluster: Cluster, tmp_path) -> None:
-    node = cluster.client.post(
-        "/api/v1/nodes", {"name": "n", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = cluster.client.post("/api/v1/nodes", cluster.node_body("n"))
     sock = str(tmp_path / "gone.qmp")
     src = cluster.client.post(
         "/api/v1/sources",

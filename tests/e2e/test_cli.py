@@ -19,7 +19,7 @@ def test_cli_register_backup_and_list(cluster: Cluster, make_vm) -> None:
     g.pwrite(os.urandom(1 << 20), 0)
     g.flush()
     token_file = cluster.node_dir / "node.token"
-    cli(cluster, "node", "add", "n1", cluster.node_url, "--token-file", str(token_file))
+    cli(cluster, "node", "add", "n1", cluster.node_url, "--token-file", str(token_file), "--yes")
     cli(cluster, "source", "add-qemu", "lab", "--node", "n1", "--vm", f"cli1={vm.qmp_socket}")
     out = cli(cluster, "--json", "vm", "discover", "lab")
     assert json.loads(out.stdout)["vms"][0]["disks"][0]["disk_key"] == 2000
@@ -50,7 +50,7 @@ def test_cli_output_not_a_terminal_keeps_digests_and_paths_whole(cluster: Cluste
     g.pwrite(os.urandom(1 << 20), 0)
     g.flush()
     token_file = cluster.node_dir / "node.token"
-    cli(cluster, "node", "add", "n1", cluster.node_url, "--token-file", str(token_file))
+    cli(cluster, "node", "add", "n1", cluster.node_url, "--token-file", str(token_file), "--yes")
     cli(cluster, "source", "add-qemu", "lab", "--node", "n1", "--vm", f"{vm.name}={vm.qmp_socket}")
 
     discovered = cli(cluster, "vm", "discover", "lab").stdout

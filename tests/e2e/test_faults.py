@@ -138,6 +138,7 @@ def node_status(c: Cluster, job_id: str) -> dict[str, Any]:
         f"{c.node_url}/api/v1/status/{job_id}",
         headers={"Authorization": f"Bearer {c.node_token}"},
         timeout=5,
+        verify=c.node_verify,
     )
     r.raise_for_status()
     data: dict[str, Any] = r.json()

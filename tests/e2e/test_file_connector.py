@@ -131,6 +131,7 @@ def test_file_source_raw_qcow2_and_device_standin_full_then_incremental(
         cluster.node_url,
         "--token-file",
         str(cluster.node_dir / "node.token"),
+        "--yes",
     )
     cli(
         cluster,
@@ -193,9 +194,7 @@ def test_file_source_refusals_and_a_failed_backup_does_not_poison_the_next(
     an image changing during the copy fails the job (image_changed), and
     the next incremental still builds on the last good restore point; with
     its block hash list gone the node reads in full and says why."""
-    node = cluster.client.post(
-        "/api/v1/nodes", {"name": "node1", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = cluster.client.post("/api/v1/nodes", cluster.node_body("node1"))
 
     def source(name: str, config: dict[str, Any]) -> httpx.Response:
         return cluster.http(
@@ -307,14 +306,19 @@ def test_file_source_worker_killed_mid_copy_frees_the_image(tmp_path: Path) -> N
         disk = tmp_path / "images" / "slow.raw"
         disk.parent.mkdir()
         make_image(disk, 32 * MiB, "raw", [(0, 24 * MiB)])
-        cli(c, "node", "add", "node1", c.node_url, "--token-file", str(c.node_dir / "node.token"))
+        token_file = str(c.node_dir / "node.token")
+        cli(c, "node", "add", "node1", c.node_url, "--token-file", token_file, "--yes")
         cli(c, "source", "add-file", "files", "--node", "node1", f"--vm=slow1={disk}")
         cli(c, "vm", "discover", "files")
         started = c.start_backup("slow1", "full")
         auth = {"Authorization": f"Bearer {c.node_token}"}
 
         def node_status() -> dict[str, Any]:
-            r = httpx.get(f"{c.node_url}/api/v1/status/{started['job_id']}", headers=auth)
+            r = httpx.get(
+                f"{c.node_url}/api/v1/status/{started['job_id']}",
+                headers=auth,
+                verify=c.node_verify,
+            )
             status: dict[str, Any] = r.json()
             return status
 

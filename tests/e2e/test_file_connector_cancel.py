@@ -44,6 +44,7 @@ def test_file_source_hash_pass_reports_progress_and_cancels(
         cluster.node_url,
         "--token-file",
         str(cluster.node_dir / "node.token"),
+        "--yes",
     )
     cli(cluster, "source", "add-file", "files", "--node", "node1", f"--vm=big1={disk}")
     cli(cluster, "vm", "discover", "files")
@@ -52,7 +53,11 @@ def test_file_source_hash_pass_reports_progress_and_cancels(
     auth = {"Authorization": f"Bearer {cluster.node_token}"}
 
     def node_status() -> dict[str, Any]:
-        r = httpx.get(f"{cluster.node_url}/api/v1/status/{started['job_id']}", headers=auth)
+        r = httpx.get(
+            f"{cluster.node_url}/api/v1/status/{started['job_id']}",
+            headers=auth,
+            verify=cluster.node_verify,
+        )
         st: dict[str, Any] = r.json()
         return st
 

@@ -47,6 +47,8 @@ def nodes(c: Cluster) -> dict[str, dict[str, Any]]:
 
 
 def add_node(c: Cluster, name: str, url: str, token: str, **extra: Any) -> httpx.Response:
+    if url == c.node_url and c.node_fingerprint:  # the test node serves HTTPS: pin it
+        extra.setdefault("fingerprint", c.node_fingerprint)
     return c.http("POST", "/api/v1/nodes", json={"name": name, "url": url, "token": token, **extra})
 
 

@@ -39,9 +39,7 @@ BLOCK = 64 << 10
 def register(cluster: Cluster, sim: Vcsim, **config: Any) -> dict[str, Any]:
     """The node and a vmware source for the simulator; discovery answered."""
     c = cluster.client
-    node = c.post(
-        "/api/v1/nodes", {"name": "node1", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = c.post("/api/v1/nodes", cluster.node_body("node1"))
     r = cluster.http(
         "POST",
         "/api/v1/sources",
@@ -225,9 +223,7 @@ def test_vmware_wrong_password_is_refused_without_echo_on_a_vcenter_simulator(
     right), but discovery answers 400 saying vCenter refused the login; no
     password appears in an answer or a log. A config without a password is a
     400 naming the field; a vCenter that does not answer is a 503."""
-    node = cluster.client.post(
-        "/api/v1/nodes", {"name": "node1", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = cluster.client.post("/api/v1/nodes", cluster.node_body("node1"))
     body = {"name": "vc1", "node_id": node["node_id"], "type": "vmware"}
     config = vcsim.source_config()
     del config["password"]

@@ -25,6 +25,7 @@ def test_vmware_source_added_from_the_cli_with_a_password_file_on_a_vcenter_simu
         cluster.node_url,
         "--token-file",
         str(cluster.node_dir / "node.token"),
+        "--yes",
     )
     secret = tmp_path / "vc.password"
     secret.write_text(vcsim.password + "\n")
@@ -68,6 +69,7 @@ def test_vmware_cli_refuses_an_unreadable_password_file(cluster: Cluster, tmp_pa
         cluster.node_url,
         "--token-file",
         str(cluster.node_dir / "node.token"),
+        "--yes",
     )
     missing = tmp_path / "nope"
     r = cli(

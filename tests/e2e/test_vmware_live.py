@@ -97,9 +97,7 @@ def test_live_vcenter_full_then_incremental(cluster: Cluster) -> None:
     """A real vCenter: discover, full, incremental, both restore points verify."""
     config = live_config()
     c = cluster.client
-    node = c.post(
-        "/api/v1/nodes", {"name": "node1", "url": cluster.node_url, "token": cluster.node_token}
-    )
+    node = c.post("/api/v1/nodes", cluster.node_body("node1"))
     source = c.post(
         "/api/v1/sources",
         {"name": "vc-live", "node_id": node["node_id"], "type": "vmware", "config": config},

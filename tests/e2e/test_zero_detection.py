@@ -37,6 +37,7 @@ def test_zero_data_is_not_stored_as_data(cluster: Cluster, tmp_path: Path) -> No
         cluster.node_url,
         "--token-file",
         str(cluster.node_dir / "node.token"),
+        "--yes",
     )
     cli(cluster, "source", "add-file", "files", "--node", "node1", f"--vm=thick1={image}")
     cli(cluster, "vm", "discover", "files")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,7 +37,7 @@ class Node:
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.data_dir = root / "node"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.url = f"https://127.0.0.1:{free_port()}"  # the node's default: HTTPS
         self.log = root / "node.log"
         port = self.url.rsplit(":", 1)[1]
         args = ["node", "serve", "--port", port, "--data-dir", str(self.data_dir)]
@@ -47,8 +48,13 @@ class Node:
             stop_service(self.proc)
             raise
         token = (self.data_dir / "node.token").read_text().strip()
+        # The node's own certificate as the CA (it made it on first start).
+        self.verify = ssl.create_default_context(cafile=str(self.data_dir / "tls" / "node.crt"))
         self.http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+            verify=self.verify,
         )
 
     def start(self, body: dict[str, Any]) -> httpx.Response:
@@ -164,7 +170,7 @@ def post_start(
     answers: dict[str, httpx.Response],
 ) -> None:
     """One start request on a connection of its own, once all are ready."""
-    with httpx.Client(headers=node.http.headers, timeout=30) as http:
+    with httpx.Client(headers=node.http.headers, timeout=30, verify=node.verify) as http:
         barrier.wait()
         answers[body["job_id"]] = http.post(f"{node.url}/api/v1/backup/start", json=body)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,11 +18,30 @@ class ApiError(Exception):
         super().__init__(f"{status} {body.get('error')}: {body.get('message')}")
 
 
+def hub_verify(ca_file: str | Path | None) -> ssl.SSLContext | bool:
+    """How an https hub is checked: against ``ca_file`` (PEM: a private CA,
+    or the hub's self-signed certificate itself) when given, else the
+    system's trusted CAs. Host names are always checked."""
+    if not ca_file:
+        return True
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
 class HubClient:
-    def __init__(self, url: str, token: str, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 60.0,
+        ca_file: str | Path | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            verify=hub_verify(ca_file),
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -32,6 +32,7 @@ from sendense.mover.digest import algorithm_of
 from sendense.mover.verify import digest_of_image
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
+from sendense.tls import fingerprint
 
 # Long lines (paths, digests) stay whole: the terminal wraps them, rich does not
 # break them, and a log or a pipe gets them on one line.
@@ -70,7 +71,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
     workdir.mkdir(parents=True)
     hub_dir, node_dir, vm_dir = workdir / "hub", workdir / "node", workdir / "vm"
     hub_port, node_port = free_port(), free_port()
-    hub_url, node_url = f"http://127.0.0.1:{hub_port}", f"http://127.0.0.1:{node_port}"
+    # The node serves HTTPS with its own certificate; the hub pins it below.
+    hub_url, node_url = f"http://127.0.0.1:{hub_port}", f"https://127.0.0.1:{node_port}"
     rng = random.Random(2026)
     vm = QsdVm(vm_dir, "demo-vm")
     hub = node = None
@@ -92,7 +94,9 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         wait_healthy(f"{hub_url}/api/v1/health", hub, workdir / "hub.log")
         wait_healthy(f"{node_url}/api/v1/health", node, workdir / "node.log")
         console.print(f"hub  {hub_url}  (token in {hub_dir / 'admin.token'})")
+        node_fp = fingerprint((node_dir / "tls" / "node.crt").read_text())
         console.print(f"node {node_url}  (token in {node_dir / 'node.token'})")
+        console.print(f"     certificate fingerprint {node_fp} (pinned by the hub)")
 
         step("2. a small VM: qemu-storage-daemon, three disks (one with files), QMP")
         vm.add_disk(disk_mib << 20)
@@ -105,7 +109,10 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
 
         c = HubClient(hub_url, (hub_dir / "admin.token").read_text().strip())
         node_token = (node_dir / "node.token").read_text().strip()
-        n = c.post("/api/v1/nodes", {"name": "local", "url": node_url, "token": node_token})
+        n = c.post(
+            "/api/v1/nodes",
+            {"name": "local", "url": node_url, "token": node_token, "fingerprint": node_fp},
+        )
         src = c.post(
             "/api/v1/sources",
             {

@@ -62,6 +62,7 @@ class Ctx:
     url: str = "http://127.0.0.1:8082"
     token: str | None = None
     json: bool = False
+    ca_file: Path | None = None
 
 
 ctx = Ctx()
@@ -77,9 +78,17 @@ def main_options(
         Path, typer.Option(envvar="SENDENSE_DATA_DIR", help="Hub data dir (for admin.token).")
     ] = Path("var/hub"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SENDENSE_CA_FILE",
+            help="PEM file of the CA (or the self-signed certificate) of an https hub.",
+        ),
+    ] = None,
 ) -> None:
     ctx.url = url
     ctx.json = as_json
+    ctx.ca_file = ca_file
     if token is None:
         path = data_dir / "admin.token"
         if path.exists():
@@ -91,7 +100,7 @@ def client() -> HubClient:
     if not ctx.token:
         err.print("[red]no token: set SENDENSE_TOKEN or --token, or run next to the hub's data dir")
         raise typer.Exit(2)
-    return HubClient(ctx.url, ctx.token)
+    return HubClient(ctx.url, ctx.token, ca_file=ctx.ca_file)
 
 
 def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -170,6 +179,10 @@ def hub_serve(
     ] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [SQLite].")] = None,
     log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
+    tls_cert_file: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")
+    ] = None,
+    tls_key_file: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
 ) -> None:
     """Run the hub (REST API, catalog, NBD targets). Flags override SENDENSE_* settings.
 
@@ -177,7 +190,14 @@ def hub_serve(
     from sendense.hub.serve import serve
     from sendense.settings import HubSettings
 
-    given = {"host": host, "port": port, "data_dir": data_dir, "database_url": database_url}
+    given = {
+        "host": host,
+        "port": port,
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "tls_cert_file": tls_cert_file,
+        "tls_key_file": tls_key_file,
+    }
     settings = HubSettings(**_given(log_level=log_level, **given))
     _logging(settings.log_level)
     serve(settings)
@@ -190,29 +210,23 @@ def node_serve(
     data_dir: Annotated[Path | None, typer.Option(help="Token, job logs [var/node].")] = None,
     log_level: Annotated[str | None, typer.Option(help="[info]")] = None,
 ) -> None:
-    """Run a node agent next to the hypervisor. Flags override SENDENSE_NODE_* settings."""
-    from sendense.node.app import create_app
+    """Run a node agent next to the hypervisor. Flags override SENDENSE_NODE_* settings.
+
+    Serves HTTPS with a certificate made on first start (<data-dir>/tls/) and
+    prints its fingerprint, which `sendense node add` pins on the hub;
+    SENDENSE_NODE_TLS=false serves plain HTTP (loopback only)."""
+    from sendense.node.serve import serve
     from sendense.settings import NodeSettings
 
     given = {"host": host, "port": port, "data_dir": data_dir, "log_level": log_level}
-    _serve(create_app, NodeSettings(**_given(**given)))
+    settings = NodeSettings(**_given(**given))
+    _logging(settings.log_level)
+    serve(settings)
 
 
 def _given(**flags: Any) -> dict[str, Any]:
     """The flags the user gave; the others fall back to SENDENSE_* settings."""
     return {k: v for k, v in flags.items() if v is not None}
-
-
-def _serve(create_app: Any, settings: Any) -> None:
-    import uvicorn
-
-    _logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-    )
 
 
 def _logging(level: str) -> None:
@@ -239,30 +253,7 @@ def demo(
 # ------------------------------------------------------------------ nodes
 
 
-@node_app.command("add")
-def node_add(
-    name: str,
-    url: str,
-    token: Annotated[str | None, typer.Option(help="The node's token.")] = None,
-    token_file: Annotated[Path | None, typer.Option(help="File holding the node's token.")] = None,
-) -> None:
-    """Register a node with the hub."""
-    if token is None and token_file is not None:
-        token = token_file.read_text().strip()
-    if not token:
-        err.print("[red]--token or --token-file is required")
-        raise typer.Exit(2)
-    data = call(client().post, "/api/v1/nodes", {"name": name, "url": url, "token": token})
-    out(data) if ctx.json else console.print(f"node {name} registered: {data['node_id']}")
-
-
-@node_app.command("ls")
-def node_ls() -> None:
-    data = call(client().get, "/api/v1/nodes")
-    t = Table("node_id", "name", "url", "health")
-    for n in data["nodes"]:
-        t.add_row(n["node_id"], n["name"], n["url"], n["health"]["status"])
-    out(data, t)
+# node add / ls / fingerprint / edit / rm: cli/commands/nodes.py
 
 
 # ---------------------------------------------------------------- sources

@@ -295,6 +295,30 @@ class DiskReadFailed(Error):
     code = "vsphere_read_failed"
 
 
+# --- Hub <-> node HTTPS (issue 10): pinning the node's certificate.
+
+
+class FingerprintRequired(InvalidRequest):
+    """An https node registered without a fingerprint: trust on first use made
+    explicit (``details.fingerprint`` is what the node presented; check it and
+    send it back)."""
+
+    code = "fingerprint_required"
+
+
+class FingerprintMismatch(InvalidRequest):
+    """The node presented a certificate whose SHA-256 is not the one given."""
+
+    code = "fingerprint_mismatch"
+
+
+class PlainHttpRefused(InvalidRequest):
+    """An http:// node URL beyond loopback (the token and source credentials
+    would cross the network in clear)."""
+
+    code = "plain_http_refused"
+
+
 class EncryptionFixed(Conflict):
     """A repository's encryption is chosen at creation and never changes."""
 

@@ -135,7 +135,13 @@ def lock_end(repo: Repository | None, created_at: datetime) -> datetime | None:
 
 
 def node_client(node: Node, secrets: SecretBox) -> NodeClient:
-    return cached_client(node.id, node.url, secrets.decrypt(node.token_encrypted))
+    return cached_client(
+        node.id,
+        node.url,
+        secrets.decrypt(node.token_encrypted),
+        certificate=node.certificate,  # pinned at registration (hub <-> node TLS)
+        name=node.name,
+    )
 
 
 def source_spec(source: Source, secrets: SecretBox) -> dict[str, Any]:

@@ -46,10 +46,11 @@ DEFAULT_REPOSITORY_ID = "default"
 # hub/nodes/ call `check_node` first, then the writes below in a short session.
 
 
-def check_node(url: str, token: str) -> str | None:
-    """Reach the node and check its token; its version. Messages never hold
-    the token (NodeClient scrubs it)."""
-    client = NodeClient(url, token)
+def check_node(url: str, token: str, certificate: str | None = None) -> str | None:
+    """Reach the node (an https one through its pinned ``certificate``) and
+    check its token; its version. Messages never hold the token (NodeClient
+    scrubs it)."""
+    client = NodeClient(url, token, certificate=certificate)
     try:
         version = client.health().get("version")
         client.check_token()
@@ -61,11 +62,21 @@ def check_node(url: str, token: str) -> str | None:
 
 
 def register_node(
-    s: Session, secrets: SecretBox, name: str, url: str, token: str, *, verified: bool
+    s: Session,
+    secrets: SecretBox,
+    name: str,
+    url: str,
+    token: str,
+    *,
+    verified: bool,
+    pin: tuple[str, str] | None = None,
 ) -> Node:
+    """``pin``: (fingerprint, PEM certificate) of an https node (hub/nodes/)."""
     if NodeStore(s).by_name(name) is not None:
         raise Conflict(f"a node named {name} already exists", name=name)
     node = Node(name=name, url=url.rstrip("/"), token_encrypted=secrets.encrypt(token))
+    if pin is not None:
+        node.fingerprint, node.certificate = pin
     node.last_seen_at = datetime.now(UTC) if verified else None
     s.add(node)
     s.flush()
@@ -80,6 +91,14 @@ def node_secret(s: Session, secrets: SecretBox, node_id: str) -> tuple[str, str]
     return node.url, str(secrets.decrypt(node.token_encrypted))
 
 
+def node_certificate(s: Session, node_id: str) -> str | None:
+    """The PEM certificate pinned for a node (None: plain HTTP or none yet)."""
+    node = NodeStore(s).get(node_id)
+    if node is None:
+        raise NotFound(f"node {node_id} not found", node_id=node_id)
+    return node.certificate
+
+
 def update_node(
     s: Session,
     secrets: SecretBox,
@@ -88,10 +107,15 @@ def update_node(
     url: str | None,
     token: str | None,
     verified: bool,
+    pin: tuple[str | None, str | None] | None = None,
 ) -> Node:
+    """``pin``: a new (fingerprint, PEM certificate), (None, None) to drop it
+    (plain HTTP), None to keep it."""
     node = NodeStore(s).get(node_id)
     if node is None:
         raise NotFound(f"node {node_id} not found", node_id=node_id)
+    if pin is not None:
+        node.fingerprint, node.certificate = pin
     if url is not None:
         node.url = url.rstrip("/")
     if token is not None:

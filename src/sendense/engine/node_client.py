@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,12 +13,32 @@ import httpx
 
 from sendense.core.errors import Conflict, Error, InvalidRequest, NotFound, Unavailable
 from sendense.secretbox import scrub, secret_values
+from sendense.tls import CertificateUnavailable, fetch_certificate, fingerprint, pinned_context
 
 log = logging.getLogger(__name__)
 
 
 class NodeUnreachable(Unavailable):
     code = "node_unreachable"
+
+
+class NodeCertificateMismatch(NodeUnreachable):
+    """The node's TLS certificate is not the one pinned at registration: the
+    hub sends it nothing (the handshake itself fails, before any request)."""
+
+    code = "node_certificate_mismatch"
+
+
+def _cert_verify_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind an httpx error, if any."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class NodeClient:
@@ -29,17 +50,40 @@ class NodeClient:
     credentials of the source a request carries are replaced by ``***`` in
     whatever the transport or the node says (an httpx error may quote the
     Authorization header; a node may echo its input).
+
+    An https node is trusted through its pinned certificate only
+    (``certificate``, PEM, from the catalog; sendense/tls.py says why a
+    context and not a digest check): a node presenting another one is refused
+    in the handshake, before the token is sent (`NodeCertificateMismatch`).
+    An https URL without a pinned certificate is refused outright.
     """
 
     def __init__(
-        self, url: str, token: str, *, timeout: float = 10.0, node_id: str | None = None
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        node_id: str | None = None,
+        certificate: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         # Set for the hub's shared clients: their outcomes feed node health.
         self.node_id = node_id
+        self.name = name or node_id or self.url
         self.timeout = timeout
         self._token = token
-        self._http = httpx.Client(timeout=timeout)
+        self.certificate = certificate
+        self.pinned = fingerprint(certificate) if certificate else None
+        verify: ssl.SSLContext | bool = True
+        if certificate:
+            verify = pinned_context(certificate)
+        elif self.url.lower().startswith("https://"):
+            # No pin: nothing is trusted (not even the system's CAs: a node
+            # is pinned, never vouched for by a public CA).
+            verify = _trust_nothing()
+        self._http = httpx.Client(timeout=timeout, verify=verify)
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
@@ -68,6 +112,10 @@ class NodeClient:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             # InvalidURL and ValueError (a header httpx cannot encode) are not
             # HTTPErrors; uncaught they would be a 500 wherever a node is used.
+            if _cert_verify_error(e) is not None:
+                mismatch = self._mismatch()
+                _observe(self.node_id, False, mismatch.message)
+                raise mismatch from None
             err = NodeUnreachable(
                 scrub(f"node at {self.url} is unreachable: {type(e).__name__}: {e}", hidden),
                 url=self.url,
@@ -98,6 +146,35 @@ class NodeClient:
                 raise Unavailable(f"node: {message}", code=code)
             raise Error(f"node answered {r.status_code}: {message}", code=code)
         return r.json()
+
+    def _mismatch(self) -> NodeCertificateMismatch:
+        """The error for a node whose certificate is not the pinned one, with
+        what it presents now when that can be read (both are public)."""
+        try:
+            presented: str | None = fingerprint(fetch_certificate(self.url, timeout=3))
+        except CertificateUnavailable:
+            presented = None
+        ref = self.node_id or "{node_id}"
+        if self.pinned is None:
+            return NodeCertificateMismatch(
+                f"node {self.name} at {self.url}: no certificate is pinned for this "
+                f"https node; pin it with PATCH /api/v1/nodes/{ref} "
+                '{"fingerprint": ...} (sendense node edit --fingerprint)',
+                node=self.name,
+                url=self.url,
+                presented=presented,
+            )
+        return NodeCertificateMismatch(
+            f"node {self.name} at {self.url}: certificate does not match the pinned "
+            f"fingerprint (pinned {self.pinned}, presented {presented or 'unreadable'}); "
+            "if the node's certificate was replaced on purpose, re-pin it: "
+            f'PATCH /api/v1/nodes/{ref} {{"fingerprint": "<new>"}} '
+            "(sendense node edit NODE --fingerprint <new>)",
+            node=self.name,
+            url=self.url,
+            pinned=self.pinned,
+            presented=presented,
+        )
 
     def health(self, timeout: float = 3.0) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/api/v1/health", timeout=timeout)
@@ -161,20 +238,38 @@ def _observe(node_id: str | None, ok: bool, error: str | None) -> None:
             log.exception("node observer failed")
 
 
+def _trust_nothing() -> ssl.SSLContext:
+    """A client context with no trust anchor: every server is refused."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 _clients: dict[tuple[str, str], NodeClient] = {}
 _clients_lock = threading.Lock()
 
 
-def cached_client(node_id: str, url: str, token: str) -> NodeClient:
-    """The shared client of a node (a new one when its URL or token changed:
-    the old one is dropped from the cache, left to whoever still holds it)."""
-    key = (node_id, hashlib.sha256(f"{url}\0{token}".encode()).hexdigest())
+def cached_client(
+    node_id: str,
+    url: str,
+    token: str,
+    certificate: str | None = None,
+    name: str | None = None,
+) -> NodeClient:
+    """The shared client of a node (a new one when its URL, token or pinned
+    certificate changed: the old one is dropped from the cache, left to
+    whoever still holds it)."""
+    material = f"{url}\0{token}\0{certificate or ''}"
+    key = (node_id, hashlib.sha256(material.encode()).hexdigest())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             for old in [k for k in _clients if k[0] == node_id]:
                 del _clients[old]
-            client = _clients[key] = NodeClient(url, token, node_id=node_id)
+            client = _clients[key] = NodeClient(
+                url, token, node_id=node_id, certificate=certificate, name=name
+            )
         return client
 
 

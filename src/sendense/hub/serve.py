@@ -19,6 +19,11 @@ on its stdin (a database password never appears in its argv or environment).
 If the first process dies, even by ``kill -9``, the kernel kills the others
 (``PR_SET_PDEATHSIG``), so a crashed hub never leaves workers holding its port;
 a worker that dies alone is started again.
+
+TLS: given ``tls_cert_file`` and ``tls_key_file`` (PEM), every process serves
+HTTPS on its socket (uvicorn's ``ssl_certfile``/``ssl_keyfile``); without
+them, plain HTTP (loopback, or behind a reverse proxy terminating TLS:
+docs/security.md).
 """
 
 from __future__ import annotations
@@ -58,12 +63,16 @@ def serve(settings: HubSettings) -> None:
 
     n = worker_count(settings)
     settings.worker_count, settings.worker_index = n, 0
+    tls = tls_options(settings)
+    if tls:
+        log.info("hub serves HTTPS cert=%s", settings.tls_cert_file)
     if n == 1:
         uvicorn.run(
             create_app(settings),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),
+            **tls,  # type: ignore[arg-type]
         )
         return
     if _in_use(settings.host, settings.port):
@@ -84,6 +93,19 @@ def serve(settings: HubSettings) -> None:
     finally:
         workers.stop()
         sock.close()
+
+
+def tls_options(settings: HubSettings) -> dict[str, str]:
+    """uvicorn's TLS arguments: both files or neither."""
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise SystemExit("SENDENSE_TLS_CERT_FILE and SENDENSE_TLS_KEY_FILE go together")
+    for path in (cert, key):
+        if not path.is_file():
+            raise SystemExit(f"TLS file {path} does not exist")
+    return {"ssl_certfile": str(cert.resolve()), "ssl_keyfile": str(key.resolve())}
 
 
 def _in_use(host: str, port: int) -> bool:
@@ -193,7 +215,11 @@ def _run(app: Any, sock: socket.socket, settings: HubSettings) -> None:
     # The socket itself, not ``fd=``: uvicorn takes an fd for a unix socket,
     # and the loop then never sets TCP_NODELAY (40 ms per small answer).
     # (The app's lifespan opens the worker's HubState.)
-    config = uvicorn.Config(app, log_level=settings.log_level.lower())
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level.lower(),
+        **tls_options(settings),  # type: ignore[arg-type]
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

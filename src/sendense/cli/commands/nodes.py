@@ -1,4 +1,4 @@
-"""``sendense node rm | edit`` and ``sendense source rm``.
+"""``sendense node add | ls | fingerprint | rm | edit`` and ``sendense source rm``.
 
 These join the ``node`` and ``source`` groups of ``cli/main.py`` (add, ls):
 `bind` is handed the main module (it may run as ``__main__`` under ``python
@@ -12,10 +12,14 @@ jobs that run, the VMs that have restore points, the sources of a node).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from rich.table import Table
+
+from sendense.cli.client import ApiError
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -39,6 +43,122 @@ def _find(c: Any, kind: str, ref: str) -> str:
         if ref in (item[f"{kind}_id"], item["name"]):
             return str(item[f"{kind}_id"])
     return ref
+
+
+def _raise(e: Exception) -> NoReturn:
+    raise e
+
+
+def node_add(
+    name: str,
+    url: Annotated[str, typer.Argument(help="https://host:8081 (the node's default)")],
+    token: Annotated[str | None, typer.Option(help="The node's token.")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the node's token.")] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="SHA-256 fingerprint of the node's certificate (the node prints it at "
+            "start; `sendense node fingerprint` on the node). Hex, colons allowed."
+        ),
+    ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes",
+            "-y",
+            help="Trust the certificate the node presents now without asking (trust on "
+            "first use: only on a network you trust).",
+        ),
+    ] = False,
+) -> None:
+    """Register a node with the hub, pinning its TLS certificate.
+
+    Without --fingerprint the hub answers with the fingerprint the node
+    presents: it is shown and you confirm it (compare it with the node's own),
+    or --yes takes it as it is."""
+    m = _m()
+    if token is None and token_file is not None:
+        token = token_file.read_text().strip()
+    if not token:
+        m.err.print("[red]--token or --token-file is required")
+        raise typer.Exit(2)
+    body: dict[str, Any] = {"name": name, "url": url, "token": token}
+    if fingerprint:
+        body["fingerprint"] = fingerprint
+    c = m.client()
+    try:
+        data = c.post("/api/v1/nodes", body)
+    except ApiError as e:
+        presented = (e.body.get("details") or {}).get("fingerprint")
+        if e.body.get("error") != "fingerprint_required" or not presented or fingerprint:
+            m.call(_raise, e)
+            raise  # not reached: call() exits
+        if not yes:
+            if m.ctx.json or not sys.stdin.isatty():
+                m.call(_raise, e)
+            m.console.print(
+                f"The node at {url} presents a certificate with SHA-256 fingerprint\n"
+                f"  {presented}\n"
+                "Compare it with the node's own (printed at its start, or "
+                "`sendense node fingerprint` on the node).",
+                markup=False,
+            )
+            if not typer.confirm("Is it the same? Pin it", default=False):
+                m.err.print("[red]not registered")
+                raise typer.Exit(1) from None
+        data = m.call(c.post, "/api/v1/nodes", {**body, "fingerprint": presented})
+    if m.ctx.json:
+        m.out(data)
+        return
+    pinned = f", certificate {data['fingerprint']} pinned" if data.get("fingerprint") else ""
+    m.console.print(f"node {name} registered: {data['node_id']}{pinned}", markup=False)
+
+
+def node_ls() -> None:
+    """Nodes, their health, and whether the hub reaches them over TLS."""
+    m = _m()
+    data = m.call(m.client().get, "/api/v1/nodes")
+    t = Table("node_id", "name", "url", "health", "tls", "fingerprint")
+    for n in data["nodes"]:
+        fp = n.get("fingerprint")
+        t.add_row(
+            n["node_id"],
+            n["name"],
+            n["url"],
+            n["health"]["status"],
+            "yes" if n.get("tls") else "no",
+            f"{fp[:16]}..." if fp else "-",
+        )
+    m.out(data, t)
+
+
+def node_fingerprint(
+    data_dir: Annotated[
+        Path,
+        typer.Option(envvar="SENDENSE_NODE_DATA_DIR", help="The node's data dir [var/node]."),
+    ] = Path("var/node"),
+    colons: Annotated[bool, typer.Option(help="AB:CD:... form.")] = False,
+) -> None:
+    """Print this node's certificate fingerprint (SHA-256), to give the hub at
+    registration. Run it on the node; the certificate is made if the node has
+    none yet (the node then uses it)."""
+    from sendense.tls import colon_form, ensure_node_certificate
+
+    m = _m()
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cert = ensure_node_certificate(data_dir)
+    if m.ctx.json:
+        m.out(
+            {
+                "fingerprint": cert.fingerprint,
+                "colon_form": colon_form(cert.fingerprint),
+                "certificate_file": str(cert.cert_file),
+                "created": cert.created,
+            }
+        )
+        return
+    print(colon_form(cert.fingerprint) if colons else cert.fingerprint)
 
 
 def node_rm(
@@ -71,18 +191,28 @@ def node_edit(
     token_file: Annotated[
         Path | None, typer.Option(help="File holding the node's new token.")
     ] = None,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="Re-pin: the fingerprint of the node's new certificate (after the node's "
+            "certificate was replaced)."
+        ),
+    ] = None,
     verify: Annotated[
         bool, typer.Option(help="Check the node answers with this URL and token first.")
     ] = True,
 ) -> None:
-    """Fix a node's URL or token (jobs started afterwards use them)."""
+    """Fix a node's URL or token, or re-pin its certificate (jobs started
+    afterwards use them)."""
     m = _m()
     if token is None and token_file is not None:
         token = token_file.read_text().strip()
-    if url is None and token is None:
-        m.err.print("[red]give --url, --token or --token-file")
+    if url is None and token is None and fingerprint is None:
+        m.err.print("[red]give --url, --token, --token-file or --fingerprint")
         raise typer.Exit(2)
     body: dict[str, Any] = {"verify": verify}
+    if fingerprint is not None:
+        body["fingerprint"] = fingerprint
     if url is not None:
         body["url"] = url
     if token is not None:
@@ -113,6 +243,9 @@ def bind(main: ModuleType) -> None:
     """Add the commands to ``main.node_app`` and ``main.source_app``."""
     global _main
     _main = main
+    main.node_app.command("add")(node_add)
+    main.node_app.command("ls")(node_ls)
+    main.node_app.command("fingerprint")(node_fingerprint)
     main.node_app.command("rm")(node_rm)
     main.node_app.command("edit")(node_edit)
     main.source_app.command("rm")(source_rm)

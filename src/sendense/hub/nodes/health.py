@@ -44,11 +44,21 @@ class Probe:
     checked_mono: float
 
 
-def probe_node(node_id: str, url: str, token: str, timeout: float) -> Probe:
-    """One health probe; never raises."""
+def probe_node(
+    node_id: str,
+    url: str,
+    token: str,
+    timeout: float,
+    certificate: str | None = None,
+    name: str | None = None,
+) -> Probe:
+    """One health probe; never raises. An https node is probed through its
+    pinned certificate: one presenting another is shown unreachable with
+    "certificate does not match the pinned fingerprint"."""
     now, mono = datetime.now(UTC), time.monotonic()
     try:
-        h = cached_client(node_id, url, token).health(timeout=timeout)
+        client = cached_client(node_id, url, token, certificate=certificate, name=name)
+        h = client.health(timeout=timeout)
         return Probe("online", str(h.get("version") or "") or None, None, now, mono)
     except Error as e:
         return Probe("unreachable", None, e.message, now, mono)
@@ -155,13 +165,13 @@ class NodeHealthMonitor:
         (plus a second) in all."""
         with self.db.session() as s:
             nodes = [
-                (n.id, n.url, n.token_encrypted) for n in NodeStore(s).all()
+                (n.id, n.url, n.token_encrypted, n.certificate, n.name) for n in NodeStore(s).all()
             ]  # no I/O with the session open
-        known = {node_id for node_id, _, _ in nodes}
+        known = {node[0] for node in nodes}
         with self._lock:
             for gone in [k for k in self._cache if k not in known]:
                 del self._cache[gone]
-        for node_id, url, token_encrypted in nodes:
+        for node_id, url, token_encrypted, certificate, name in nodes:
             if node_id in self._inflight and not self._inflight[node_id].done():
                 continue  # the last probe still hangs: the round below marks it
             try:
@@ -169,7 +179,9 @@ class NodeHealthMonitor:
             except Exception:
                 self._store(node_id, "unreachable", "the node's token cannot be decrypted")
                 continue
-            fut = self._pool.submit(probe_node, node_id, url, token, self.probe_timeout)
+            fut = self._pool.submit(
+                probe_node, node_id, url, token, self.probe_timeout, certificate, name
+            )
             self._inflight[node_id] = fut
         wait(list(self._inflight.values()), timeout=self.probe_timeout + 1)
         for node_id, fut in list(self._inflight.items()):

@@ -17,7 +17,16 @@ NodeId = Path(max_length=36, description="The node's id (from GET /api/v1/nodes)
 @router.post("", status_code=201, response_model=NodeRead, responses=errors(409, 413))
 def create_node(body: NodeCreate, st: HubDep, who: Admin) -> dict:
     """Register a node. Unless ``verify`` is false the hub first reaches it and
-    checks its token (400 ``node_auth`` / ``node_unreachable`` otherwise)."""
+    checks its token (400 ``node_auth`` / ``node_unreachable`` otherwise).
+
+    An ``https://`` node's certificate is pinned: the hub reads what the node
+    presents and compares its SHA-256 with ``fingerprint`` (400
+    ``fingerprint_mismatch`` with ``details.expected`` and
+    ``details.presented``); without ``fingerprint``, 400
+    ``fingerprint_required`` with ``details.fingerprint`` = the presented one,
+    to check and send back. ``http://`` is accepted for loopback hosts only
+    (400 ``plain_http_refused``, checked before any connection) unless the
+    hub's ``SENDENSE_ALLOW_PLAIN_HTTP_NODES`` is true."""
     return service.create_node(st, body)
 
 
@@ -36,8 +45,11 @@ def get_node(st: HubDep, who: Viewer, node_id: str = NodeId) -> dict:
 
 @router.patch("/{node_id}", response_model=NodeRead, responses=errors(404, 413))
 def update_node(body: NodeUpdate, st: HubDep, who: Admin, node_id: str = NodeId) -> dict:
-    """Fix a node's URL or token; checked against the node unless ``verify`` is
-    false. Jobs started afterwards use the new values."""
+    """Fix a node's URL or token, or re-pin its certificate after the node
+    got a new one (``fingerprint``: pinned if the node presents a certificate
+    with that SHA-256, else 400 ``fingerprint_mismatch``). Checked against the
+    node unless ``verify`` is false. Jobs started afterwards use the new
+    values."""
     return service.update_node(st, node_id, body)
 
 

@@ -8,30 +8,54 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from sendense.hub.validation import check_token_text, check_url
+from sendense.tls import normalize_fingerprint
+
+
+def check_fingerprint(value: str | None) -> str | None:
+    """SHA-256 of the node's certificate: 64 hex digits, colons allowed."""
+    return None if value is None else normalize_fingerprint(value)
+
+
+FINGERPRINT_HELP = (
+    "SHA-256 of the node's TLS certificate (DER), hex, colons allowed: printed by the node "
+    "at start and by `sendense node fingerprint`. Required for an https:// URL: without it "
+    "the answer is 400 fingerprint_required with details.fingerprint = what the node "
+    "presented, to check and send back (trust on first use, made explicit)."
+)
 
 
 class NodeCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     url: str = Field(min_length=1, max_length=500)
     token: str = Field(min_length=1, max_length=500)
+    fingerprint: str | None = Field(default=None, max_length=200, description=FINGERPRINT_HELP)
     verify: bool = True
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
+    _fingerprint = field_validator("fingerprint")(check_fingerprint)
 
     def __repr__(self) -> str:
         return f"NodeCreate(name={self.name!r}, url={self.url!r})"
 
 
 class NodeUpdate(BaseModel):
-    """Fix a node's URL or token; checked against the node unless ``verify`` is false."""
+    """Fix a node's URL or token, or re-pin its certificate (``fingerprint``);
+    checked against the node unless ``verify`` is false."""
 
     url: str | None = Field(default=None, min_length=1, max_length=500)
     token: str | None = Field(default=None, min_length=1, max_length=500)
+    fingerprint: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Pin the certificate the node presents now, if its SHA-256 is this "
+        "(a node whose certificate was replaced). Without it the pinned one stays.",
+    )
     verify: bool = True
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
+    _fingerprint = field_validator("fingerprint")(check_fingerprint)
 
     def __repr__(self) -> str:
         return f"NodeUpdate(url={self.url!r})"
@@ -52,6 +76,11 @@ class NodeRead(BaseModel):
     node_id: str
     name: str
     url: str
+    tls: bool = Field(description="The hub talks to the node over HTTPS (https:// URL)")
+    fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 (hex) of the node's pinned certificate; null for plain HTTP",
+    )
     created_at: datetime | None
     health: NodeHealth | None = None
 

@@ -2,22 +2,47 @@
 
 Talking to a node (the check at registration or edit) happens with no
 session open; the catalog writes come after, in one short session.
+
+HTTPS and pinning (docs/security.md): before any connection the URL is
+checked (`check_url_policy`: plain HTTP only to loopback, unless
+``allow_plain_http_nodes``). For an https:// URL the hub reads the
+certificate the node presents (a handshake, nothing sent), compares its
+SHA-256 with the ``fingerprint`` given (400 ``fingerprint_mismatch`` naming
+both; none given: 400 ``fingerprint_required`` with the presented one in
+``details.fingerprint``), and only then checks the token, through a context
+that trusts that certificate alone. The fingerprint and the PEM go into the
+catalog; every later call uses them (engine/node_client.py).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from sendense.catalog.stores import NodeStore
 from sendense.core.access import Principal
-from sendense.core.errors import NotFound
+from sendense.core.errors import (
+    FingerprintMismatch,
+    FingerprintRequired,
+    InvalidRequest,
+    NotFound,
+    PlainHttpRefused,
+)
 from sendense.engine import inventory
 from sendense.engine.node_client import forget_client
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.hub.nodes.schemas import NodeCreate, NodeUpdate
 from sendense.hub.state import HubState
 from sendense.hub.views import node_view
+from sendense.settings import HubSettings
+from sendense.tls import (
+    CertificateUnavailable,
+    colon_form,
+    fetch_certificate,
+    fingerprint,
+    is_loopback_host,
+)
 
 
 def _monitor(st: HubState) -> NodeHealthMonitor | None:
@@ -45,18 +70,86 @@ def _view(st: HubState, node: Any) -> dict[str, Any]:
                     "checked_at": seen.isoformat(),
                     "age_seconds": round(age, 1),
                 }
-    return node_view(node, health)
+    view = node_view(node, health)
+    view["tls"] = node.url.lower().startswith("https://")
+    view["fingerprint"] = node.fingerprint
+    return view
 
 
 # How old a catalog "last seen" may be to stand for this process's own probe.
 RECENT_SECONDS = 60.0
 
 
+def is_https(url: str) -> bool:
+    return urlsplit(url).scheme.lower() == "https"
+
+
+def check_url_policy(settings: HubSettings, url: str) -> None:
+    """Plain HTTP to a node only on loopback (or when the hub allows it):
+    checked before any connection, from the URL alone."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "http" or settings.allow_plain_http_nodes:
+        return
+    if not is_loopback_host(parts.hostname or ""):
+        raise PlainHttpRefused(
+            f"plain HTTP to node at {url} is refused: {parts.hostname} is not a loopback "
+            "address and the node's token and source credentials would cross the network "
+            "in clear. Use https:// (the node serves HTTPS by default) or set "
+            "SENDENSE_ALLOW_PLAIN_HTTP_NODES=true on the hub",
+            url=url,
+        )
+
+
+def pin_certificate(url: str, given: str | None) -> tuple[str, str]:
+    """(fingerprint, PEM) the https node at ``url`` presents, if it is ``given``.
+
+    Nothing but a TLS handshake happens here: the token is sent later,
+    through a context trusting this certificate only."""
+    try:
+        pem = fetch_certificate(url)
+    except CertificateUnavailable as e:
+        raise InvalidRequest(
+            f"cannot read the TLS certificate of the node at {url}: {e}",
+            code="node_unreachable",
+            url=url,
+        ) from None
+    presented = fingerprint(pem)
+    if given is None:
+        raise FingerprintRequired(
+            f"the node at {url} presents a certificate with SHA-256 fingerprint {presented} "
+            f"({colon_form(presented)}); check it against the node's own "
+            "(`sendense node fingerprint` on the node, or its start-up log) and send it "
+            'back as "fingerprint" to pin it',
+            url=url,
+            fingerprint=presented,
+        )
+    if given != presented:
+        raise FingerprintMismatch(
+            f"the node at {url} presents a certificate with fingerprint {presented}, "
+            f"not the {given} given: nothing was sent to it. Check the URL and the "
+            "fingerprint on the node (`sendense node fingerprint`)",
+            url=url,
+            expected=given,
+            presented=presented,
+        )
+    return presented, pem
+
+
 def create_node(st: HubState, body: NodeCreate) -> dict[str, Any]:
-    version = inventory.check_node(body.url, body.token) if body.verify else None
+    check_url_policy(st.settings, body.url)
+    pin: tuple[str, str] | None = None
+    if is_https(body.url):
+        pin = pin_certificate(body.url, body.fingerprint)
+    elif body.fingerprint is not None:
+        raise InvalidRequest(
+            "fingerprint is for https:// node URLs only (a plain HTTP node has no certificate)",
+            field="fingerprint",
+        )
+    certificate = pin[1] if pin else None
+    version = inventory.check_node(body.url, body.token, certificate) if body.verify else None
     with st.db.session() as s:
         node = inventory.register_node(
-            s, st.secrets, body.name, body.url, body.token, verified=body.verify
+            s, st.secrets, body.name, body.url, body.token, verified=body.verify, pin=pin
         )
         node_id = node.id
     m = _monitor(st)
@@ -90,12 +183,26 @@ def list_nodes(st: HubState, who: Principal) -> list[dict[str, Any]]:
 def update_node(st: HubState, node_id: str, body: NodeUpdate) -> dict[str, Any]:
     with st.db.session() as s:
         url, token = inventory.node_secret(s, st.secrets, node_id)
+        certificate = inventory.node_certificate(s, node_id)
     new_url = body.url if body.url is not None else url
     new_token = body.token if body.token is not None else token
-    version = inventory.check_node(new_url, new_token) if body.verify else None
+    check_url_policy(st.settings, new_url)
+    # The pin: re-pinned when a fingerprint is given, kept otherwise (a new
+    # URL of the same node), asked for when an https node has none yet.
+    pin: tuple[str | None, str | None] | None = None
+    if is_https(new_url):
+        if body.fingerprint is not None or certificate is None:
+            pin = pin_certificate(new_url, body.fingerprint)
+            certificate = pin[1]
+    else:
+        if body.fingerprint is not None:
+            raise InvalidRequest("fingerprint is for https:// node URLs only", field="fingerprint")
+        if certificate is not None:
+            pin, certificate = (None, None), None
+    version = inventory.check_node(new_url, new_token, certificate) if body.verify else None
     with st.db.session() as s:
         inventory.update_node(
-            s, st.secrets, node_id, url=body.url, token=body.token, verified=body.verify
+            s, st.secrets, node_id, url=body.url, token=body.token, verified=body.verify, pin=pin
         )
     # The next call through engine/node_client.cached_client makes a client
     # with the new URL and token (it is keyed by both).
