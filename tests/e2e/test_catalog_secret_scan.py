@@ -22,6 +22,8 @@ Secrets made here:
   against a closed port, and that failure must not store the password);
 - a webhook's HMAC secret, and a password in its URL's user part;
 - a console session: the signed cookie and the random id inside it;
+- an encrypted repository's data key (its exported passphrase, and the raw
+  key bytes), and a backup into that repository;
 - the hub's own keys: every ``*.key`` file in its data folder (the Fernet
   key that encrypts the rest; the master key of encrypted repositories), and
   the node's (its TLS private key);
@@ -55,6 +57,8 @@ from sqlalchemy.engine import make_url
 from fixtures.cluster import Cluster
 from fixtures.lifecycle import catalog_exec, cluster_env, lifecycle_cluster
 from pgserver import find_bindir
+from sendense.cli.services import stop_service
+from sendense.settings import HubSettings
 
 MiB = 1 << 20
 BOTH = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -94,9 +98,9 @@ def base64_fragments(raw: bytes) -> set[bytes]:
     return found
 
 
-def spellings(secret: str) -> dict[bytes, str]:
+def spellings(secret: str | bytes) -> dict[bytes, str]:
     """Byte patterns of ``secret`` -> what they are."""
-    raw = secret.encode()
+    raw = secret.encode() if isinstance(secret, str) else secret
     forms = {raw: "clear", raw.hex().encode(): "hex", raw.hex().upper().encode(): "HEX"}
     for fragment in base64_fragments(raw):
         forms.setdefault(fragment, "base64")
@@ -105,7 +109,7 @@ def spellings(secret: str) -> dict[bytes, str]:
 
 @dataclass(frozen=True)
 class Hit:
-    secret: str
+    secret: str  # its name
     spelling: str
     where: str
 
@@ -113,7 +117,10 @@ class Hit:
         return f"{self.secret} ({self.spelling}) at {self.where}"
 
 
-def find_all(data: bytes, secrets: dict[str, str]) -> list[tuple[str, str, int]]:
+Secrets = dict[str, str | bytes]
+
+
+def find_all(data: bytes, secrets: Secrets) -> list[tuple[str, str, int]]:
     """(secret name, spelling, offset) of every occurrence."""
     hits = []
     for name, secret in secrets.items():
@@ -139,7 +146,7 @@ def sqlite_page_tables(db_file: Path) -> tuple[int, dict[int, str]]:
     return page_size, pages
 
 
-def scan_sqlite(db_file: Path, secrets: dict[str, str]) -> list[Hit]:
+def scan_sqlite(db_file: Path, secrets: Secrets) -> list[Hit]:
     """Hits in the SQLite file and its WAL, each named by offset and table."""
     page_size, pages = sqlite_page_tables(db_file)
     hits: list[Hit] = []
@@ -192,7 +199,7 @@ def pg_dump(url: str) -> bytes:
     return proc.stdout
 
 
-def scan_dump(dump: bytes, secrets: dict[str, str]) -> list[Hit]:
+def scan_dump(dump: bytes, secrets: Secrets) -> list[Hit]:
     sections = [(m.start(), m.group(1).decode()) for m in re.finditer(rb"\nCOPY (\S+)", dump)]
     hits = []
     for name, spelling, offset in find_all(dump, secrets):
@@ -268,9 +275,8 @@ def post(c: Cluster, path: str, body: dict[str, Any], status: int = 201) -> dict
 
 def sign_in_console(c: Cluster, token: str) -> str:
     """Sign in to the web console with ``token``; its session cookie."""
-    verify = getattr(c, "hub_verify", True)
     with httpx.Client(
-        base_url=c.hub_url, timeout=60, follow_redirects=False, verify=verify
+        base_url=c.hub_url, timeout=60, follow_redirects=False, verify=c.hub_verify
     ) as client:
         form = client.get("/ui/signin")
         m = re.search(r'name="csrf" value="([^"]+)"', form.text)
@@ -296,21 +302,18 @@ def session_id(cookie: str) -> str:
     return m.group(1).decode()
 
 
-def make_every_secret(c: Cluster, make_vm: Any) -> dict[str, str]:
+def make_every_secret(c: Cluster, make_vm: Any) -> Secrets:
     """Every kind of secret the hub stores, made and used through the API."""
-    secrets: dict[str, str] = {
+    secrets: Secrets = {
         "hub admin.token": c.admin_token,
         "node token": c.node_token,
     }
-    if hasattr(c, "node_body"):  # a node serving HTTPS: its fingerprint pinned
-        body = c.node_body("node1")
-    else:
-        body = {"name": "node1", "url": c.node_url, "token": c.node_token}
-    node = post(c, "/api/v1/nodes", body)
+    node = post(c, "/api/v1/nodes", c.node_body("node1"))  # HTTPS, fingerprint pinned
 
+    tokens = {}
     for role in ("admin", "viewer"):
         made = post(c, "/api/v1/tokens", {"name": f"scan-{role}", "role": role})
-        secrets[f"api token ({role})"] = made["token"]
+        tokens[role] = secrets[f"api token ({role})"] = str(made["token"])
 
     vm = make_vm("scan1", [8 * MiB])
     secrets["qemu source password (nested)"] = unique("qemu-nested")
@@ -360,25 +363,38 @@ def make_every_secret(c: Cluster, make_vm: Any) -> dict[str, str]:
 
     # A webhook with a secret and a password in its URL; the backup below
     # makes a delivery, which fails (nothing listens on port 9) and is retried.
-    secrets["webhook secret"] = unique("hook-hmac")
-    secrets["webhook URL password"] = unique("hook-url")
+    hook_secret = secrets["webhook secret"] = unique("hook-hmac")
+    hook_password = secrets["webhook URL password"] = unique("hook-url")
     post(
         c,
         "/api/v1/webhooks",
         {
-            "url": f"http://alerts:{secrets['webhook URL password']}@127.0.0.1:9/sendense",
+            "url": f"http://alerts:{hook_password}@127.0.0.1:9/sendense",
             "events": ["job.completed", "job.failed"],
-            "secret": secrets["webhook secret"],
+            "secret": hook_secret,
         },
     )
 
-    # A backup: the hub hands the node the source's credentials (and, with
-    # NBD TLS, a key per disk); none of it may stay in the job's row.
+    # An encrypted repository: its data key is wrapped by the hub's master
+    # key (a file, scanned for below); the key as exported must not be there.
+    vault = post(
+        c,
+        "/api/v1/repositories",
+        {"name": "vault", "path": str(c.root / "vault"), "encrypted": True},
+    )
+    exported = post(c, f"/api/v1/repositories/{vault['repository_id']}/key/export", {}, 200)
+    secrets["repository passphrase"] = exported["passphrase"]
+    secrets["repository data key (bytes)"] = base64.b64decode(exported["passphrase"])
+
+    # A backup into it: the hub hands the node the source's credentials (and
+    # a TLS key per disk), and qemu the repository's key; none may stay.
     with PskWatcher(c.hub_dir) as psk:
-        c.backup(vm.name, "full")
+        c.backup(vm.name, "full", repository_id=vault["repository_id"])
+    if "nbd_tls" in HubSettings.model_fields:
+        assert psk.keys, "no NBD pre-shared key file was seen while the backup ran"
     secrets.update(psk.keys)
 
-    cookie = sign_in_console(c, secrets["api token (admin)"])
+    cookie = sign_in_console(c, tokens["admin"])
     secrets["console cookie"] = cookie
     secrets["console session id"] = session_id(cookie)
 
@@ -393,6 +409,7 @@ def test_the_catalog_holds_no_secret_in_clear(cluster: Cluster, make_vm: Any) ->
     c = cluster
     secrets = make_every_secret(c, make_vm)
     assert "hub/secret.key" in secrets, "the hub's Fernet key was not found"
+    assert "hub/master.key" in secrets, "the hub's master key was not found"
     if (c.node_dir / "tls").exists():
         assert any(k.startswith("node/tls/") for k in secrets), "the node's TLS key was not found"
     assert len(secrets) >= 10, sorted(secrets)
@@ -405,7 +422,7 @@ def test_the_catalog_holds_no_secret_in_clear(cluster: Cluster, make_vm: Any) ->
         db_file = c.hub_dir / "catalog.db"
         assert db_file.exists()
         hits = scan_sqlite(db_file, secrets)  # while the hub runs: the WAL holds the latest
-        c.stop()  # a clean stop checkpoints the WAL into the file
+        stop_service(c.hub)  # a clean stop checkpoints the WAL into the file
         hits += scan_sqlite(db_file, secrets)
     assert not hits, "secrets in the catalog:\n" + "\n".join(sorted({str(h) for h in hits}))
 
