@@ -729,8 +729,14 @@ def outer(argv: list[str]) -> int:
         try:
             return proc.wait()
         except KeyboardInterrupt:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             proc.send_signal(signal.SIGTERM)
-            return proc.wait()
+            try:
+                return proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait()
     finally:
         remove_topology()
 
@@ -760,7 +766,10 @@ def inner(argv: list[str]) -> int:
         say("interrupted; cleaning up")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A second signal (a process group's kill, then the outer process
+        # passing it on) must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if bench is not None:
             bench.cleanup()
         left = bb.ours(work)
