@@ -1,4 +1,4 @@
-"""``sendense repo``: repositories (add, ls, show, edit, rm, rescan).
+"""``sendense repo``: repositories (add, ls, show, edit, rm, rescan, export-key).
 
 Shares the global options (``--json``, URL, token) and the output helpers
 of ``cli/main.py``: main registers this module's ``app`` and hands itself
@@ -8,6 +8,7 @@ module does not import it by name).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ def _show(r: dict[str, Any]) -> None:
         ("available", m.human(r["available_bytes"])),
         ("restore points", f"{r['backup_count']} ({m.human(r['backup_bytes'])})"),
         ("immutable", f"{r['immutable']} (retention {r['retention_days']} days)"),
+        ("encrypted", "yes (LUKS, AES-256-XTS)" if r.get("encrypted") else "no"),
         ("immutable attribute", {True: "yes", False: "no", None: "-"}[r["immutable_attribute"]]),
         ("locks live", f"{r['locks_live']} (until {r['locked_until'] or '-'})"),
     ]
@@ -116,10 +118,19 @@ def repo_add(
     password_file: Annotated[
         Path | None, typer.Option(help="cifs: file holding the password ('-': stdin)")
     ] = None,
+    encrypted: Annotated[
+        bool, typer.Option(help="Encrypt every backup (LUKS); cannot change later")
+    ] = False,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Disaster recovery: the key file `repo export-key` wrote (implies --encrypted)"
+        ),
+    ] = None,
 ) -> None:
     """Create a repository. nfs/cifs without --server: the share must be mounted at PATH."""
     m = _m()
-    body = {
+    body: dict[str, Any] = {
         "name": name,
         "type": kind,
         "path": path,
@@ -127,6 +138,10 @@ def repo_add(
         "retention_days": retention_days,
         "config": _config(server, export, share, options, username, _password(password_file)),
     }
+    if encrypted or key_file is not None:
+        body["encrypted"] = True
+    if key_file is not None:
+        body["encryption_key"] = key_file.read_text().strip()
     r = m.call(m.client().post, "/api/v1/repositories", body)
     if m.ctx.json:
         m.out(r)
@@ -243,3 +258,48 @@ def repo_rescan(
         )
     for p in res["problems"]:
         m.console.print(f"  {p['path']}: {p['problem']}")
+
+
+@app.command("export-key")
+def repo_export_key(
+    repo: Annotated[str, typer.Argument(help="repository_id or name")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write (mode 0600; never overwritten)")
+    ],
+) -> None:
+    """Write a recovery copy of an encrypted repository's key (admin).
+
+    The file holds the LUKS passphrase of every image in the repository:
+    keep it away from the repository and the hub. With it, `qemu-img` opens
+    a backup by hand (docs/security.md); with it, `repo add --key-file`
+    brings the repository back on a new hub.
+    """
+    m = _m()
+    c = m.client()
+    repository_id = _repo_id(c, repo)
+    # The file first (O_EXCL): a refusal costs no key export in the audit log.
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        m.err.print(f"[red]{output} exists: choose another file (a key file is never overwritten)")
+        raise typer.Exit(1) from None
+    try:
+        r = m.call(c.post, f"/api/v1/repositories/{repository_id}/key/export", {})
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(r["passphrase"].encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        output.unlink(missing_ok=True)
+        raise
+    shown = {k: v for k, v in r.items() if k != "passphrase"}
+    if m.ctx.json:
+        m.out({**shown, "file": str(output)})
+    else:
+        m.console.print(
+            f"key of repository {repository_id} written to {output} (mode 0600); keep it apart "
+            "from the repository and the hub"
+        )
