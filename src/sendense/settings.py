@@ -94,6 +94,11 @@ class HubSettings(BaseSettings):
     # repository). Keep it on other storage than the repositories and the
     # catalog's backups: without it encrypted backups are unreadable.
     master_key_file: Path | None = None
+    # --- NBD over TLS (issue 10, nbd/psk.py, docs/security.md): every backup
+    # target requires TLS with a pre-shared key per job and disk, and exports
+    # beyond loopback too. False exists ONLY for the two-host benchmark's
+    # no-TLS round (bench/topology_bench.py); the hub warns loudly at start.
+    nbd_tls: bool = True
     log_level: str = "INFO"
 
     @property

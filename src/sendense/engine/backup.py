@@ -24,6 +24,14 @@ current status and on this process owning the job). Finishing stops qemu-nbd
 and runs ``qemu-img check`` with no database session open and no global lock
 held; the outcome is written afterwards in one short transaction.
 
+NBD targets require TLS with a pre-shared key of their own (one per disk and
+job; sendense/nbd/psk.py, docs/security.md): the key is made here, written to
+``run/tls-<backup id>/keys.psk`` (0600, in a 0700 folder) for qemu-nbd, sent
+to the node in the start request (``nbd_tls``, over the authenticated API)
+and removed with the target (`_stop_target`: completed, failed, cancelled,
+and left-overs of a dead hub at `recover`). ``SENDENSE_NBD_TLS=false`` turns
+it off, for the benchmark's no-TLS round only.
+
 QCOW2 cluster size of targets: 64 KiB, measured (docs/performance.md). It
 equals the dirty-bitmap granularity the connector creates, so an incremental
 writes whole clusters and never copies-on-write from its backing file (with
@@ -70,12 +78,14 @@ from sendense.core.errors import (
 )
 from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
+from sendense.nbd import psk
 from sendense.nbd.ports import PortAllocator
 from sendense.protocol.node import (
     BackupStartRequest,
     DiskStatus,
     JobError,
     JobStatusReport,
+    NbdTlsKey,
     SourceSpec,
 )
 from sendense.qemu import img
@@ -170,6 +180,13 @@ class BackupEngine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = settings.data_dir.resolve() / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not settings.nbd_tls:
+            log.warning(
+                "SENDENSE_NBD_TLS=false: NBD targets are served WITHOUT TLS and without a key; "
+                "anyone who can reach %s during a job can read or write restore points "
+                "(for benchmarks only)",
+                settings.nbd_bind,
+            )
         # "Two jobs never write the same disk": the busy check and the insert
         # happen under this lock in this process, and under a row lock on the
         # VM (SELECT ... FOR UPDATE) across hub processes on PostgreSQL.
@@ -401,6 +418,8 @@ class BackupEngine:
             node = source.node
             targets = []
             prev_ids: dict[str, str] = {}
+            # Disk key -> its target's TLS key (sent to the node, never stored).
+            keys: dict[str, NbdTlsKey] = {}
             any_incremental = False
             # Encrypted repository: every target is LUKS-encrypted (qemu/img.py).
             key = keystore.from_settings(self.settings).image_key_of(s, job.repository_id)
@@ -429,6 +448,11 @@ class BackupEngine:
                 # cleanup still knows which port to give back.
                 self._ports[b.id] = port
                 export = f"sendense-{b.id}"
+                tls_dir = None
+                if self.settings.nbd_tls:
+                    tls_key = psk.new_key()
+                    tls_dir = str(psk.make_server_dir(self._tls_dir(b.id), tls_key))
+                    keys[str(b.disk_key)] = NbdTlsKey(username=psk.USERNAME, psk=tls_key)
                 server = QemuNbdServer(
                     str(path),
                     export_name=export,
@@ -442,19 +466,24 @@ class BackupEngine:
                     pidfile=str(self.run_dir / f"nbd-{b.id}.pid"),
                     log_path=str(self.log_dir / f"nbd-{b.id}.log"),
                     key=key,
+                    tls_psk_dir=tls_dir,
                 )
                 self._servers[b.id] = server
                 b.nbd_port = port
                 b.nbd_export_name = export
                 server.start()
                 b.nbd_pid = server.pid
-                targets.append(f"{b.disk_key}:nbd://{self.settings.advertise_host}:{port}/{export}")
+                scheme = "nbds" if tls_dir else "nbd"
+                targets.append(
+                    f"{b.disk_key}:{scheme}://{self.settings.advertise_host}:{port}/{export}"
+                )
             request = BackupStartRequest(
                 job_id=job.id,
                 vm_name=vm.name,
                 source=SourceSpec.model_validate(source_spec(source, self.secrets)),
                 vm_path=vm.path,
                 nbd_targets=",".join(targets),
+                nbd_tls=keys,
                 # Per disk the plan may differ (auto); the node reads
                 # previous_change_ids for the incremental ones only.
                 backup_type="incremental" if any_incremental else "full",
@@ -715,7 +744,12 @@ class BackupEngine:
         elif nbd_pid:
             stop_pid(nbd_pid)
         Path(self.run_dir / f"nbd-{backup_id}.pid").unlink(missing_ok=True)
+        psk.remove_dir(self._tls_dir(backup_id))  # after qemu-nbd: it reads it per handshake
         self.ports.release(self._ports.pop(backup_id, None) or nbd_port)
+
+    def _tls_dir(self, backup_id: str) -> Path:
+        """The folder of a target's TLS key (qemu-nbd's tls-creds-psk ``dir``)."""
+        return self.run_dir / f"tls-{backup_id}"
 
     def _fail(self, job_id: str, e: Exception) -> None:
         code = e.code if isinstance(e, Error) else "internal_error"
@@ -822,6 +856,11 @@ class BackupEngine:
             with contextlib.suppress(ValueError, OSError):
                 stop_pid(int(pidfile.read_text().strip()))
             pidfile.unlink(missing_ok=True)
+        # Keys of targets that are gone (their server stopped just above, or
+        # never started).
+        for tls_dir in self.run_dir.glob("tls-*"):
+            if tls_dir.name.removeprefix("tls-") not in adopted | live:
+                psk.remove_dir(tls_dir)
         return resolved
 
     def shutdown(self) -> None:

@@ -1,7 +1,11 @@
 """Starts, watches, cancels and prunes job worker processes on the node.
 
 Each job has a folder ``<data-dir>/jobs/<job_id>/``: ``pid``, ``status.json``
-(the worker's `JobStatusReport`), ``job.log``, ``worker.stderr``. Folders of
+(the worker's `JobStatusReport`), ``job.log``, ``worker.stderr``, and while
+the job runs ``tls-<disk key>.psk`` (mode 0600: the NBD target's pre-shared
+key, protocol/node.py), written here before the worker gets the job and
+removed by the worker at its end, or here once the job is seen ended (a
+worker killed with SIGKILL never removes its own). Folders of
 ended jobs are removed once nothing changed in them for the retention time
 (`prune`).
 
@@ -29,16 +33,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sendense.core.errors import Conflict, Error, NotFound
+from sendense.nbd import psk
 from sendense.protocol.node import (
     ENDED,
     JOB_ID,
     BackupStartAnswer,
     JobError,
     JobStatusReport,
+    NbdTlsFile,
     WorkerJob,
 )
 
 log = logging.getLogger(__name__)
+
+# The NBD targets' key files in a job's folder (protocol/node.py).
+KEY_FILES = "tls-*.psk"
 
 # A job folder being removed: renamed first (a name no job id can have), so
 # that a job of the same id never finds half a folder.
@@ -69,6 +78,7 @@ class JobRunner:
         # background task) must not leave a new spare behind.
         self._closed = False
         self._prune_lock = threading.Lock()
+        self._drop_stale_keys()
 
     def job_dir(self, job_id: str) -> Path:
         if not JOB_ID.match(job_id):
@@ -136,6 +146,7 @@ class JobRunner:
             self._jobs[job_id] = _Job(vm_name)
         started = datetime.now(UTC)
         try:
+            job = self._write_keys(job)
             proc = self._hand_over(job)
         except BaseException:
             with self._jobs_lock:
@@ -156,6 +167,38 @@ class JobRunner:
             started_at=started,
             pid=proc.pid,
         )
+
+    def _write_keys(self, job: WorkerJob) -> WorkerJob:
+        """The targets' keys into files of mode 0600 in the job's folder; the
+        job handed to the worker names the files and carries no key."""
+        if not job.nbd_tls:
+            return job
+        files = {}
+        for disk, key in job.nbd_tls.items():
+            path = psk.write_key_file(job.job_dir / f"tls-{disk}.psk", key.username, key.psk)
+            files[disk] = NbdTlsFile(username=key.username, psk_file=path)
+        return job.model_copy(update={"nbd_tls": {}, "nbd_tls_files": files})
+
+    def drop_keys(self, job_id: str) -> None:
+        """Remove a job's key files (its worker ended; nothing reads them)."""
+        for path in (self.jobs_dir / job_id).glob(KEY_FILES):
+            path.unlink(missing_ok=True)
+            log.info("job=%s removed %s", job_id, path.name)
+
+    def _drop_stale_keys(self) -> None:
+        """At start: keys of jobs whose worker is gone (killed with the node,
+        or the machine rebooted) are removed."""
+        for path in self.jobs_dir.glob(f"*/{KEY_FILES}"):
+            job_id = path.parent.name
+            if JOB_ID.match(job_id) and not self._worker_alive(path.parent):
+                self.drop_keys(job_id)
+
+    def _worker_alive(self, job_dir: Path) -> bool:
+        try:
+            pid = int((job_dir / "pid").read_text())
+        except (OSError, ValueError):
+            return False
+        return self._alive(job_dir.name, pid)
 
     def _hand_over(self, job: WorkerJob) -> subprocess.Popen[bytes]:
         proc = self._take_spare()
@@ -201,6 +244,8 @@ class JobRunner:
         report = self._read_report(job_dir) or JobStatusReport(
             job_id=job_id, status="running", step="starting", disks={}, pid=pid, error=None
         )
+        if pid and not self._alive(job_id, pid):
+            self.drop_keys(job_id)  # its worker is gone, however it ended
         if not report.ended and not self._alive(job_id, pid):
             # Re-read: the worker may have finished between the two reads.
             report = self._read_report(job_dir) or report
@@ -269,6 +314,7 @@ class JobRunner:
         for job_id, entry in list(self._jobs.items()):
             if not entry.running():
                 del self._jobs[job_id]
+                self.drop_keys(job_id)
 
     # -- retention ---------------------------------------------------------
 

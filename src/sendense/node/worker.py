@@ -8,6 +8,13 @@ targets, releases the VM, and keeps ``JOB_DIR/status.json`` (a
 endpoint. SIGTERM asks for a cancel. Its log is ``JOB_DIR/job.log``; it
 never contains a credential.
 
+The hub's targets require TLS with a pre-shared key per disk: the node wrote
+the keys to ``JOB_DIR/tls-<disk key>.psk`` (node/runner.py) and the job names
+those files; the worker's NBD handle of a target requires TLS with that key
+(libnbd ``set_tls(TLS_REQUIRE)``, ``set_tls_username``,
+``set_tls_psk_file``) and the worker removes the files once its copies have
+ended, whatever the outcome.
+
 A process per job isolates the mover's memory (its peak RSS is reported) and
 lets a job finish its cleanup even when the node agent itself dies.
 """
@@ -39,7 +46,8 @@ from sendense.connectors.registry import make_connector
 from sendense.core.errors import Cancelled, Error
 from sendense.mover import digest as dg
 from sendense.mover.copy import Mover, Progress
-from sendense.protocol.node import DiskStatus, JobError, JobStatusReport, WorkerJob
+from sendense.nbd import psk
+from sendense.protocol.node import TLS_SCHEMES, DiskStatus, JobError, JobStatusReport, WorkerJob
 from sendense.protocol.node import parse_targets as parse_targets  # re-exported: was here
 
 log = logging.getLogger("sendense.node.worker")
@@ -180,6 +188,7 @@ def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
         log.exception("job=%s failed", job_id)
         final, error = "failed", JobError(code=code, message=message)
     finally:
+        _drop_keys(job)
         # The job stays "running" until the VM is released: the hub stops the
         # targets as soon as it sees an end state, and the next job of this VM
         # must find it clean.
@@ -203,6 +212,25 @@ def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
     status.write(status=final, error=error, step=final, finished_at=datetime.now(UTC))
     log.info("job=%s status=%s", job_id, final)
     return 0 if success else 1
+
+
+def _drop_keys(job: WorkerJob) -> None:
+    """The targets' key files: no connection is made after the copies."""
+    for tls in job.nbd_tls_files.values():
+        try:
+            tls.psk_file.unlink(missing_ok=True)
+        except OSError as e:  # never hide the job's own outcome
+            log.warning("job=%s could not remove %s: %s", job.job_id, tls.psk_file.name, e)
+
+
+def _connect_target(h: nbd.NBD, url: str, job: WorkerJob, key: int) -> None:
+    """Connect a disk's target, with TLS and its pre-shared key when it has one."""
+    tls = job.tls_file(key)
+    if tls is not None:
+        psk.use_key_file(h, tls.psk_file, tls.username)
+    elif url.startswith(TLS_SCHEMES):  # the request's validation prevents it
+        raise Error(f"target of disk {key} requires TLS and the job has no key for it")
+    h.connect_uri(url)
 
 
 def _copy_disks(
@@ -263,7 +291,7 @@ def _copy_disk(
     src = _open_source(view)
     dst = nbd.NBD()
     try:
-        dst.connect_uri(target_url)
+        _connect_target(dst, target_url, job, key)
         if dst.get_size() != size:
             raise Error(
                 f"target for disk {key} is {dst.get_size()} bytes, the disk is {size}",

@@ -22,6 +22,26 @@ Credentials: ``source.config`` may hold a password (SPEC §4: "connection,
 credentials"). It is left out of every model's repr, so of any log line or
 traceback that shows one, and validation errors never quote their input
 (``hide_input_in_errors``). `model_dump` still has it: the wire needs it.
+
+NBD over TLS (issue 10, docs/security.md): the hub serves each disk's target
+with TLS and a pre-shared key of its own (sendense/nbd/psk.py), and the
+start request carries the keys next to the targets::
+
+    "nbd_targets": "2000:nbds://hub:10100/sendense-<backup id>,2001:nbds://...",
+    "nbd_tls": {"2000": {"username": "sendense", "psk": "<64 hex digits>"}, ...}
+
+A target URL's scheme says what the connection is: ``nbds://`` requires TLS
+(libnbd refuses a server that does not offer it, so a mover can never fall
+back to plain text), ``nbd://`` is plain (a hub with ``SENDENSE_NBD_TLS=false``,
+for the benchmark only, or an older hub). Every ``nbds://`` target has a key in
+``nbd_tls`` and every key a target; a key given for an ``nbd://`` target makes
+the connection require TLS all the same. A key is hidden like a password
+(never in a repr or a validation error). The node writes each key to a file
+of mode 0600 in the job's folder (``JOB_DIR/tls-<disk key>.psk``, psktool
+format) before it hands the job to its worker, and the worker's job
+(`WorkerJob`, on stdin) names the files instead of carrying the keys; the
+files are removed when the job ends, or when the node sees that its worker
+died. The key is the same for every connection of the job to that target.
 """
 
 from __future__ import annotations
@@ -29,7 +49,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -39,6 +59,7 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -50,7 +71,8 @@ ENDED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 # A job id names the job's folder on the node: no '/', no leading '.'.
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-TARGET_SCHEMES = ("nbd://", "nbd+unix://", "nbds://")
+TARGET_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
+TLS_SCHEMES = ("nbds://", "nbds+unix://")
 
 
 def _iso(value: datetime) -> str:
@@ -92,6 +114,22 @@ class SourceSpec(_Model):
     config: dict[str, Any] = Field(repr=False)
 
 
+class NbdTlsKey(_Model):
+    """The pre-shared key of one disk's NBD target (TLS-PSK)."""
+
+    # The TLS-PSK identity (sent in clear in the handshake; names nothing).
+    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # The key as hex (psktool's format): never in a repr or an error message.
+    psk: str = Field(repr=False, min_length=32, max_length=256, pattern=r"^[0-9a-f]+$")
+
+
+class NbdTlsFile(_Model):
+    """Where the node put a disk's key for its worker (`WorkerJob`)."""
+
+    username: str = Field(min_length=1, max_length=64)
+    psk_file: Path
+
+
 class BackupStartRequest(_Model):
     """``POST /api/v1/backup/start``: copy the VM's disks into the hub's NBD targets."""
 
@@ -108,6 +146,8 @@ class BackupStartRequest(_Model):
     # Tuning the hub may ask for; the node's settings otherwise.
     in_flight: int | None = Field(default=None, ge=1, le=64)
     request_size: int | None = Field(default=None, ge=65536, le=32 << 20)
+    # Disk key -> the TLS pre-shared key of its target (module docstring).
+    nbd_tls: dict[str, NbdTlsKey] = Field(default_factory=dict, repr=False)
 
     @field_validator("nbd_targets")
     @classmethod
@@ -143,6 +183,38 @@ class BackupStartRequest(_Model):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        targets = self.targets()
+        keyed = self._tls_disks()
+        unknown = sorted(k for k in keyed if k not in targets)
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_disk",
+                "nbd_tls has keys for disk(s) {keys} that have no target in nbd_targets",
+                {"keys": ", ".join(map(str, unknown))},
+            )
+        missing = sorted(
+            k for k, url in targets.items() if url.startswith(TLS_SCHEMES) and k not in keyed
+        )
+        if missing:
+            raise PydanticCustomError(
+                "nbd_tls",
+                "the nbds:// target(s) of disk(s) {keys} have no key in nbd_tls",
+                {"keys": ", ".join(map(str, missing))},
+            )
+        return self
+
+    def _tls_disks(self) -> set[int]:
+        for key in self.nbd_tls:
+            if not _is_disk_key(key):
+                raise PydanticCustomError(
+                    "disk_key",
+                    "nbd_tls key {key} is not a disk key (digits, like 2000)",
+                    {"key": key},
+                )
+        return {int(k) for k in self.nbd_tls}
+
     def targets(self) -> dict[int, str]:
         """Disk key -> NBD URL of its target."""
         return parse_targets(self.nbd_targets)
@@ -175,6 +247,16 @@ class WorkerJob(BackupStartRequest):
     digest: str = Field(min_length=1)
     # Disks of the VM copied at the same time.
     parallel_disks: int = Field(default=1, ge=1)
+    # Disk key -> the key file the node wrote for its target; the keys
+    # themselves (``nbd_tls``) stay out of the worker's input.
+    nbd_tls_files: dict[str, NbdTlsFile] = Field(default_factory=dict)
+
+    def _tls_disks(self) -> set[int]:
+        return super()._tls_disks() | {int(k) for k in self.nbd_tls_files if _is_disk_key(k)}
+
+    def tls_file(self, disk_key: int) -> NbdTlsFile | None:
+        """The key file for a disk's target, None when it is plain NBD."""
+        return self.nbd_tls_files.get(str(disk_key))
 
     @classmethod
     def from_request(

@@ -6,6 +6,14 @@ server accepts connections (socket file present or TCP port open), and
 closes the image cleanly on SIGTERM (it leaves its main loop and flushes),
 which matters for a QCOW2 target that was just written.
 
+TLS: given ``tls_psk_dir`` (a directory holding ``keys.psk``, made by
+`sendense.nbd.psk.make_server_dir`), the server requires TLS with that
+pre-shared key before any NBD option (qemu-nbd ``--tls-creds``: a client
+without TLS gets no export, a client with another key fails the handshake),
+and `url` is an ``nbds://`` URL. The readiness handshake uses the same key.
+The key file must outlive the process (GnuTLS reads it at each handshake);
+whoever made the directory removes it after `stop()`.
+
 Use it as a context manager where the lifetime is lexical; the hub keeps
 targets alive across requests and records the pid in a pidfile so that a
 restarted hub can find and stop servers left by a crash.
@@ -25,6 +33,7 @@ from pathlib import Path
 import nbd
 
 from sendense.core.errors import QemuNbdError
+from sendense.nbd import psk
 from sendense.qemu import img
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,8 @@ class QemuNbdServer:
         pidfile: str | None = None,
         log_path: str | None = None,
         key: img.ImageKey | None = None,
+        tls_psk_dir: str | None = None,
+        tls_username: str = psk.USERNAME,
     ) -> None:
         if socket_path is None and port is None:
             raise ValueError("either socket_path or port is needed")
@@ -66,6 +77,9 @@ class QemuNbdServer:
         self.detect_zeroes = detect_zeroes
         self.pidfile = pidfile
         self.log_path = log_path
+        # TLS-PSK on the NBD connection (sendense/nbd/psk.py).
+        self.tls_psk_dir = tls_psk_dir
+        self.tls_username = tls_username
         # An encrypted QCOW2 chain (qemu/img.py): the passphrase goes by a
         # secret file that lives only until the server is up.
         self.key = key
@@ -75,9 +89,15 @@ class QemuNbdServer:
 
     @property
     def url(self) -> str:
+        scheme = "nbds" if self.tls_psk_dir else "nbd"
         if self.socket_path:
-            return f"nbd+unix:///{self.export_name}?socket={self.socket_path}"
-        return f"nbd://{self.host}:{self.port}/{self.export_name}"
+            return f"{scheme}+unix:///{self.export_name}?socket={self.socket_path}"
+        return f"{scheme}://{self.host}:{self.port}/{self.export_name}"
+
+    @property
+    def tls_psk_file(self) -> str | None:
+        """The key file clients use (the server's own one), None without TLS."""
+        return os.path.join(self.tls_psk_dir, psk.SERVER_FILE) if self.tls_psk_dir else None
 
     @property
     def pid(self) -> int | None:
@@ -100,6 +120,8 @@ class QemuNbdServer:
             args.append(f"--detect-zeroes={self.detect_zeroes}")
         if self.read_only:
             args.append("--read-only")
+        if self.tls_psk_dir:
+            args += ["--object", psk.qemu_object("tls0", self.tls_psk_dir), "--tls-creds=tls0"]
         if self.socket_path:
             args.append(f"--socket={self.socket_path}")
         # TCP: no --bind/--port; the listening socket comes by socket activation.
@@ -222,6 +244,8 @@ class QemuNbdServer:
             return False
         h = nbd.NBD()
         try:
+            if self.tls_psk_file:
+                psk.use_key_file(h, self.tls_psk_file, self.tls_username)
             h.set_opt_mode(True)
             h.connect_uri(self.url)
             h.opt_abort()

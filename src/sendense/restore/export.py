@@ -16,10 +16,16 @@ its ``qemu-nbd`` is stopped and the overlay removed by the next start (or
 by another hub process on the catalog); the job ends ``failed`` /
 ``hub_restarted``.
 
-The export listens on ``SENDENSE_NBD_BIND`` like backup targets and has no
-authentication of its own: anyone who can reach that address and port can
-read it (and write to the overlay). Keep ``NBD_BIND`` on a network only
-hypervisors reach; TLS for NBD is part of the security-across-hosts work.
+The export listens on ``SENDENSE_NBD_BIND`` like backup targets. Beyond
+loopback (any bind address but 127.0.0.0/8, ::1, localhost) it requires TLS
+with a pre-shared key made for this export alone (sendense/nbd/psk.py): the
+key is in ``run/exports/<job id>.tls/keys.psk`` (0600) while the export
+lives, is given to the user once, in the answer to the ``POST`` that
+started it (``tls_username``, ``tls_psk``; the CLI prints it), and is never
+stored in the catalog nor shown again; the URL is then ``nbds://``. A
+hypervisor attaches it with the key in a psktool file (docs/security.md).
+On loopback an export is plain NBD: only processes of the hub's machine
+reach it, and whoever runs there can read the repository's files anyway.
 """
 
 from __future__ import annotations
@@ -37,16 +43,23 @@ from sendense import keystore
 from sendense.catalog.models import BackupJob
 from sendense.core.errors import Error
 from sendense.engine.lifecycle import JobContext
+from sendense.nbd import psk
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
 
 if TYPE_CHECKING:
     from sendense.hub.state import HubState
+    from sendense.settings import HubSettings
 
 log = logging.getLogger(__name__)
 
 KIND = "export"
 READY_TIMEOUT = 20.0
+
+
+def needs_tls(settings: HubSettings) -> bool:
+    """Exports served beyond loopback require TLS (module docstring)."""
+    return settings.nbd_tls and not psk.is_loopback(settings.nbd_bind)
 
 
 class ExportJob:
@@ -60,6 +73,9 @@ class ExportJob:
         self.dir.mkdir(parents=True, exist_ok=True)
         # job id -> set once qemu-nbd serves (or the job failed to start it)
         self._ready: dict[str, threading.Event] = {}
+        # job id -> the export's TLS key until the POST that started it takes
+        # it (`take_key`); only ever in this process's memory and in its file.
+        self._keys: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def ready_event(self, job_id: str) -> threading.Event:
@@ -69,6 +85,15 @@ class ExportJob:
     def files(self, job_id: str) -> tuple[Path, Path]:
         """The job's pidfile and (writable) overlay."""
         return self.dir / f"{job_id}.pid", self.dir / f"{job_id}.overlay.qcow2"
+
+    def tls_dir(self, job_id: str) -> Path:
+        """The folder of the export's TLS key (qemu-nbd's tls-creds-psk ``dir``)."""
+        return self.dir / f"{job_id}.tls"
+
+    def take_key(self, job_id: str) -> str | None:
+        """The export's TLS key, once: the answer to the POST that started it."""
+        with self._lock:
+            return self._keys.pop(job_id, None)
 
     def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         pidfile, overlay = self.files(job_id)
@@ -86,6 +111,12 @@ class ExportJob:
                 size = img.info(image)["virtual-size"] if key else None
                 img.create(str(overlay), size, backing=image, backing_fmt="qcow2", key=key)
                 image = str(overlay)
+            tls_dir = None
+            if params.get("tls"):
+                key_hex = psk.new_key()
+                tls_dir = str(psk.make_server_dir(self.tls_dir(job_id), key_hex))
+                with self._lock:
+                    self._keys[job_id] = key_hex
             server = QemuNbdServer(
                 image,
                 export_name=params["export_name"],
@@ -94,10 +125,12 @@ class ExportJob:
                 read_only=not params["writable"],
                 pidfile=str(pidfile),
                 key=key,
+                tls_psk_dir=tls_dir,
             )
             server.start()
             try:
-                url = f"nbd://{self.st.settings.advertise_host}:{port}/{params['export_name']}"
+                scheme = "nbds" if tls_dir else "nbd"
+                url = f"{scheme}://{self.st.settings.advertise_host}:{port}/{params['export_name']}"
                 with self.st.db.session() as s:
                     s.execute(
                         update(BackupJob)
@@ -118,9 +151,11 @@ class ExportJob:
         finally:
             ready.set()
             overlay.unlink(missing_ok=True)
+            psk.remove_dir(self.tls_dir(job_id))
             self.st.ports.release(port)
             with self._lock:
                 self._ready.pop(job_id, None)
+                self._keys.pop(job_id, None)
 
     def recover(self, job_id: str, params: dict[str, Any]) -> None:
         """An export whose hub died: stop its qemu-nbd, drop the overlay."""
@@ -129,6 +164,7 @@ class ExportJob:
             stop_pid(int(pidfile.read_text().strip()))
         pidfile.unlink(missing_ok=True)
         overlay.unlink(missing_ok=True)
+        psk.remove_dir(self.tls_dir(job_id))
 
     def on_end(self, job_id: str, params: dict[str, Any], status: str) -> None:
         log.info("job=%s export of %s ended %s", job_id, params.get("backup_id"), status)

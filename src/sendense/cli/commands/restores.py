@@ -279,6 +279,13 @@ def backup_export(
         return
     m.console.print(f"export {data['export_id']}: {data['status']}")
     m.console.print(data["url"] or "", soft_wrap=True)
+    if data.get("tls_psk"):
+        # Shown once (the hub cannot show it again): a psktool line for the
+        # hypervisor's key file (docs/security.md).
+        m.console.print(
+            "TLS pre-shared key (shown only now; save it as a psktool file, mode 0600):",
+        )
+        m.console.print(f"{data['tls_username']}:{data['tls_psk']}", soft_wrap=True)
 
 
 def backup_unexport(backup_id: str) -> None:

@@ -41,7 +41,21 @@ class ExportRead(BaseModel):
     backup_id: str
     vm_name: str | None
     writable: bool
-    url: str | None = Field(description="nbd://host:port/export while serving")
+    url: str | None = Field(
+        description="nbd://host:port/export while serving; nbds://... when it requires TLS"
+    )
+    tls: bool = Field(
+        default=False,
+        description="the export requires TLS with its pre-shared key (served beyond loopback; "
+        "docs/security.md)",
+    )
+    tls_username: str | None = Field(default=None, description="the TLS-PSK identity")
+    tls_psk: str | None = Field(
+        default=None,
+        description="the export's TLS pre-shared key (hex, psktool format: "
+        "<tls_username>:<tls_psk>); only in the answer to the POST that started the export, "
+        "never again: keep it",
+    )
     status: Literal["starting", "serving", "closed", "failed"]
     error: str | None
     created_by: str

@@ -20,6 +20,7 @@ from sendense.hub.backups.service import visible_backup
 from sendense.hub.jobs.service import visible_job
 from sendense.hub.state import HubState
 from sendense.hub.views import job_view
+from sendense.nbd import psk
 from sendense.restore import disk, export, sessions
 from sendense.restore.fs.client import FsPool
 from sendense.restore.fs.paths import shown
@@ -73,6 +74,11 @@ def export_view(job: BackupJob) -> dict[str, Any]:
         "vm_name": job.vm_name,
         "writable": bool(params.get("writable")),
         "url": result.get("url") if status == "serving" else None,
+        # TLS-PSK beyond loopback (restore/export.py); the key itself only in
+        # the answer to the POST (start_export).
+        "tls": bool(params.get("tls")),
+        "tls_username": psk.USERNAME if params.get("tls") else None,
+        "tls_psk": None,
         "status": status,
         "error": job.error_message,
         "created_by": job.created_by,
@@ -115,6 +121,7 @@ def start_export(st: HubState, who: Principal, backup_id: str, writable: bool) -
             "source": b.file_path,
             "writable": writable,
             "export_name": f"backup-{b.id}",
+            "tls": export.needs_tls(st.settings),
         }
         job = st.lifecycle.new_local_job(
             s,
@@ -131,10 +138,13 @@ def start_export(st: HubState, who: Principal, backup_id: str, writable: bool) -
     ready = kind.ready_event(job_id)
     st.lifecycle.launch(job_id)
     ready.wait(export.READY_TIMEOUT)
+    key = kind.take_key(job_id)
     with st.db.session() as s:
         started = JobStore(s).get(job_id)
         assert started is not None
-        return export_view(started)
+        view = export_view(started)
+    view["tls_psk"] = key  # shown once: the hub keeps no copy it could show again
+    return view
 
 
 def get_export(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
