@@ -169,9 +169,9 @@ def test_a_node_with_a_new_certificate_is_refused_until_re_pinned(
     viewer = c.client.post("/api/v1/tokens", {"name": "v", "role": "viewer"})["token"]
     r = c.http("PATCH", path, json={"fingerprint": new_fp}, token=viewer)
     error_body(r, 403, "forbidden")
-    r = c.http("PATCH", path, json={"fingerprint": new_fp})
-    assert r.status_code == 200, r.text
-    assert r.json()["fingerprint"] == new_fp and r.json()["health"]["status"] == "online"
+    out = cli(c, "--json", "node", "edit", "node1", "--fingerprint", colon_form(new_fp))
+    edited = json.loads(out.stdout)
+    assert edited["fingerprint"] == new_fp and edited["health"]["status"] == "online"
     assert catalog_node(c)[0] == new_fp
     job = c.backup("rot1", "auto")
     b = c.client.get(f"/api/v1/backups/{job['backups'][0]}")
