@@ -7,8 +7,10 @@ into the VM's disks, runs an incremental, prints the chain, and proves the
 newest restore point reads back identical to the disks (``qemu-img
 compare``) and matches its recorded digest. Then: verify, a refused delete,
 consolidation, roles and audit, whole-disk restore and an NBD export,
-files restored from a backup without root, and a policy whose schedule
-takes a backup and whose retention removes a restore point.
+files restored from a backup without root, a policy whose schedule
+takes a backup and whose retention removes a restore point, and security:
+the node's pinned certificate, a key per NBD target, and a repository
+encrypted at rest.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         ok &= restores(c, vm, hub_dir / "restores")
         ok &= file_restore(c, guest_files)
         ok &= policy(c, vm)
+        ok &= security(c, vm, hub_dir)
         step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
@@ -412,6 +415,56 @@ def policy(c: HubClient, vm: QsdVm) -> bool:
     return ok
 
 
+def security(c: HubClient, vm: QsdVm, hub_dir: Path) -> bool:
+    """What crossed the wire was encrypted and authenticated (the node's
+    pinned certificate, a key per NBD target, gone after the job); a
+    repository encrypted at rest holds LUKS images that read back as the
+    disks only with its key."""
+    step("15. security: pinned node, TLS-PSK on NBD, an encrypted repository")
+    ok = True
+    (node,) = c.get("/api/v1/nodes")["nodes"]
+    ok &= check(
+        bool(node.get("tls")) and bool(node.get("fingerprint")),
+        f"node {node['name']}: HTTPS, certificate pinned ({str(node.get('fingerprint'))[:16]}...)",
+    )
+    left = sorted(p.name for p in (hub_dir / "run").glob("tls-*"))
+    ok &= check(
+        not left,
+        "every backup so far went over nbds:// with a key per disk; no key is left"
+        + (f" (left: {left})" if left else ""),
+    )
+    vault = hub_dir.parent / "vault"  # a repository is never inside the hub's data dir
+    repo = c.post("/api/v1/repositories", {"name": "vault", "path": str(vault), "encrypted": True})
+    console.print(f"repository vault at {vault}: encrypted={repo['encrypted']}")
+    full, good = backup(c, "full", repository_id=repo["repository_id"])
+    ok &= good
+    passphrase = c.post(f"/api/v1/repositories/{repo['repository_id']}/key/export", {})[
+        "passphrase"
+    ]
+    key = img.ImageKey(passphrase.encode())
+    for b in full["backups"]:
+        bk = c.get(f"/api/v1/backups/{b['backup_id']}")
+        fmt = img.info(bk["file_path"]).get("format-specific", {}).get("data", {})
+        luks = fmt.get("encrypt", {}).get("format") == "luks"
+        ok &= check(luks, f"{disk_name(bk)}: {Path(bk['file_path']).name} is LUKS-encrypted QCOW2")
+        ok &= check(
+            img.compare(bk["file_path"], str(vm.disks[bk["disk_id"]]), key=key),
+            f"{disk_name(bk)}: with the repository's key it reads exactly as the disk",
+        )
+    first = full["backups"][0]["backup_id"]
+    job = wait_job(c, c.post(f"/api/v1/backups/{first}/verify")["job_id"])
+    bk = c.get(f"/api/v1/backups/{first}")
+    ok &= check(
+        job["status"] == "completed" and bk["verify_status"] == "ok",
+        f"{disk_name(bk)}: verify of the encrypted restore point: {bk['verify_status']}",
+    )
+    console.print(
+        "[dim]the key export above is what `sendense repo export-key vault` writes for"
+        " disaster recovery; without it and the hub's master key the files are unreadable[/dim]"
+    )
+    return ok
+
+
 def wait_job(c: HubClient, job_id: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -444,10 +497,13 @@ def check_digest(bk: dict[str, Any], what: str) -> bool:
     )
 
 
-def backup(c: HubClient, kind: str) -> tuple[dict[str, Any], bool]:
+def backup(
+    c: HubClient, kind: str, *, repository_id: str = "default"
+) -> tuple[dict[str, Any], bool]:
     """Run a backup of ``kind`` and follow it; true if it completed as asked."""
     started = c.post(
-        "/api/v1/backups", {"vm_name": "demo-vm", "repository_id": "default", "backup_type": kind}
+        "/api/v1/backups",
+        {"vm_name": "demo-vm", "repository_id": repository_id, "backup_type": kind},
     )
     final = watch_job(c, started["job_id"])
     if final["status"] != "completed":
