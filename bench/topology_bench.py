@@ -78,6 +78,7 @@ import nbd  # noqa: E402
 import backup_bench as bb  # noqa: E402
 from fixtures.cluster import Cluster  # noqa: E402
 from sendense.cli.services import ServiceFailed, stop_service, wait_healthy  # noqa: E402
+from sendense.nbd import psk  # noqa: E402
 from sendense.qemu.nbd_server import QemuNbdServer  # noqa: E402
 from sendense.qemu.qsd import QsdVm  # noqa: E402
 from sendense.settings import HubSettings, NodeSettings  # noqa: E402
@@ -92,7 +93,7 @@ NBD_FIRST, NBD_LAST = 10100, 10107  # the hub's targets
 CEILING_PORT = 10110  # the nbdcopy target
 WAN_DELAY_S = 0.005  # one way
 WAN_RATE = "1gbit"
-PSK_USER = "bench"
+PSK_USER = psk.USERNAME
 NBD_TLS = "nbd_tls" in HubSettings.model_fields
 NODE_TLS = "tls" in NodeSettings.model_fields
 INNER_ENV = "SENDENSE_TOPOLOGY_INNER"
@@ -320,7 +321,7 @@ class TopologyCluster(Cluster):
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
+                env=self._spawn_env(env),
                 start_new_session=True,
             )
 
@@ -362,6 +363,11 @@ class TopologyCluster(Cluster):
         self.hub_extra = env
         self.start_hub()
 
+    def _spawn_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The environment of a child: ours with ``env`` (a "" value removes)."""
+        merged = {**os.environ, **env}
+        return {k: v for k, v in merged.items() if v != ""}
+
     def restart_node(self, env: dict[str, str]) -> None:
         stop_service(self.node)
         self.node_extra = env
@@ -381,40 +387,13 @@ class NodeVm(QsdVm):
 # --------------------------------------------------------------------------
 
 
-class CeilingTarget(QemuNbdServer):
-    """qemu-nbd as the hub starts its targets, optionally requiring TLS-PSK."""
-
-    def __init__(self, image: Path, host: str, psk_dir: Path | None, log: Path) -> None:
-        super().__init__(
-            str(image), export_name="bench", host=host, port=CEILING_PORT, log_path=str(log)
-        )
-        self.psk_dir = psk_dir
-
-    def argv(self) -> list[str]:
-        args = super().argv()
-        if self.psk_dir is None:
-            return args
-        tls = [
-            "--object",
-            f"tls-creds-psk,id=tls0,endpoint=server,dir={self.psk_dir}",
-            "--tls-creds=tls0",
-        ]
-        return [*args[:-1], *tls, args[-1]]
-
-    def _accepts(self) -> bool:
-        if self.psk_dir is None:
-            return super()._accepts()
-        h = nbd.NBD()
-        try:
-            h.set_opt_mode(True)
-            h.set_tls(nbd.TLS_REQUIRE)
-            h.set_tls_psk_file(str(self.psk_dir / "keys.psk"))
-            h.set_tls_username(PSK_USER)
-            h.connect_uri(self.url)
-            h.opt_abort()
-            return True
-        except nbd.Error:
-            return False
+def ceiling_target(image: Path, host: str, psk_dir: Path | None, log: Path) -> QemuNbdServer:
+    """qemu-nbd as the hub starts its targets (TLS-PSK as the hub sets it up,
+    when ``psk_dir`` holds a ``keys.psk``)."""
+    kw: dict[str, Any] = {"tls_psk_dir": str(psk_dir)} if psk_dir is not None else {}
+    return QemuNbdServer(
+        str(image), export_name="bench", host=host, port=CEILING_PORT, log_path=str(log), **kw
+    )
 
 
 def libnbd_has_tls() -> bool:
@@ -438,7 +417,8 @@ class TopologyBench(bb.Bench):
         self.relay: Relay | None = None
         self.profile = "lan"
         self.shaping: dict[str, str] = {}
-        self.modes = ["tls", "plain"] if NBD_TLS else ["plain"]
+        self.modes = [m for m in args.modes if NBD_TLS or m == "plain"] or ["plain"]
+        self.no_chacha = work / "gnutls-no-chacha.conf"
         self.mode = ""
         self.psk_dir = work / "psk"
         self.tune_rows: list[dict[str, Any]] = []
@@ -451,7 +431,11 @@ class TopologyBench(bb.Bench):
         shutil.copyfile(self.disk, self.golden)
         self.start_vm()
         self.psk_dir.mkdir(mode=0o700)
-        (self.psk_dir / "keys.psk").write_text(f"{PSK_USER}:{os.urandom(32).hex()}\n")
+        psk.write_key_file(self.psk_dir / psk.SERVER_FILE, PSK_USER, psk.new_key())
+        # GnuTLS's system-wide override (gnutls.org manual, "System-wide
+        # configuration of the library"): a TLS server that refuses
+        # ChaCha20-Poly1305 and so agrees on AES-GCM (see "tls-aes").
+        self.no_chacha.write_text("[overrides]\ntls-disabled-cipher = CHACHA20-POLY1305\n")
         say(f"disk built and VM started in {time.monotonic() - t0:.1f}s")
         (self.work / "cluster").mkdir()
         c = self.cluster
@@ -473,6 +457,8 @@ class TopologyBench(bb.Bench):
         env = {"SENDENSE_NBD_BIND": "127.0.0.1" if self.relay else HUB_IP}
         if NBD_TLS:
             env["SENDENSE_NBD_TLS"] = "true" if self.mode != "plain" else "false"
+        # The hub's qemu-nbd targets inherit it; "" removes it (restart_hub).
+        env["GNUTLS_SYSTEM_PRIORITY_FILE"] = str(self.no_chacha) if self.mode == "tls-aes" else ""
         return env
 
     def set_profile(self, profile: str) -> None:
@@ -493,11 +479,12 @@ class TopologyBench(bb.Bench):
     def bind(self) -> str:
         return "127.0.0.1" if self.relay else HUB_IP
 
-    def ceiling(self, tls: bool) -> None:
+    def ceiling(self, mode: str) -> None:
+        tls = mode != "plain"
         target = self.work / "ceiling.qcow2"
         opts = f"cluster_size={bb.HUB_CLUSTER}"
         bb.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(target), str(self.size)])
-        server = CeilingTarget(
+        server = ceiling_target(
             target, self.bind, self.psk_dir if tls else None, self.logs / "ceiling.log"
         )
         url = f"nbd://{HUB_IP}:{CEILING_PORT}/bench"
@@ -505,8 +492,16 @@ class TopologyBench(bb.Bench):
             # The TLS user name goes in the URI's user part (libnbd 1.14).
             url = f"nbds://{PSK_USER}@{HUB_IP}:{CEILING_PORT}/bench"
             url += f"?tls-psk-file={self.psk_dir / 'keys.psk'}"
+        saved = os.environ.pop("GNUTLS_SYSTEM_PRIORITY_FILE", None)
+        if mode == "tls-aes":
+            os.environ["GNUTLS_SYSTEM_PRIORITY_FILE"] = str(self.no_chacha)
         try:
-            server.start()
+            try:
+                server.start()
+            finally:
+                os.environ.pop("GNUTLS_SYSTEM_PRIORITY_FILE", None)
+                if saved is not None:
+                    os.environ["GNUTLS_SYSTEM_PRIORITY_FILE"] = saved
             assert server.pid is not None
             pin(server.pid, HUB_CPU)
             os.sync()
@@ -516,8 +511,10 @@ class TopologyBench(bb.Bench):
         finally:
             server.stop()
             target.unlink(missing_ok=True)
-        key = f"{self.profile}_nbdcopy" + ("_tls" if tls else "")
-        title = f"{self.profile}: nbdcopy node -> hub qemu-nbd" + (" (TLS-PSK)" if tls else "")
+        key = f"{self.profile}_nbdcopy" + ("" if mode == "plain" else f"_{mode}")
+        title = f"{self.profile}: nbdcopy node -> hub qemu-nbd" + (
+            "" if mode == "plain" else f" ({mode})"
+        )
         self.add(key, title, bb.Sample(seconds, self.size, self.data, rss))
 
     def backups(self, tag: str = "") -> tuple[bb.Sample, bb.Sample]:
@@ -540,9 +537,11 @@ class TopologyBench(bb.Bench):
     def profile_round(self, n: int) -> None:
         say(f"{self.profile} round {n + 1}/{self.args.rounds}")
         self.reset_vm()
-        self.ceiling(tls=False)
+        self.ceiling("plain")
         if libnbd_has_tls() and not self.args.no_tls_ceiling:
-            self.ceiling(tls=True)
+            for mode in self.modes:
+                if mode != "plain":
+                    self.ceiling(mode)
         modes = self.modes if n % 2 == 0 else list(reversed(self.modes))
         for mode in modes:
             self.reset_vm()
@@ -551,7 +550,7 @@ class TopologyBench(bb.Bench):
 
     def tune(self) -> None:
         """WAN: more requests in flight / larger requests (node settings)."""
-        mode = self.modes[0]
+        mode = "tls-aes" if "tls-aes" in self.modes else self.modes[0]
         for setting in self.args.tune_settings:
             in_flight, request_size = (int(x) for x in setting.split(":"))
             say(f"wan tuning: in_flight={in_flight} request_size={request_size}")
@@ -634,27 +633,36 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
                 ],
             }
         )
-    on = "tls" if NBD_TLS else "plain"
+    on = "tls" if "tls" in bench.modes else bench.modes[0]
     summary: dict[str, Any] = {}
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
+    def cost(fast: float | None, slow: float | None) -> float | None:
+        """1 - speed with / speed without (from times)."""
+        return 1 - fast / slow if fast and slow else None
+
     for p in ("lan", "wan"):
         full = med(bench, f"{p}_full_{on}")
         plain = med(bench, f"{p}_full_plain")
+        aes = med(bench, f"{p}_full_tls-aes")
         ceiling = med(bench, f"{p}_nbdcopy")
-        ceiling_tls = med(bench, f"{p}_nbdcopy_tls")
         summary[f"{p}_full_ratio"] = ratio(ceiling, full)
-        summary[f"{p}_tls_cost"] = (1 - plain / full) if NBD_TLS and full and plain else None
+        summary[f"{p}_tls_cost"] = cost(plain, full) if on != "plain" else None
         summary[f"{p}_inc10_time_ratio"] = ratio(med(bench, f"{p}_inc10_{on}"), full)
-        summary[f"{p}_full_ratio_vs_tls_nbdcopy"] = ratio(ceiling_tls, full)
-        summary[f"{p}_nbdcopy_tls_cost"] = (
-            1 - ceiling / ceiling_tls if ceiling and ceiling_tls else None
-        )
+        summary[f"{p}_full_ratio_tls_aes"] = ratio(ceiling, aes)
+        summary[f"{p}_tls_aes_cost"] = cost(plain, aes)
+        summary[f"{p}_full_ratio_plain"] = ratio(ceiling, plain)
+        summary[f"{p}_inc10_time_ratio_tls_aes"] = ratio(med(bench, f"{p}_inc10_tls-aes"), aes)
+        summary[f"{p}_nbdcopy_tls_cost"] = cost(ceiling, med(bench, f"{p}_nbdcopy_tls"))
+        summary[f"{p}_nbdcopy_tls_aes_cost"] = cost(ceiling, med(bench, f"{p}_nbdcopy_tls-aes"))
         summary[f"{p}_full_gibs"] = bb.gibs(size, full) if full else None
         summary[f"{p}_nbdcopy_gibs"] = bb.gibs(size, ceiling) if ceiling else None
         summary[f"{p}_full_s"] = full
+        summary[f"{p}_full_plain_s"] = plain
+        summary[f"{p}_full_tls_aes_s"] = aes
+        summary[f"{p}_nbdcopy_s"] = ceiling
         summary[f"{p}_inc10_s"] = med(bench, f"{p}_inc10_{on}")
     for t in bench.tune_rows:
         tag = f"if{t['in_flight']}_rs{t['request_size'] // MiB}m"
@@ -680,7 +688,7 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--size-gib", type=float, default=2.0, help="disk size (default 2)")
+    p.add_argument("--size-gib", type=float, default=1.0, help="disk size (default 1)")
     p.add_argument("--data-fraction", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=3, help="rounds per profile (default 3)")
     p.add_argument(
@@ -691,6 +699,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=["32:4194304", "64:1048576"],
         help="WAN extra runs, in_flight:request_size each (none: skip)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("tls", "tls-aes", "plain"),
+        default=["tls", "tls-aes", "plain"],
+        help="NBD modes: tls (the hub as shipped), tls-aes (its TLS server refusing "
+        "ChaCha20 by GnuTLS's system override), plain (SENDENSE_NBD_TLS=false)",
     )
     p.add_argument("--no-tls-ceiling", action="store_true", help="skip nbdcopy over TLS-PSK")
     p.add_argument("--budget", type=float, default=0, help="stop starting rounds after N s")
