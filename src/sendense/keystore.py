@@ -205,18 +205,41 @@ class KeyStore:
             return None
         return self.image_key(s, s.get(Repository, repository_id))
 
-    def backup_key(self, s: Session, backup_id: str | None) -> ImageKey | None:
-        """The key of a restore point's images (None: plain repository)."""
-        if backup_id is None:
-            return None
-        repository_id = s.scalar(select(Backup.repository_id).where(Backup.id == backup_id))
-        return self.image_key_of(s, repository_id)
-
-    def backup_key_now(self, db: Database, backup_id: str | None) -> ImageKey | None:
-        """`backup_key` in a short session of its own."""
-        with db.session() as s:
-            return self.backup_key(s, backup_id)
-
 
 def from_settings(settings: HubSettings) -> KeyStore:
     return KeyStore(settings.master_key_path)
+
+
+def key_of_repository(
+    s: Session, settings: HubSettings, repo: Repository | str | None
+) -> ImageKey | None:
+    """The key of a repository's images (a row or an id); None, without
+    looking for the master key, when it is not encrypted."""
+    if isinstance(repo, str):
+        repo = s.get(Repository, repo)
+    if repo is None or not repo.encrypted:
+        return None
+    return from_settings(settings).image_key(s, repo)
+
+
+def key_of_backup_now(
+    db: Database, settings: HubSettings, backup_id: str | None
+) -> ImageKey | None:
+    """`key_of_backup` in a short session of its own."""
+    with db.session() as s:
+        return key_of_backup(s, settings, backup_id)
+
+
+def key_of_backup(s: Session, settings: HubSettings, backup_id: str | None) -> ImageKey | None:
+    """The key of a restore point's images; None (without looking for the
+    master key) when its repository is not encrypted."""
+    if backup_id is None:
+        return None
+    repo = s.scalar(
+        select(Repository)
+        .join(Backup, Backup.repository_id == Repository.id)
+        .where(Backup.id == backup_id)
+    )
+    if repo is None or not repo.encrypted:
+        return None
+    return from_settings(settings).image_key(s, repo)

@@ -344,6 +344,8 @@ def test_master_key_missing_or_wrong_is_a_clear_error(
     c.register(vm)
     first = c.backup("enc2", "full", repository_id=repo["repository_id"])
     assert first["status"] == "completed", first
+    second = c.backup("enc2", "incremental", repository_id=repo["repository_id"])
+    assert second["status"] == "completed", second
     master = c.hub_dir / "master.key"
     saved = master.read_bytes()
 
@@ -367,6 +369,14 @@ def test_master_key_missing_or_wrong_is_a_clear_error(
     started = c.client.post(f"/api/v1/backups/{first['backups'][0]}/verify", {})
     job = c.wait_job(started["job_id"])
     assert job["status"] == "failed" and "master key" in json.dumps(job["error"]), job
+    # A consolidation fails before it changes anything: its points stay restore points.
+    started = c.client.post(
+        "/api/v1/backups/consolidate", {"vm_name": "enc2", "disk_id": 0, "keep": 1}
+    )
+    job = c.wait_job(started["job_id"])
+    assert job["status"] == "failed" and "master key" in json.dumps(job["error"]), job
+    for backup_id in (*first["backups"], *second["backups"]):
+        assert c.client.get(f"/api/v1/backups/{backup_id}")["status"] == "completed"
 
     master.write_bytes(base64.b64encode(os.urandom(32)))
     master.chmod(0o600)

@@ -222,7 +222,7 @@ class BackupEngine:
                 )
             # Encrypted repository: a missing or wrong master key is a clear 503
             # now, not a failed job later.
-            keystore.from_settings(self.settings).image_key(s, repo)
+            keystore.key_of_repository(s, self.settings, repo)
             # Across hub processes: the VM's row lock serializes the busy check.
             s.execute(select(Vm.id).where(Vm.id == vm.id).with_for_update())
             disks = self._disks(vm, req.disk_id)
@@ -422,7 +422,7 @@ class BackupEngine:
             keys: dict[str, NbdTlsKey] = {}
             any_incremental = False
             # Encrypted repository: every target is LUKS-encrypted (qemu/img.py).
-            key = keystore.from_settings(self.settings).image_key_of(s, job.repository_id)
+            key = keystore.key_of_repository(s, self.settings, job.repository_id)
             for b in job.backups:
                 path = Path(b.file_path)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -705,7 +705,7 @@ class BackupEngine:
         """Check one finished target and write its sidecar; fills ``t``'s outcome."""
         path = Path(t.file_path)
         with self.db.session() as s:
-            key = keystore.from_settings(self.settings).image_key_of(s, t.repository_id)
+            key = keystore.key_of_repository(s, self.settings, t.repository_id)
         if disk is None or not disk.change_id or not disk.digest:
             raise JobFailed(f"node reported no change id/digest for disk {t.disk_key}")
         if t.backup_type == "incremental" and disk.mode == "full":

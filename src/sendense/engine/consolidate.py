@@ -284,7 +284,7 @@ class ConsolidateJob:
         self.db = st.db
         self.lifecycle = st.lifecycle
         self.rate_limit = st.settings.merge_rate or None
-        self.keys = keystore.from_settings(st.settings)
+        self.settings = st.settings
 
     def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -295,6 +295,9 @@ class ConsolidateJob:
         for i, d in enumerate(disks):
             try:
                 ctx.check_cancel()
+                # An encrypted chain whose master key is missing fails here,
+                # before anything changed: its points go back to completed.
+                self._key(d["new_base"]["backup_id"])
                 self._note_started(job_id, d["disk_id"])
                 base_done = done
 
@@ -383,8 +386,7 @@ class ConsolidateJob:
     def _key(self, backup_id: str) -> img.ImageKey | None:
         """The key of the restore point's repository (None: not encrypted)."""
         with self.db.session() as s:
-            repository_id = s.scalar(select(Backup.repository_id).where(Backup.id == backup_id))
-            return self.keys.image_key_of(s, repository_id)
+            return keystore.key_of_backup(s, self.settings, backup_id)
 
     def _finish(self, d: dict[str, Any]) -> None:
         """Steps 5-7: sidecar, files of the merged points, catalog."""

@@ -210,7 +210,7 @@ class VerifyJob:
 
     def __init__(self, st: HubState) -> None:
         self.db = st.db
-        self.keys = keystore.from_settings(st.settings)
+        self.settings = st.settings
 
     def execute(self, job_id: str, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         backup_id = params["backup_id"]
@@ -223,7 +223,7 @@ class VerifyJob:
             size = b.total_bytes if b is not None else 0
             # Encrypted repository: a missing master key fails the job (the
             # restore point's verify state is left as it was).
-            key = self.keys.image_key_of(s, b.repository_id if b is not None else None)
+            key = keystore.key_of_backup(s, self.settings, backup_id)
         problems: list[str] = []
         result: dict[str, Any] = {"backup_id": backup_id, "checked": []}
         for m in members:

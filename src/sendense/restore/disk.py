@@ -212,9 +212,7 @@ class RestoreJob:
 
         # Encrypted repository: qemu-img decrypts the chain; what it writes is
         # the user's disk, in clear (qemu/img.py).
-        key = keystore.from_settings(self.st.settings).backup_key_now(
-            self.st.db, params.get("backup_id")
-        )
+        key = keystore.key_of_backup_now(self.st.db, self.st.settings, params.get("backup_id"))
         try:
             if dest["type"] == "file":
                 return self._to_file(params, dest, progress, cancel, key)

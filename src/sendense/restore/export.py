@@ -104,9 +104,7 @@ class ExportJob:
             image = params["source"]
             # Encrypted repository: the chain is decrypted by qemu-nbd and the
             # overlay is encrypted with the same key (keystore.py, qemu/img.py).
-            key = keystore.from_settings(self.st.settings).backup_key_now(
-                self.st.db, params.get("backup_id")
-            )
+            key = keystore.key_of_backup_now(self.st.db, self.st.settings, params.get("backup_id"))
             if params["writable"]:
                 size = img.info(image)["virtual-size"] if key else None
                 img.create(str(overlay), size, backing=image, backing_fmt="qcow2", key=key)

@@ -209,9 +209,7 @@ class MountJob:
         reason = "closed"
         try:
             # Encrypted repository: qemu-nbd decrypts the chain (qemu/img.py).
-            key = keystore.from_settings(self.st.settings).backup_key_now(
-                self.st.db, params.get("backup_id")
-            )
+            key = keystore.key_of_backup_now(self.st.db, self.st.settings, params.get("backup_id"))
             server = QemuNbdServer(
                 params["source"],
                 export_name="",
