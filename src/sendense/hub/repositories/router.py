@@ -23,9 +23,13 @@ router = APIRouter(prefix="/api/v1/repositories", tags=["repositories"])
 RepositoryId = Path(min_length=1, max_length=36)
 
 
-@router.post("", status_code=201, response_model=RepositoryRead, responses=errors(409))
+@router.post("", status_code=201, response_model=RepositoryRead, responses=errors(409, 503))
 def create_repository(body: RepositoryCreate, st: HubDep, who: Admin) -> dict:
-    """Create a repository (local, nfs or cifs); the folder is checked, made or mounted."""
+    """Create a repository (local, nfs or cifs); the folder is checked, made or mounted.
+
+    ``encrypted: true``: every backup is a LUKS-encrypted QCOW2, fixed for the
+    repository's life; 503 ``master_key_unavailable`` when the hub's master
+    key file is missing while keys it wrapped exist."""
     return service.create_repository(st, who, body)
 
 
