@@ -142,8 +142,10 @@ def test_a_node_with_a_new_certificate_is_refused_until_re_pinned(
     assert new_fp != old_fp
 
     def refused() -> dict[str, Any] | None:
+        # (A probe may first find the node down while it restarts.)
         n = nodes(c)["node1"]
-        return n if n["health"]["status"] == "unreachable" else None
+        error = n["health"]["error"] or ""
+        return n if n["health"]["status"] == "unreachable" and MISMATCH in error else None
 
     n = wait_for("health to show the certificate mismatch", refused)
     assert MISMATCH in n["health"]["error"] and "node1" in n["health"]["error"], n
