@@ -252,6 +252,24 @@ def test_hub_killed_mid_copy_adopts_the_tls_target(cluster: Cluster, make_vm) ->
     assert files_containing(cluster.root, key.encode()) == []
 
 
+def test_hub_restarted_after_its_targets_died_removes_their_keys(cluster: Cluster, make_vm) -> None:
+    """Recovery fails a job whose targets are gone and removes their key folders."""
+    _vm, job_id = start_mid_copy(cluster, make_vm, "tls5")
+    _, _, _, hub_file = running_target(cluster, job_id)
+    key = hub_file.read_text().strip().split(":")[1]
+    cluster.kill("hub", signal.SIGKILL)
+    for pid, cmd in processes_under(cluster.root):  # the machine lost them too
+        if "qemu-nbd" in cmd:
+            os.kill(pid, signal.SIGKILL)
+    assert hub_file.exists()  # nobody removed it yet
+    cluster.start_hub()
+
+    job = cluster.wait_job(job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "hub_restarted", job
+    assert_keys_gone(cluster, job_id)
+    assert files_containing(cluster.root, key.encode()) == []
+
+
 # ------------------------------------------------------ exports beyond loopback
 
 
