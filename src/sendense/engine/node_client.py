@@ -29,6 +29,13 @@ class NodeCertificateMismatch(NodeUnreachable):
     code = "node_certificate_mismatch"
 
 
+class NodeCertificateInvalid(NodeCertificateMismatch):
+    """The node presents its pinned certificate but it is refused anyway
+    (expired, or not yet valid by the hub's clock)."""
+
+    code = "node_certificate_invalid"
+
+
 def _cert_verify_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure behind an httpx error, if any."""
     seen: BaseException | None = e
@@ -112,8 +119,9 @@ class NodeClient:
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             # InvalidURL and ValueError (a header httpx cannot encode) are not
             # HTTPErrors; uncaught they would be a 500 wherever a node is used.
-            if _cert_verify_error(e) is not None:
-                mismatch = self._mismatch()
+            refused = _cert_verify_error(e)
+            if refused is not None:
+                mismatch = self._mismatch(str(refused.verify_message or refused))
                 _observe(self.node_id, False, mismatch.message)
                 raise mismatch from None
             err = NodeUnreachable(
@@ -147,7 +155,7 @@ class NodeClient:
             raise Error(f"node answered {r.status_code}: {message}", code=code)
         return r.json()
 
-    def _mismatch(self) -> NodeCertificateMismatch:
+    def _mismatch(self, reason: str) -> NodeCertificateMismatch:
         """The error for a node whose certificate is not the pinned one, with
         what it presents now when that can be read (both are public)."""
         try:
@@ -163,6 +171,19 @@ class NodeClient:
                 node=self.name,
                 url=self.url,
                 presented=presented,
+            )
+        if presented == self.pinned:
+            # The pinned certificate itself, refused: expired (ten years
+            # after the node made it) or not yet valid (a clock far off).
+            return NodeCertificateInvalid(
+                f"node {self.name} at {self.url}: its pinned certificate is refused "
+                f"({reason}); check both clocks, or give the node a new certificate "
+                f"(remove its tls/ directory, restart it) and re-pin it: "
+                f'PATCH /api/v1/nodes/{ref} {{"fingerprint": "<new>"}}',
+                node=self.name,
+                url=self.url,
+                pinned=self.pinned,
+                reason=reason,
             )
         return NodeCertificateMismatch(
             f"node {self.name} at {self.url}: certificate does not match the pinned "
