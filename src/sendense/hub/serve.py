@@ -43,6 +43,7 @@ from typing import Any
 import uvicorn
 
 from sendense.settings import HubSettings
+from sendense.tls import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def serve(settings: HubSettings) -> None:
     tls = tls_options(settings)
     if tls:
         log.info("hub serves HTTPS cert=%s", settings.tls_cert_file)
+    elif not is_loopback_host(settings.host):
+        # Tokens would cross the network in clear, unless a reverse proxy
+        # terminates TLS in front (docs/security.md).
+        log.warning(
+            "hub API in plain HTTP on %s: set SENDENSE_TLS_CERT_FILE/SENDENSE_TLS_KEY_FILE "
+            "or put a TLS-terminating reverse proxy in front",
+            settings.host,
+        )
     if n == 1:
         uvicorn.run(
             create_app(settings),

@@ -45,7 +45,11 @@ def serve(settings: NodeSettings) -> None:
         print(f"node certificate fingerprint (SHA-256): {cert.fingerprint}", flush=True)
         print(f"  colon form: {colon_form(cert.fingerprint)}", flush=True)
     else:
-        log.warning("node TLS is off (SENDENSE_NODE_TLS=false): plain HTTP, for loopback only")
+        log.warning(
+            "node TLS is off (SENDENSE_NODE_TLS=false): plain HTTP on %s; a hub accepts "
+            "that for loopback only (unless SENDENSE_ALLOW_PLAIN_HTTP_NODES)",
+            settings.host,
+        )
     sys.stdout.flush()
     uvicorn.run(
         create_app(settings),
