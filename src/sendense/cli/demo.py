@@ -435,7 +435,10 @@ def security(c: HubClient, vm: QsdVm, hub_dir: Path) -> bool:
     )
     vault = hub_dir.parent / "vault"  # a repository is never inside the hub's data dir
     repo = c.post("/api/v1/repositories", {"name": "vault", "path": str(vault), "encrypted": True})
-    console.print(f"repository vault at {vault}: encrypted={repo['encrypted']}")
+    console.print(
+        f"repository vault at {vault}: "
+        + ("encrypted at rest" if repo["encrypted"] else "NOT encrypted")
+    )
     full, good = backup(c, "full", repository_id=repo["repository_id"])
     ok &= good
     passphrase = c.post(f"/api/v1/repositories/{repo['repository_id']}/key/export", {})[
