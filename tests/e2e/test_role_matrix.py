@@ -40,6 +40,7 @@ ROLE: dict[tuple[str, str], str] = {
     ("PATCH", "/api/v1/repositories/{repository_id}"): "admin",
     ("DELETE", "/api/v1/repositories/{repository_id}"): "admin",
     ("POST", "/api/v1/repositories/{repository_id}/rescan"): "admin",
+    ("POST", "/api/v1/repositories/{repository_id}/key/export"): "admin",
     ("POST", "/api/v1/backups"): "operator",
     ("GET", "/api/v1/backups"): "viewer",
     ("GET", "/api/v1/backups/chain"): "viewer",
