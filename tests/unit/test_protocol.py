@@ -50,7 +50,12 @@ def test_start_request_as_the_hub_sends_it() -> None:
     }
     assert request.change_ids() == {2000: "sendense-aaaa"}
     # What the node hands on is what the hub sent (plus the optional tuning).
-    assert request.model_dump() == {**body, "in_flight": None, "request_size": None}
+    assert request.model_dump() == {
+        **body,
+        "in_flight": None,
+        "request_size": None,
+        "nbd_tls": {},  # no keys: the hub sent plain targets
+    }
     # A full backup reads no change id, whatever came with it.
     assert BackupStartRequest.model_validate(start_body(backup_type="full")).change_ids() == {}
 
