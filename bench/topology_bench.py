@@ -40,8 +40,8 @@ disk as built; the order of TLS on and off alternates between rounds):
   product's TLS qemu-nbd. Where the hub has no NBD TLS setting, only
   ``plain`` runs.
 
-On ``wan`` (``--tune``, on by default) one more full and incremental per
-node setting in ``--tune-settings`` (``SENDENSE_NODE_IN_FLIGHT`` /
+On ``wan`` one more full and incremental per node setting in
+``--tune-settings`` (two by default; none skips them) (``SENDENSE_NODE_IN_FLIGHT`` /
 ``SENDENSE_NODE_REQUEST_SIZE``): what more requests in flight or larger
 requests buy across latency. The product's defaults are not changed.
 
@@ -72,6 +72,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -675,6 +676,25 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
         summary[f"{p}_full_tls_aes_s"] = aes
         summary[f"{p}_nbdcopy_s"] = ceiling
         summary[f"{p}_inc10_s"] = med(bench, f"{p}_inc10_{on}")
+    # CPU seconds of a full on each host (medians): less sensitive to the
+    # machine's other load than wall time. hub: the hub process and its
+    # qemu-nbd / qemu-img children; node: worker, node process and the VM.
+    for p in ("lan", "wan"):
+        busiest = {}
+        for m in bench.modes:
+            full_row = bench.rows.get(f"{p}_full_{m}")
+            if not full_row or not full_row.samples:
+                continue
+            cpus = [x.extra["cpu"] for x in full_row.samples]
+            hub = statistics.median(c["hub"] + c["hub_children"] for c in cpus)
+            node = statistics.median(c["worker"] + c["node"] + c["vm"] for c in cpus)
+            tag = m.replace("-", "_")
+            summary[f"{p}_full_hub_cpu_s_{tag}"] = hub
+            summary[f"{p}_full_node_cpu_s_{tag}"] = node
+            busiest[m] = max(hub, node)
+        if "plain" in busiest and on in busiest and on != "plain":
+            # If the busier core bounds the copy: the throughput TLS costs.
+            summary[f"{p}_tls_cpu_cost"] = 1 - busiest["plain"] / busiest[on]
     for t in bench.tune_rows:
         tag = f"if{t['in_flight']}_rs{t['request_size'] // MiB}m"
         summary[f"wan_full_s_{tag}"] = t["full_s"]
