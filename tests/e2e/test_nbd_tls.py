@@ -12,6 +12,7 @@ the hub killed and restarted), and appears in no log or other file.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nbd
 import pytest
 
@@ -303,6 +305,20 @@ def read_all(url: str, key_file: Path | None, size: int) -> bytes:
         h.shutdown()
 
 
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "no CSRF field in the page"
+    return m.group(1)
+
+
+def console_signed_in(c: Cluster) -> httpx.Client:
+    client = httpx.Client(base_url=c.hub_url, timeout=60, follow_redirects=False)
+    form = client.get("/ui/signin")
+    r = client.post("/ui/signin", data={"csrf": csrf_of(form.text), "token": c.admin_token})
+    assert r.status_code == 303, r.text
+    return client
+
+
 def test_export_beyond_loopback_requires_its_key_shown_once(
     open_cluster: Cluster, make_vm, tmp_path: Path
 ) -> None:
@@ -360,5 +376,23 @@ def test_export_beyond_loopback_requires_its_key_shown_once(
     assert "nbds://" in out
     cli(c, "backup", "unexport", backup_id)
     assert list((c.hub_dir / "run" / "exports").iterdir()) == []
-    for k in (key, key2):  # the user's own file aside
+
+    # The console shows a new export's key once too, on a page no cache keeps.
+    admin = console_signed_in(c)
+    page = admin.get(f"/ui/backups/{backup_id}")
+    r = admin.post(f"/ui/backups/{backup_id}/export", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 200 and "no-store" in r.headers["cache-control"], r.text
+    url = re.search(r'id="export-url">(nbds://[^<]+)<', r.text)
+    psk = re.search(r'id="export-psk">sendense:([0-9a-f]{64})<', r.text)
+    assert url and psk, r.text
+    key3 = psk.group(1)
+    assert key3 not in (key, key2)
+    mine.write_text(f"sendense:{key3}\n")
+    assert read_all(url.group(1), mine, 8 * MiB) == reference.read_bytes()
+    page = admin.get(f"/ui/backups/{backup_id}")
+    assert url.group(1) in page.text and key3 not in page.text
+    r = admin.post(f"/ui/backups/{backup_id}/export/close", data={"csrf": csrf_of(page.text)})
+    assert r.status_code == 303, r.text
+    assert list((c.hub_dir / "run" / "exports").iterdir()) == []
+    for k in (key, key2, key3):  # the user's own file aside
         assert [p for p in files_containing(c.root, k.encode()) if p != mine] == []

@@ -178,7 +178,11 @@ def restore_disk(backup_id: str, page: Signed, form: Form) -> Response:
 @router.post("/backups/{backup_id}/export")
 def start_export(backup_id: str, page: Signed, form: Form) -> Response:
     page.require("operator")
-    restore.start_export(page.st, page.who, backup_id, form.get("writable") == "on")
+    export = restore.start_export(page.st, page.who, backup_id, form.get("writable") == "on")
+    if export.get("tls_psk"):
+        # Beyond loopback the export's key is in this answer only: show it
+        # once (console pages are no-store) rather than redirect it away.
+        return page.render("export_key.html", export=export, backup_id=backup_id)
     return page.done(f"/ui/backups/{quote(backup_id)}", "Export started")
 
 
