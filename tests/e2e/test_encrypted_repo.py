@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from fixtures.cluster import Cluster, cli
@@ -468,6 +470,18 @@ def test_export_key_needs_admin_and_key_import_on_a_new_hub(
     assert c.wait_job(started["job_id"])["status"] == "completed"
     assert c.client.get(f"/api/v1/backups/{b['backup_id']}")["verify_status"] == "ok"
     assert img.compare(b["file_path"], str(snap), key=img.ImageKey(keyfile.read_bytes()))
+
+    # The console marks which repository is encrypted.
+    console = httpx.Client(base_url=c.hub_url, timeout=60, follow_redirects=False)
+    form = console.get("/ui/signin")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert csrf, form.text
+    console.post("/ui/signin", data={"csrf": csrf.group(1), "token": c.admin_token})
+    page = console.get("/ui/repositories").text
+    section = page[page.index(f'id="repo-{back["repository_id"]}"') :]
+    assert '<span class="tag">encrypted</span>' in section.split("</section>")[0]
+    plain = page[page.index('id="repo-default"') :].split("</section>")[0]
+    assert "encrypted</span>" not in plain and "<dt>Encrypted</dt><dd>no</dd>" in plain
 
 
 def test_verify_names_the_damaged_range_in_an_encrypted_chain(
