@@ -196,6 +196,7 @@ def test_backup_from_vm_page_progress_and_cancel(
     console.shot("jobs", doc="jobs")
     console.go("/ui/nodes")
     assert "online" in console.text() or "unknown" in console.text()
+    assert f"pinned {c.node_fingerprint[:16]}" in console.text()
     console.shot("nodes", doc="nodes")
 
 
