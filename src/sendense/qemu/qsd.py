@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -73,12 +72,11 @@ class QsdVm:
             if time.monotonic() > deadline:
                 raise QmpError("qemu-storage-daemon did not create its QMP socket")
             time.sleep(0.01)
-        self._wait_listening(deadline)
         if guest_exports:
             # Opening its images can wait on the host's write-back (images
             # just written by qemu-img on a busy disk): more than QMP's
             # usual 30 s was seen under a full test run.
-            with QmpClient(self.qmp_socket, timeout=120.0) as qmp:
+            with contextlib.closing(self._first_qmp(deadline)) as qmp:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.guest_socket)
                 # A guest-side server on its own socket: the node's connector
@@ -97,25 +95,25 @@ class QsdVm:
                         writable=True,
                     )
 
-    def _wait_listening(self, deadline: float) -> None:
-        """Until the QMP socket accepts connections: the daemon binds the
-        path before it listens, and a connect between the two is refused
-        (seen once in a full test run, right after a restart)."""
+    def _first_qmp(self, deadline: float) -> QmpClient:
+        """The first QMP connection. The daemon binds the socket's path
+        before it listens: a connect between the two is refused (seen in a
+        full test run), so that one is tried again. No probe connection
+        first: the monitor takes one client at a time, and one that came
+        while a probe was still attached was dropped without a greeting
+        (also seen in a full run)."""
         while True:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            qmp = QmpClient(self.qmp_socket, timeout=120.0)
             try:
-                probe.connect(self.qmp_socket)
-                return
-            except (ConnectionRefusedError, FileNotFoundError):
+                return qmp.connect()
+            except QmpError as e:
+                if not isinstance(e.__cause__, ConnectionRefusedError):
+                    raise
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise QmpError(
-                        f"qemu-storage-daemon exited with {self.proc.returncode}"
-                    ) from None
+                    raise QmpError(f"qemu-storage-daemon exited with {self.proc.returncode}") from e
                 if time.monotonic() > deadline:
-                    raise QmpError("qemu-storage-daemon does not accept QMP connections") from None
+                    raise
                 time.sleep(0.01)
-            finally:
-                probe.close()
 
     @property
     def pid(self) -> int | None:
