@@ -98,7 +98,7 @@ bench-console: venv
 
 # Hub and node in two network namespaces (veth, one core each; root needed):
 # full and 10% incremental with NBD TLS on and off against nbdcopy across the
-# same link, LAN and WAN (10 ms RTT, 1 Gbit/s) profiles (about 10 minutes).
+# same link, LAN and WAN (10 ms RTT, 1 Gbit/s) profiles (about 4 minutes).
 bench-topology: setup
 	$(PY) bench/topology_bench.py
 
