@@ -26,6 +26,7 @@ from sendense.hub.audit.middleware import AuditWriter
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.nbd.ports import PortAllocator
 from sendense.notify import Backoff, WebhookSender
+from sendense.notify.sealed import seal_stored_urls
 from sendense.restore.disk import RestoreJob
 from sendense.restore.export import ExportJob
 from sendense.restore.sessions import MountJob, SessionPools
@@ -98,6 +99,7 @@ class HubState:
         with db.session() as s:
             ensure_default_repository(s, data_dir / "repositories" / "default")
         seal_source_secrets(db, secrets)  # credentials only ever encrypted at rest
+        seal_stored_urls(db, secrets)  # webhook URL passwords of rows from before sealing
         mount_repositories(db, secrets, data_dir / "run")  # shares the hub mounts itself
         for register in JOB_KINDS:
             lifecycle.register(register(state))

@@ -9,15 +9,22 @@ credentials:
 - a URL password: ``{"secret": str | null, "url_password": str}``.
 
 A row written before this (the URL's password in clear, the secret a JSON
-string) still reads as it was: `unseal` returns its URL unchanged.
+string) still reads as it was: `unseal` returns its URL unchanged; the hub
+seals such rows at start (`seal_stored_urls`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from sqlalchemy import select
+
+from sendense.catalog.db import Database
 from sendense.secretbox import SecretBox
+
+log = logging.getLogger(__name__)
 
 HIDDEN = "***"
 
@@ -59,3 +66,21 @@ def unseal(box: SecretBox, stored_url: str, sealed: str | None) -> tuple[str, st
     """(the URL to POST to, the HMAC secret) from a row's two columns."""
     secret, password = credentials(box, sealed)
     return (with_password(stored_url, password) if password else stored_url), secret
+
+
+def seal_stored_urls(db: Database, box: SecretBox) -> int:
+    """At hub start: seal the URL passwords of webhooks written before they
+    were sealed (the password in the stored URL). Returns how many changed."""
+    from sendense.catalog.models import Webhook
+
+    changed = 0
+    with db.session() as s:
+        for hook in s.scalars(select(Webhook)):
+            if urlsplit(hook.url).password in (None, HIDDEN):
+                continue
+            url, secret = unseal(box, hook.url, hook.secret_encrypted)
+            hook.url, hook.secret_encrypted = seal(box, url, secret)
+            changed += 1
+    if changed:
+        log.warning("sealed the URL passwords of %d webhook(s) stored in clear", changed)
+    return changed
