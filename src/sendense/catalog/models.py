@@ -72,6 +72,9 @@ class Node(Base):
     # the certificate itself (PEM, public): the hub trusts it for this node only.
     fingerprint: Mapped[str | None] = mapped_column(String(64), default=None)
     certificate: Mapped[str | None] = mapped_column(Text, default=None)
+    # Backup jobs that may run on this node at once (None: the hub's default,
+    # SENDENSE_NODE_JOB_LIMIT); further jobs wait in the queue.
+    max_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class Source(Base):
@@ -459,3 +462,31 @@ class RepositoryKey(Base):
     key_id: Mapped[str] = mapped_column(String(64))
     wrapped_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Hub(Base):
+    """A hub process sharing the catalog: ``id`` is its lifecycle owner string
+    (``host/pid/instance``). It renews ``heartbeat_at`` with its job leases;
+    from another host it is dead once the heartbeat is older than the lease."""
+
+    __tablename__ = "hubs"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class NbdPort(Base):
+    """An NBD port a hub process serves a target on. Inserting the row is the
+    claim: the primary key ``(host, port)`` lets one hub win."""
+
+    __tablename__ = "nbd_ports"
+
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    port: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    backup_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    lease_until: Mapped[datetime] = mapped_column()
