@@ -99,6 +99,14 @@ class HubSettings(BaseSettings):
     # beyond loopback too. False exists ONLY for the two-host benchmark's
     # no-TLS round (bench/topology_bench.py); the hub warns loudly at start.
     nbd_tls: bool = True
+    # --- Targets that survive (issue 11, "hubside"; engine/backup.py): a
+    # target whose qemu-nbd dies while the node still copies is served again
+    # on the same port, export and key, at most this many times per disk and
+    # job (then the job fails). qemu-nbd cache and aio modes of targets
+    # ("" = qemu's default; the measured choice and why: engine/backup.py).
+    nbd_target_restarts: int = 5
+    nbd_target_cache: str = "writeback"
+    nbd_target_aio: str = ""
     log_level: str = "INFO"
 
     @property

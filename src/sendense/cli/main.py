@@ -500,6 +500,14 @@ class _EtaColumn(ProgressColumn):
         return Text(f"eta {seconds(eta)}" if eta is not None else "-", style="progress.remaining")
 
 
+def retry_text(r: dict[str, Any] | None) -> str | None:
+    """A copy reconnecting (issue 11): why, which attempt, until when."""
+    if not r:
+        return None
+    until = f", gives up at {r['deadline'][11:19]}" if r.get("deadline") else ""
+    return f"{r['reason']} (attempt {r['attempt']}{until})"
+
+
 def watch_job(c: HubClient, job_id: str, *, quiet: bool = False) -> dict[str, Any]:
     final: dict[str, Any] = {}
     show = not ctx.json and not quiet
@@ -514,8 +522,16 @@ def watch_job(c: HubClient, job_id: str, *, quiet: bool = False) -> dict[str, An
         disable=not show,
     ) as bar:
         tasks: dict[int | None, Any] = {}
+        said: set[tuple[str, int]] = set()
         for view in call(c.events, job_id):
             final = view
+            # A copy reconnecting (issue 11): one line per attempt, and the
+            # bar's label says so while it lasts.
+            for r in [view.get("retry"), *(d.get("retry") for d in view["disks"])]:
+                if r and (r["reason"], r["attempt"]) not in said:
+                    said.add((r["reason"], r["attempt"]))
+                    if show:
+                        bar.console.print(f"retrying: {retry_text(r)}")
             # A backup job has one bar per disk; a job the hub runs itself
             # (consolidate, verify) has one for the whole job.
             rows = [
@@ -538,6 +554,9 @@ def watch_job(c: HubClient, job_id: str, *, quiet: bool = False) -> dict[str, An
                     done = total
                 else:
                     done = d["bytes_done"]
+                retry = d.get("retry") or (view.get("retry") if key is None else None)
+                if retry:
+                    label = f"{label} retrying: {retry['reason']}"
                 bar.update(tasks[key], description=label, completed=done, total=total, **fields)
     if show:
         colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(
@@ -661,6 +680,7 @@ def job_show(job_id: str) -> None:
             ("kind", j["kind"]),
             ("status", j["status"]),
             ("step", j["step"]),
+            ("retrying", retry_text(j.get("retry"))),
             ("vm", j["vm_name"]),
             ("requested", j["backup_type"]),
             ("progress", f"{j['percent']}% of {human(j['bytes_total'])}"),

@@ -14,10 +14,12 @@ Flow of one job (one VM, one or more disks)::
               qemu-img check, sizes, sidecars, catalog rows completed
               failed/cancelled: stop exports, release ports, remove the
               partial files; the chain stays as it was
+              a target whose qemu-nbd died is served again (same port,
+              export, key); the node's mover reconnects and goes on
     recover   at hub start, jobs a dead hub process left running are taken
               over (engine/lifecycle.py: owner and lease): adopted when the
-              node still copies and the targets live, finished when the node
-              completed meanwhile, else failed with a reason and cleaned up
+              node still copies (dead targets served again), finished when
+              the node completed meanwhile, else failed with a reason
 
 Status changes go through `JobLifecycle.transition` (conditional on the
 current status and on this process owning the job). Finishing stops qemu-nbd
@@ -124,6 +126,17 @@ def progress_of(st: JobStatusReport) -> dict[str, Any]:
     return {key: disk.model_dump(mode="json") for key, disk in st.disks.items()}
 
 
+def retry_of(st: JobStatusReport) -> dict[str, Any] | None:
+    """The node's job-level ``retry`` (its mover reconnecting), as JSON."""
+    retry = getattr(st, "retry", None)
+    if retry is None:
+        return None
+    if hasattr(retry, "model_dump"):
+        dumped: dict[str, Any] = retry.model_dump(mode="json")
+        return dumped
+    return dict(retry) if isinstance(retry, dict) else None
+
+
 # An incremental's estimate (its dirty bytes are unknown before it starts).
 MIN_FREE = 1 << 20
 
@@ -200,6 +213,12 @@ class BackupEngine:
         # race; the conditional status write settles it across processes.
         self._finishing: dict[str, threading.Lock] = {}
         self._finishing_lock = threading.Lock()
+        # Targets that survive (issue 11): job -> its backups' ids, the pids of
+        # adopted targets (started by an earlier hub process: not our
+        # children), and how often each target was served again.
+        self._job_targets: dict[str, list[str]] = {}
+        self._adopted_pids: dict[str, int] = {}
+        self._restarts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -447,27 +466,14 @@ class BackupEngine:
                 # Held in memory too: if this transaction rolls back, the
                 # cleanup still knows which port to give back.
                 self._ports[b.id] = port
+                self._job_targets.setdefault(job_id, []).append(b.id)
                 export = f"sendense-{b.id}"
                 tls_dir = None
                 if self.settings.nbd_tls:
                     tls_key = psk.new_key()
                     tls_dir = str(psk.make_server_dir(self._tls_dir(b.id), tls_key))
                     keys[str(b.disk_key)] = NbdTlsKey(username=psk.USERNAME, psk=tls_key)
-                server = QemuNbdServer(
-                    str(path),
-                    export_name=export,
-                    host=self.settings.nbd_bind,
-                    port=port,
-                    # Zeros the source sends as data (a thick VMware disk, a
-                    # block device, a guest that wrote zeros) are stored as
-                    # zero clusters, not as data: measured, 256 MiB of zeros
-                    # then 64 MiB of random data make a 64.3 MiB file.
-                    detect_zeroes="unmap",
-                    pidfile=str(self.run_dir / f"nbd-{b.id}.pid"),
-                    log_path=str(self.log_dir / f"nbd-{b.id}.log"),
-                    key=key,
-                    tls_psk_dir=tls_dir,
-                )
+                server = self._target_server(b.id, str(path), port, export, tls_dir, key)
                 self._servers[b.id] = server
                 b.nbd_port = port
                 b.nbd_export_name = export
@@ -504,6 +510,137 @@ class BackupEngine:
                 b.status = "running"
                 b.started_at = job.started_at
         self._follow(job_id, client)
+
+    def _target_server(
+        self,
+        backup_id: str,
+        path: str,
+        port: int,
+        export: str,
+        tls_dir: str | None,
+        key: img.ImageKey | None,
+    ) -> QemuNbdServer:
+        """The qemu-nbd export of one target (made at launch, and again with
+        the same port, export name and key when its process died mid-copy)."""
+        return QemuNbdServer(
+            path,
+            export_name=export,
+            host=self.settings.nbd_bind,
+            port=port,
+            # Zeros the source sends as data (a thick VMware disk, a
+            # block device, a guest that wrote zeros) are stored as
+            # zero clusters, not as data: measured, 256 MiB of zeros
+            # then 64 MiB of random data make a 64.3 MiB file.
+            detect_zeroes="unmap",
+            cache=self.settings.nbd_target_cache,
+            aio=self.settings.nbd_target_aio or None,
+            pidfile=str(self.run_dir / f"nbd-{backup_id}.pid"),
+            log_path=str(self.log_dir / f"nbd-{backup_id}.log"),
+            key=key,
+            tls_psk_dir=tls_dir,
+        )
+
+    # ---------------------------------------------------- targets that survive
+
+    def _dead_targets(self, job_id: str) -> list[str]:
+        """Targets of the job whose qemu-nbd is gone (killed, crashed, OOM)."""
+        dead = []
+        for backup_id in self._job_targets.get(job_id, []):
+            server = self._servers.get(backup_id)
+            if server is not None:
+                gone = server.proc is not None and server.proc.poll() is not None
+            else:
+                pid = self._adopted_pids.get(backup_id)
+                gone = pid is not None and not is_qemu_nbd(pid)
+            if gone:
+                dead.append(backup_id)
+        return dead
+
+    def _reserve_target(self, job_id: str, backup_id: str) -> None:
+        """Serve a dead target again: same file, host:port, export name and
+        TLS key, so that the node's mover reconnects to the URL it has and
+        re-writes from its last flushed position.
+
+        qemu-nbd killed with SIGKILL loses what it had not flushed (the QCOW2
+        L2 cache lives in its memory); QCOW2 writes refcounts before the L2
+        entries that use them, so the file stays consistent but may have
+        leaked clusters (allocated, referenced by nothing). ``qemu-img check
+        -r leaks`` frees them (refcounts only, never data; a few ms for a
+        partial file's metadata) and refuses a corrupt file, which fails the
+        job instead of serving it. The data after the last flush is written
+        again by the mover. Raises JobFailed when it cannot.
+        """
+        attempt = self._restarts.get(backup_id, 0) + 1
+        limit = self.settings.nbd_target_restarts
+        with self.db.session() as s:
+            b = BackupStore(s).get(backup_id)
+            assert b is not None
+            path, port, export, disk_key = b.file_path, b.nbd_port, b.nbd_export_name, b.disk_key
+            old_pid = b.nbd_pid
+            key = keystore.key_of_repository(s, self.settings, b.repository_id)
+        what = f"the NBD target of disk {disk_key} (qemu-nbd pid {old_pid})"
+        if attempt > limit:
+            raise JobFailed(
+                f"{what} stopped {attempt} times; given up after {limit} restarts "
+                "(SENDENSE_NBD_TARGET_RESTARTS)"
+            )
+        if port is None or not export:
+            raise JobFailed(f"{what} stopped and its port is not on record")
+        tls_dir = None
+        if self.settings.nbd_tls:
+            tls_dir = str(self._tls_dir(backup_id))
+            if not (Path(tls_dir) / psk.SERVER_FILE).exists():
+                raise JobFailed(f"{what} stopped and its TLS key is gone")
+        self._restarts[backup_id] = attempt
+        old = self._servers.pop(backup_id, None)
+        if old is not None:
+            old.stop()  # reaps the dead process, drops its pidfile
+        self._adopted_pids.pop(backup_id, None)
+        started = time.monotonic()
+        try:
+            img.repair_leaks(path, key=key)
+        except Error as e:
+            raise JobFailed(f"{what} stopped and left a damaged file: {e}") from e
+        server = self._target_server(backup_id, path, port, export, tls_dir, key)
+        self._servers[backup_id] = server
+        server.start()
+        took = time.monotonic() - started
+        note = (
+            f"{what} stopped; served again on port {port} (restart {attempt} of {limit}, "
+            f"{took:.1f}s); the node re-copies from its last flushed position"
+        )
+        log.warning("job=%s backup=%s %s", job_id, backup_id, note)
+        now = datetime.now(UTC)
+        with self.db.session() as s:
+            b = BackupStore(s).get(backup_id)
+            assert b is not None
+            b.nbd_pid = server.pid
+            job = JobStore(s).get(job_id)
+            assert job is not None
+            messages = dict(job.messages or {})
+            messages["hub"] = [*messages.get("hub", []), f"{now:%H:%M:%S} {note}"]
+            job.messages = messages
+            if job.status == "running":
+                job.step = "retrying"
+                job.progress = {
+                    **(job.progress or {}),
+                    "retry": {
+                        "reason": f"{what} stopped; served again",
+                        "attempt": attempt,
+                        "since": now.isoformat(),
+                        "deadline": None,
+                    },
+                }
+
+    def _keep_targets(self, job_id: str) -> None:
+        """Serve again the job's targets whose qemu-nbd died (not while the
+        job is being finished: then they are stopped on purpose)."""
+        if job_id in self._finishing:
+            return
+        for backup_id in self._dead_targets(job_id):
+            if job_id in self._finishing:
+                return
+            self._reserve_target(job_id, backup_id)
 
     def _follow(self, job_id: str, client: NodeClient) -> None:
         """Start the monitor thread that follows a job on its node to the end."""
@@ -577,6 +714,14 @@ class BackupEngine:
                         code=err.code if err else None,
                     )
                     return
+                if not cancel.is_set():
+                    try:
+                        self._keep_targets(job_id)
+                    except Error as e:
+                        self._finish(job_id, None, "failed", e.message, code="target_lost")
+                        with contextlib.suppress(Error):
+                            client.cancel(job_id)
+                        return
                 now = time.monotonic()
                 if now - last_write >= 0.5:
                     last_write = now
@@ -594,9 +739,13 @@ class BackupEngine:
             if job is None or job.status != "running":
                 return False
             job.step = st.step or job.step
-            job.progress = progress_of(st)
+            progress = progress_of(st)
+            retry = retry_of(st)
+            if retry is not None:
+                progress["retry"] = retry
+            job.progress = progress
             if st.messages:
-                job.messages = {"node": st.messages}
+                job.messages = {**(job.messages or {}), "node": st.messages}
             timeout_at = job.timeout_at
             if timeout_at and datetime.now(UTC) > timeout_at:
                 job.error_code = "timeout"
@@ -653,6 +802,7 @@ class BackupEngine:
                 status, code, message = "failed", "timeout", self._timeout_message()
             vm_name = job.vm.name if job.vm else ""
             targets = [_Target.of(b, BackupStore(s)) for b in job.backups]
+            messages = dict(job.messages or {})
         for t in targets:
             self._stop_target(t.backup_id, t.nbd_pid, t.nbd_port)
         disks = st.disks if st else {}
@@ -675,7 +825,9 @@ class BackupEngine:
         if st and disks:
             values["progress"] = progress_of(st)
         if st and st.messages:
-            values["messages"] = {"node": st.messages}
+            messages["node"] = st.messages
+        if messages:
+            values["messages"] = messages
         with self.db.session() as s:
             for t in targets:
                 b = BackupStore(s).get(t.backup_id)
@@ -700,6 +852,9 @@ class BackupEngine:
         log.info("job=%s status=%s error=%s", job_id, status, message)
         self._cancel.pop(job_id, None)
         self._threads.pop(job_id, None)
+        for backup_id in self._job_targets.pop(job_id, []):
+            self._restarts.pop(backup_id, None)
+            self._adopted_pids.pop(backup_id, None)
 
     def _record_files(self, job_id: str, vm_name: str, t: _Target, disk: DiskStatus | None) -> None:
         """Check one finished target and write its sidecar; fills ``t``'s outcome."""
@@ -783,12 +938,14 @@ class BackupEngine:
     def recover(self, *, sweep_pidfiles: bool = True) -> list[str]:
         """Resolve jobs a previous hub process left running; stop orphan exports.
 
-        A job whose node still runs it, with all its qemu-nbd targets alive,
-        is adopted: its ports are held again and a monitor follows it to the
-        end as if nothing had happened. A job the node finished while the hub
-        was down is finished now (targets stopped and flushed, restore points
-        checked and recorded). Anything else is failed with a reason and its
-        partial files removed.
+        A job whose node still runs it (copying, or reconnecting: step
+        "retrying") is adopted: its ports are held again, targets whose
+        qemu-nbd died with the old hub are served again on the same port,
+        export name and TLS key (`_reserve_target`), and a monitor follows it
+        to the end; the node's mover re-copies from its last flushed position.
+        A job the node finished while the hub was down is finished now
+        (targets stopped and flushed, restore points checked and recorded).
+        Anything else is failed with a reason and its partial files removed.
         """
         resolved = []
         adopted: set[str] = set()
@@ -813,31 +970,28 @@ class BackupEngine:
                 log.warning("job=%s node status after restart failed: %s", job_id, e.message)
                 st = None
             state = st.status if st else None
-            alive = bool(targets) and all(
-                pid and port and is_qemu_nbd(pid) for _, pid, port in targets
-            )
             if state == "completed":
                 log.warning("job=%s finished on the node while the hub was down", job_id)
                 self._finish(job_id, st, "completed", None)
                 adopted.update(b for b, _, _ in targets)
-            elif state in ("running", "pending") and alive:
+            elif state in ("running", "pending") and (why := self._adopt(job_id, targets)) is None:
                 log.warning("job=%s still running on the node: adopted", job_id)
-                for backup_id, _, port in targets:
-                    assert port is not None
-                    self.ports.reserve(port)
-                    self._ports[backup_id] = port
                 adopted.update(b for b, _, _ in targets)
                 self._follow(job_id, client)
             else:
                 log.warning("job=%s left running by a previous hub process: failing it", job_id)
+                if state in ("running", "pending"):
+                    reason = f"its NBD targets could not be served again: {why}"
+                else:
+                    reason = "its node no longer runs it"
                 with contextlib.suppress(Error):
                     client.cancel(job_id)
                 self._finish(
                     job_id,
                     None,
                     "failed",
-                    "the hub restarted while this job was running and could not take it "
-                    "back (its node or NBD targets were gone); partial files were removed",
+                    f"the hub restarted while this job was running and could not take it "
+                    f"back ({reason}); partial files were removed",
                     code="hub_restarted",
                 )
             resolved.append(job_id)
@@ -862,6 +1016,29 @@ class BackupEngine:
             if tls_dir.name.removeprefix("tls-") not in adopted | live:
                 psk.remove_dir(tls_dir)
         return resolved
+
+    def _adopt(self, job_id: str, targets: list[tuple[str, int | None, int | None]]) -> str | None:
+        """Take back the targets of a job a dead hub process left running:
+        their ports held again, live qemu-nbd processes kept, dead ones (gone
+        with the old hub, as systemd stops a service's whole cgroup) served
+        again on the same port and key. None when done, else why not."""
+        if not targets:
+            return "the job has no targets"
+        for backup_id, _, port in targets:
+            if port is None:
+                return "a target's port is not on record"
+            self.ports.reserve(port)
+            self._ports[backup_id] = port
+            self._job_targets.setdefault(job_id, []).append(backup_id)
+        for backup_id, pid, _ in targets:
+            if pid and is_qemu_nbd(pid):
+                self._adopted_pids[backup_id] = pid
+                continue
+            try:
+                self._reserve_target(job_id, backup_id)
+            except Error as e:
+                return e.message
+        return None
 
     def shutdown(self) -> None:
         """Stop monitoring (the hub is exiting); jobs are resolved at next start."""

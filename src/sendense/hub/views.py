@@ -166,6 +166,8 @@ def job_view(job: BackupJob | Row[Any], backups: Sequence[Any] | None = None) ->
                 "rate": p.get("rate"),
                 "eta": p.get("eta"),
                 "fallback_reason": p.get("fallback_reason"),
+                # Its mover reconnecting (issue 11), while the job runs.
+                "retry": p.get("retry") if job.status == "running" else None,
             }
         )
     running = job.status == "running"
@@ -173,7 +175,10 @@ def job_view(job: BackupJob | Row[Any], backups: Sequence[Any] | None = None) ->
     if running and rate_total > 0:
         eta = round((bytes_total - done_total) / rate_total, 1)
     rate = rate_total if running else None
-    return _job_fields(job, [b.id for b in backups], disks, done_total, bytes_total, rate, eta)
+    fields = _job_fields(job, [b.id for b in backups], disks, done_total, bytes_total, rate, eta)
+    if running:
+        fields["retry"] = progress.get("retry")
+    return fields
 
 
 def _job_fields(
@@ -205,7 +210,7 @@ def _job_fields(
         "percent": _percent(done, total, job.status),
         "rate": rate,
         "eta": eta,
-        "messages": (job.messages or {}).get("node", []),
+        "messages": (job.messages or {}).get("node", []) + (job.messages or {}).get("hub", []),
         "error": {"code": job.error_code, "message": job.error_message}
         if job.error_message
         else None,
@@ -217,6 +222,7 @@ def _job_fields(
         "finished_at": _t(job.finished_at),
         "elapsed_seconds": elapsed,
         "tags": job.tags,
+        "retry": None,
     }
 
 

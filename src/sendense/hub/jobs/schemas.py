@@ -15,6 +15,17 @@ class JobError(BaseModel):
     message: str
 
 
+class RetryInfo(BaseModel):
+    """A copy reconnecting (issue 11): the node's mover lost a connection to
+    its source or target and tries again with backoff until ``deadline``
+    (the job fails then); or the hub served a dead target again."""
+
+    reason: str
+    attempt: int
+    since: datetime | None = None
+    deadline: datetime | None = None
+
+
 class JobDisk(BaseModel):
     disk_id: int
     disk_key: int
@@ -28,6 +39,7 @@ class JobDisk(BaseModel):
     rate: float | None
     eta: float | None
     fallback_reason: str | None
+    retry: RetryInfo | None = None
 
 
 class JobRead(BaseModel):
@@ -57,6 +69,8 @@ class JobRead(BaseModel):
     finished_at: datetime | None
     elapsed_seconds: float | None
     tags: dict[str, Any]
+    # Step "retrying": why, which attempt, since when, until when.
+    retry: RetryInfo | None = None
 
 
 class JobList(BaseModel):
