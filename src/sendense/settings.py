@@ -99,6 +99,12 @@ class HubSettings(BaseSettings):
     # beyond loopback too. False exists ONLY for the two-host benchmark's
     # no-TLS round (bench/topology_bench.py); the hub warns loudly at start.
     nbd_tls: bool = True
+    # --- pull (issue 11, engine/pull.py): a full of a VM whose node says
+    # transfer=pull is read by ``qemu-img convert`` in the hub. Its coroutines
+    # (-m) and target cache mode (-t; "none" = O_DIRECT, flushed at the end;
+    # never "unsafe": a restore point is durable): measured, engine/pull.py.
+    pull_coroutines: int = 8
+    pull_cache: str = "none"
     # --- Targets that survive (issue 11, "hubside"; engine/backup.py): a
     # target whose qemu-nbd dies while the node still copies is served again
     # on the same port, export and key, at most this many times per disk and
@@ -151,4 +157,22 @@ class NodeSettings(BaseSettings):
     # first start under <data_dir>/tls/ (the hub pins it); false serves plain
     # HTTP, for loopback and demos only (a hub refuses it beyond loopback).
     tls: bool = True
+    # --- pull (issue 11, node/pull.py, docs/guide.md "Push or pull"): "push"
+    # (the node dials the hub's NBD targets) or "pull" (the node serves each
+    # frozen disk over NBD with TLS-PSK on a port of its own, the hub reads it
+    # and writes the restore point itself; fulls only, incrementals stay push).
+    # The hub learns it from GET /api/v1/health. Pull needs the hub to reach
+    # pull_advertise_host:pull_port_first..last; a node that can only dial out
+    # stays push. pull_bind "" = host; pull_advertise_host "" = pull_bind.
+    # pull_wait: seconds the node serves a disk the hub never finishes reading;
+    # pull_confirm_timeout: seconds it waits, after the hub closed its
+    # connections, for the hub's "pulled" (else the job fails: a hub that died
+    # mid-read must not make a restore point the node counts as done).
+    transfer: Literal["push", "pull"] = "push"
+    pull_bind: str = ""
+    pull_advertise_host: str = ""
+    pull_port_first: int = 10300
+    pull_port_last: int = 10399
+    pull_wait: float = 4 * 3600.0
+    pull_confirm_timeout: float = 30.0
     log_level: str = "INFO"

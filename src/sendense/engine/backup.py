@@ -78,6 +78,7 @@ from sendense.core.errors import (
     NotFound,
     Unavailable,
 )
+from sendense.engine import pull
 from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd import psk
@@ -428,6 +429,9 @@ class BackupEngine:
 
     def _launch(self, job_id: str) -> None:
         """Targets up, then the node told to start; the monitor thread takes over."""
+        if pull.wanted(self, job_id):  # issue 11: the hub reads the node's disks (engine/pull.py)
+            pull.launch(self, job_id)
+            return
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             assert job is not None

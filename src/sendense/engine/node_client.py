@@ -222,6 +222,11 @@ class NodeClient:
         result: dict[str, Any] = self._call("POST", f"/api/v1/jobs/{job_id}/cancel", timeout=5)
         return result
 
+    def pulled(self, job_id: str) -> dict[str, Any]:
+        """Pull mode (issue 11, engine/pull.py): the hub read every disk of the job."""
+        result: dict[str, Any] = self._call("POST", f"/api/v1/jobs/{job_id}/pulled", timeout=5)
+        return result
+
     def discover(self, source: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call(
             "POST",

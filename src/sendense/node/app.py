@@ -19,6 +19,7 @@ from sendense.auth import bearer, ensure_token, token_matches
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import InvalidRequest, Unauthorized
 from sendense.mover.digest import ALGORITHMS
+from sendense.node import pull
 from sendense.node.runner import JobRunner
 from sendense.protocol.node import (
     BackupStartAnswer,
@@ -89,7 +90,10 @@ def create_app(settings: NodeSettings) -> FastAPI:
     @app.get("/api/v1/health")
     def health() -> NodeHealth:
         return NodeHealth(
-            version=__version__, uptime=round(time.time() - started, 1), pid=os.getpid()
+            version=__version__,
+            uptime=round(time.time() - started, 1),
+            pid=os.getpid(),
+            transfer=settings.transfer,
         )
 
     @app.post("/api/v1/backup/start", dependencies=[Auth])
@@ -98,6 +102,7 @@ def create_app(settings: NodeSettings) -> FastAPI:
         # A source this node cannot serve, or its config, is a 400 now rather
         # than a failed job later (building a connector checks, does no I/O).
         make_connector(body.source.model_dump(), workdir=str(job_dir / "work"))
+        pull.check_request(body, settings)
         runner.prune(settings.job_retention)
         job = WorkerJob.from_request(
             body,
@@ -122,6 +127,11 @@ def create_app(settings: NodeSettings) -> FastAPI:
     )
     def cancel(job_id: str) -> JobStatusReport:
         return runner.cancel(job_id)
+
+    @app.post("/api/v1/jobs/{job_id}/pulled", dependencies=[Auth])
+    def pulled(job_id: str) -> JobStatusReport:
+        """Pull (issue 11): the hub read every disk of the job; it may end."""
+        return pull.mark_pulled(runner, job_id)
 
     @app.get("/api/v1/jobs/{job_id}/log", dependencies=[Auth])
     def job_log(job_id: str) -> JobLog:

@@ -178,7 +178,12 @@ def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
                 status.message(msg)
                 log.warning("job=%s %s", job_id, msg)
         status.write()
-        _copy_disks(pit.views, targets, job, data_dir, status, cancel, previous=previous)
+        if job.transfer == "pull":  # issue 11: the hub reads the frozen disks (node/pull.py)
+            from sendense.node import pull
+
+            pull.serve_disks(pit.views, job, data_dir, status, cancel)
+        else:
+            _copy_disks(pit.views, targets, job, data_dir, status, cancel, previous=previous)
         success = True
     except Cancelled as e:
         final, error = "cancelled", JobError(code="cancelled", message=str(e))

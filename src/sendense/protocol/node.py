@@ -148,6 +148,14 @@ class BackupStartRequest(_Model):
     request_size: int | None = Field(default=None, ge=65536, le=32 << 20)
     # Disk key -> the TLS pre-shared key of its target (module docstring).
     nbd_tls: dict[str, NbdTlsKey] = Field(default_factory=dict, repr=False)
+    # Pull (issue 11, node/pull.py): "pull" asks the node to serve each frozen
+    # disk itself (TLS-PSK with the disk's key in nbd_tls) and let the hub read
+    # it; each nbd_targets URL then only names the export the node serves (its
+    # host and port are the node's: it reports them as DiskStatus ``pull_url``).
+    # The job ends when the hub says it read everything
+    # (POST /api/v1/jobs/{id}/pulled). Only nodes whose health says
+    # transfer=pull accept it.
+    transfer: Literal["push", "pull"] = "push"
 
     @field_validator("nbd_targets")
     @classmethod
@@ -378,6 +386,8 @@ class NodeHealth(_Model):
     version: str
     uptime: float  # seconds
     pid: int
+    # Pull (issue 11): how this node moves a full's data (SENDENSE_NODE_TRANSFER).
+    transfer: Literal["push", "pull"] = "push"
 
 
 class JobLog(_Model):

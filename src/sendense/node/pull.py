@@ -1,0 +1,300 @@
+"""Pull mode on the node (issue 11): serve the frozen disks, let the hub read.
+
+In push mode (node/worker.py) the node's mover reads each frozen disk and
+writes it into the hub's NBD target. In pull mode (``SENDENSE_NODE_TRANSFER=
+pull``, fulls only) the worker freezes the VM as usual, then for each disk:
+
+- serves the frozen view on a TCP port of its own (``pull_port_first`` ..
+  ``pull_port_last``) with a ``qemu-nbd`` that reads the VM's export
+  (``--image-opts driver=nbd``), read-only, requiring TLS with the disk's
+  pre-shared key (the one the hub sent in ``nbd_tls``, written by the runner
+  to ``JOB_DIR/tls-<disk>.psk``; qemu wants it as ``<dir>/keys.psk``), and
+  throttled to ``SENDENSE_NODE_MAX_RATE`` when one is set;
+- reports the export's URL as the disk's ``pull_url`` in ``status.json``;
+- reads the frozen view itself once, concurrently, for the block hash list
+  and the digest (below).
+
+qemu-nbd runs without ``--persistent``: it exits when the hub's single
+connection closes (``qemu-img convert`` opens the source once). The disk is
+done when its export has ended; the job succeeds only when the hub then says
+it read everything (``POST /api/v1/jobs/{id}/pulled`` writes
+``JOB_DIR/pulled``) within ``pull_confirm_timeout``. A connection that closes
+because the hub died, or a ``qemu-img`` it killed, looks the same as a
+finished read from here; without the hub's word the job fails and the VM is
+released with its previous change id kept (`Connector.release(False)`), as a
+failed push does. A hub that never connects: ``pull_wait`` seconds.
+
+Why the digest is computed here, by a second reader of the frozen view, and
+not on the hub: the digest is not only the restore point's checksum, its
+block hash list (``<data_dir>/blockhash/<vm>/<disk>/<change id>``) is what
+the next (push) incremental starts from. Hashing on the hub would leave the
+node without that list, and the next incremental would read the whole disk
+again to make its digest (worker.py: "no block hash list"). The second read
+costs the source daemon's CPU and the source storage's bandwidth, not the
+network; with the source image in the page cache it ran alongside the hub's
+read (docs/performance.md, ``pull_full_vs_onehop``).
+
+The qemu-nbd processes die with the worker (``setpriv --pdeathsig KILL``):
+a killed worker leaves no export behind. Their key folders
+(``JOB_DIR/pull-tls-<disk>``) are removed at the end; a killed worker leaves
+them in its job folder (pruned with it) while no server reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlparse
+
+from sendense.connectors.base import DiskView
+from sendense.core.errors import Cancelled, Error, InvalidRequest, NotFound, QemuNbdError
+from sendense.mover import digest as dg
+from sendense.mover.copy import CopyResult, Mover
+from sendense.nbd import psk
+from sendense.protocol.node import BackupStartRequest, JobStatusReport, WorkerJob
+from sendense.qemu.nbd_server import QemuNbdServer
+from sendense.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from sendense.node.runner import JobRunner
+    from sendense.node.worker import StatusFile
+
+log = logging.getLogger("sendense.node.pull")
+
+PULLED = "pulled"
+
+
+def check_request(request: BackupStartRequest, settings: NodeSettings) -> None:
+    """A pull is only for a node set to serve pulls, and for fulls (400 otherwise)."""
+    if request.transfer != "pull":
+        return
+    if settings.transfer != "pull":
+        raise InvalidRequest(
+            "this node moves data by push (SENDENSE_NODE_TRANSFER=push); it does not serve pulls",
+            code="pull_not_enabled",
+        )
+    if request.backup_type != "full":
+        raise InvalidRequest("a pull reads full backups only; incrementals are pushed")
+
+
+def mark_pulled(runner: JobRunner, job_id: str) -> JobStatusReport:
+    """``POST /jobs/{id}/pulled``: the hub read every disk; the worker may end."""
+    job_dir = runner.job_dir(job_id)
+    if not job_dir.is_dir():
+        raise NotFound(f"job {job_id} not found on this node", job_id=job_id)
+    (job_dir / PULLED).touch()
+    log.info("job=%s the hub read every disk", job_id)
+    return runner.status(job_id)
+
+
+def _nbd_opts(url: str) -> str:
+    """``--image-opts`` of qemu's NBD client for one of our ``nbd`` URLs."""
+    u = urlparse(url)
+    export = u.path.lstrip("/")
+    if u.scheme == "nbd+unix":
+        sock = parse_qs(u.query).get("socket", [""])[0]
+        server = f"server.type=unix,server.path={sock.replace(',', ',,')}"
+    elif u.scheme == "nbd":
+        server = f"server.type=inet,server.host={u.hostname},server.port={u.port or 10809}"
+    else:
+        raise Error(f"pull cannot re-export a source at {u.scheme}:// (plain NBD only)")
+    return f"driver=nbd,{server},export={export.replace(',', ',,')}"
+
+
+class PullExport(QemuNbdServer):
+    """A read-only qemu-nbd re-exporting the frozen view for the hub to read.
+
+    One connection (``--shared=1``), not persistent: it exits when the hub
+    closes it. Ready once it wrote its pid file (qemu-nbd writes it after it
+    opened the image): a handshake to check, as `QemuNbdServer` does, would
+    be the one connection it serves.
+    """
+
+    def __init__(self, view_url: str, *, max_rate: int, **kw: object) -> None:
+        super().__init__(view_url, read_only=True, shared=1, **kw)  # type: ignore[arg-type]
+        self.view_url = view_url
+        self.max_rate = max_rate
+
+    def argv(self) -> list[str]:
+        args = [a for a in super().argv() if a != "--persistent"]
+        # Dies with the worker's main thread (that started it): no orphan export.
+        prefix = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+        return [*prefix, *args]
+
+    def _image_format(self) -> list[str]:
+        return []
+
+    def _image_args(self) -> list[str]:
+        spec = _nbd_opts(self.view_url)
+        if not self.max_rate:
+            return ["--image-opts", spec]
+        # SENDENSE_NODE_MAX_RATE holds in pull mode too: a throttle filter.
+        inner = ",".join(f"file.{part}" for part in spec.split(","))
+        return [
+            "--object",
+            f"throttle-group,id=pullrate,x-bps-read={self.max_rate}",
+            "--image-opts",
+            f"driver=throttle,throttle-group=pullrate,{inner}",
+        ]
+
+    def _accepts(self) -> bool:
+        return bool(self.pidfile) and os.path.exists(str(self.pidfile))
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _serve(view: DiskView, export: str, job: WorkerJob, settings: NodeSettings) -> PullExport:
+    """Start one disk's export on the first free port of the node's pull range."""
+    key = view.disk.key
+    bind = settings.pull_bind or settings.host
+    tls_dir = None
+    tls = job.tls_file(key)
+    if tls is not None:
+        username, _, secret = tls.psk_file.read_text().strip().partition(":")
+        tls_dir = str(psk.make_server_dir(job.job_dir / f"pull-tls-{key}", secret, username))
+    last: Exception | None = None
+    for port in range(settings.pull_port_first, settings.pull_port_last + 1):
+        server = PullExport(
+            view.nbd_url,
+            max_rate=job.max_rate,
+            export_name=export,
+            host=bind,
+            port=port,
+            pidfile=str(job.job_dir / f"pull-{key}.pid"),
+            log_path=str(job.job_dir / f"pull-{key}.log"),
+            tls_psk_dir=tls_dir,
+        )
+        try:
+            server.start()
+            return server
+        except QemuNbdError as e:
+            if "cannot listen" not in e.message:
+                raise
+            last = e
+    raise Error(
+        f"no free port for the pull export of disk {key} in "
+        f"{settings.pull_port_first}-{settings.pull_port_last}: {last}",
+        code="no_pull_port",
+    )
+
+
+def serve_disks(
+    views: list[DiskView],
+    job: WorkerJob,
+    data_dir: Path,
+    status: StatusFile,
+    cancel: threading.Event,
+) -> None:
+    """The pull branch of the worker: serve, hash, wait for the hub's word."""
+    settings = NodeSettings()
+    if any(v.incremental for v in views):
+        raise Error("a pull reads full backups only", code="pull_incremental")
+    targets = job.targets()
+    servers: dict[int, PullExport] = {}
+    advertise = settings.pull_advertise_host or settings.pull_bind or settings.host
+    pulled = job.job_dir / PULLED
+    try:
+        for view in views:
+            key = view.disk.key
+            export = urlparse(targets[key]).path.lstrip("/")
+            server = _serve(view, export, job, settings)
+            servers[key] = server
+            scheme = "nbds" if server.tls_psk_dir else "nbd"
+            host = f"[{advertise}]" if ":" in advertise else advertise
+            url = f"{scheme}://{host}:{server.port}/{export}"
+            status.update_disk(key, status="running", pull_url=url)
+            log.info("job=%s disk=%s serving the frozen view at %s", job.job_id, key, url)
+        status.write(step="serving for the hub")
+        results = _hash_disks(views, job, data_dir, cancel)
+        deadline = time.monotonic() + settings.pull_wait
+        while any(s.running() for s in servers.values()):
+            if cancel.wait(0.1):
+                raise Cancelled("job cancelled")
+            if time.monotonic() > deadline:
+                raise Error(
+                    f"the hub did not finish reading within {settings.pull_wait:g}s "
+                    "(SENDENSE_NODE_PULL_WAIT)",
+                    code="pull_timeout",
+                )
+        deadline = time.monotonic() + settings.pull_confirm_timeout
+        while not pulled.exists():
+            if cancel.wait(0.1):
+                raise Cancelled("job cancelled")
+            if time.monotonic() > deadline:
+                raise Error(
+                    "the hub closed its connections without saying it read every disk "
+                    "(a hub that stopped mid-read); the restore point is not counted",
+                    code="pull_unconfirmed",
+                )
+        for view in views:
+            key = view.disk.key
+            r = results[key]
+            status.update_disk(
+                key,
+                status="completed",
+                change_id=view.new_change_id,
+                digest=r.digest,
+                bytes_done=r.data_bytes,
+                data_bytes=r.data_bytes,
+                zero_bytes=r.zero_bytes,
+                requests=r.requests,
+                seconds=round(r.seconds, 3),
+            )
+    finally:
+        for key, server in servers.items():
+            with contextlib.suppress(Exception):
+                server.stop()
+            psk.remove_dir(job.job_dir / f"pull-tls-{key}")
+
+
+def _hash_disks(
+    views: list[DiskView],
+    job: WorkerJob,
+    data_dir: Path,
+    cancel: threading.Event,
+) -> dict[int, CopyResult]:
+    """Read each frozen view once for its block hash list and digest."""
+    from sendense.node import worker as w  # worker.py imports this module lazily
+
+    algorithm = job.digest or dg.DEFAULT_ALGORITHM
+    results: dict[int, CopyResult] = {}
+
+    def one(view: DiskView) -> None:
+        key = view.disk.key
+        size = view.disk.capacity_bytes
+        hdir = w._hash_list_dir(data_dir, job.vm_name, key)
+        hdir.mkdir(parents=True, exist_ok=True)
+        hashes = dg.BlockHashList(
+            hdir / w._hash_list_name(str(view.new_change_id), algorithm), size, algorithm=algorithm
+        )
+        src = w._open_source(view)
+        try:
+            results[key] = Mover(
+                src,
+                None,
+                size,
+                hashes=hashes,
+                in_flight=job.in_flight,
+                request_size=job.request_size,
+                cancel_event=cancel,
+            ).run()
+        except BaseException:
+            hashes.abort()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                src.shutdown()
+
+    parallel = max(1, min(job.parallel_disks, len(views)))
+    with ThreadPoolExecutor(parallel, "hash") as pool:
+        for f in [pool.submit(one, v) for v in views]:
+            f.result()
+    return results
