@@ -175,4 +175,18 @@ class NodeSettings(BaseSettings):
     pull_port_last: int = 10399
     pull_wait: float = 4 * 3600.0
     pull_confirm_timeout: float = 30.0
+    # --- mover (issue 11, "mover"; mover/copy.py, node/worker.py): a copy
+    # whose NBD connection (to the hub's target or to the VM's disk) drops is
+    # connected again, with backoff, for up to reconnect_deadline seconds
+    # (0: fail at once), and goes on from the last flushed position; the
+    # target is flushed every flush_bytes or flush_seconds (the most a drop
+    # costs in data copied again). window_bytes: read buffers in flight per
+    # disk (in_flight stays the cap on requests); target_connections: NBD
+    # connections per target when it advertises multi-conn (TLS decryption
+    # of each runs on its own qemu-nbd thread). Measured: docs/performance.md.
+    reconnect_deadline: float = 300.0
+    flush_bytes: int = 256 << 20
+    flush_seconds: float = 5.0
+    window_bytes: int = 32 << 20
+    target_connections: int = 1
     log_level: str = "INFO"

@@ -20,11 +20,20 @@ whole and its hash can be patched into the block hash list (see `digest`).
 
 The cancel flag is checked between requests; on cancel the requests in
 flight drain and `Cancelled` is raised.
+
+A dropped connection (issue 11) need not end the copy: with reconnect
+callables and a deadline, the mover flushes the target at intervals, keeps
+the flushed high-water mark (requests complete out of order: the mark only
+passes requests that are all done, and a flush covers only what was answered
+before it was sent), and after connecting again copies from the mark on
+(`Mover`). Leaf hashes are written by position, so blocks copied twice are
+hashed twice to the same value and the digest is unchanged.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import select
 import threading
@@ -33,10 +42,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
 
 import nbd
 
-from sendense.core.errors import Cancelled, NbdError
+from sendense.core.errors import Cancelled, Error, NbdError
 from sendense.core.extents import Extent, align_out, intersect, merge, split
 from sendense.mover import digest as dg
 
@@ -52,6 +63,18 @@ STATE_DIRTY = 1
 WINDOW = 1 << 30  # block status is asked for 1 GiB at a time
 DEFAULT_REQUEST_SIZE = 4 << 20
 DEFAULT_IN_FLIGHT = 8
+# Resume (issue 11): the target is flushed every DEFAULT_FLUSH_BYTES written
+# or DEFAULT_FLUSH_SECONDS, whichever comes first, so a drop costs at most
+# that much copied again (the flush runs beside the copy: see
+# docs/performance.md for its measured cost); a connection whose requests get
+# no answer for DEFAULT_STALL_TIMEOUT seconds counts as dropped.
+DEFAULT_FLUSH_BYTES = 256 << 20
+DEFAULT_FLUSH_SECONDS = 5.0
+DEFAULT_STALL_TIMEOUT = 60.0
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 10.0
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -217,9 +240,15 @@ def plan_window(
 
 
 def iter_plan(
-    h: nbd.NBD, size: int, dirty_context: str | None, dirty_extents: DirtyExtents | None = None
+    h: nbd.NBD,
+    size: int,
+    dirty_context: str | None,
+    dirty_extents: DirtyExtents | None = None,
+    start: int = 0,
 ) -> Iterator[Extent]:
-    offset = 0
+    """The extents to move, in offset order, from ``start`` (a block
+    boundary, where a resumed copy starts again) to the end."""
+    offset = start
     while offset < size:
         extents, reached = plan_window(
             h, offset, min(WINDOW, size - offset), size, dirty_context, dirty_extents
@@ -235,8 +264,109 @@ def iter_plan(
         offset = max(reached, extents[-1].end if extents else reached)
 
 
+@dataclass
+class Retrying:
+    """A reconnect streak in progress (`Mover.on_retry`)."""
+
+    end: str  # "source" or "target": which connection dropped
+    reason: str
+    attempt: int  # 1-based: the attempt about to be made
+    since: float  # time.time() of the first failure of the streak
+    deadline: float  # time.time() when the mover gives up
+    gave_up: bool = False  # the deadline passed: the copy fails now
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {
+            "reason": self.reason,
+            "attempt": self.attempt,
+            "since": _iso(self.since),
+            "deadline": _iso(self.deadline),
+        }
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+class ConnectionLost(Error):
+    """A connection dropped and could not be made again within the deadline."""
+
+
+class _Dropped(Exception):
+    """Inside the copy loop: a connection is gone (or stalled)."""
+
+    def __init__(self, end: str, detail: str) -> None:
+        super().__init__(detail)
+        self.end = end
+        self.detail = detail
+
+
+@dataclass
+class _Slot:
+    """A request of the plan, in plan order: the flushed high-water mark only
+    moves over slots that are done (requests complete out of order)."""
+
+    end: int
+    data: int = 0
+    zero: int = 0
+    done: bool = False
+
+
+class _BufferPool:
+    """Read buffers by size class (powers of two from one 64 KiB block up to
+    the request size): a 64 KiB extent does not pin a 4 MiB buffer, so the
+    byte window, not the request count, bounds memory. A buffer is reused as
+    it is (a memoryview of its first bytes, no copy); at most ``keep`` bytes
+    of free buffers are kept, the rest goes back to the allocator."""
+
+    def __init__(self, largest: int, keep: int) -> None:
+        self.classes = []
+        c = dg.BLOCK_SIZE
+        while c < largest:
+            self.classes.append(c)
+            c *= 2
+        self.classes.append(largest)
+        self.free: dict[int, list[bytearray]] = {c: [] for c in self.classes}
+        self.kept = 0
+        self.keep = keep
+
+    def get(self, length: int) -> bytearray:
+        size = self.classes[bisect.bisect_left(self.classes, length)]
+        free = self.free[size]
+        if free:
+            self.kept -= size
+            return free.pop()
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        size = len(buf)
+        if size in self.free and self.kept + size <= self.keep:
+            self.free[size].append(buf)
+            self.kept += size
+
+    def clear(self) -> None:
+        for free in self.free.values():
+            free.clear()
+        self.kept = 0
+
+
 class Mover:
-    """Copies one disk. Create, then `run()`; `cancel()` from another thread."""
+    """Copies one disk. Create, then `run()`; `cancel()` from another thread.
+
+    Surviving a dropped connection (issue 11): given ``reconnect_source`` and
+    (with a target) ``reconnect_target``, callables that return a new
+    connected handle, the mover flushes the target every ``flush_bytes`` or
+    ``flush_seconds`` and keeps the flushed high-water mark (`mark`): every
+    extent of the plan below it is written and flushed. When a connection
+    drops (the handle is dead, or no request completed for
+    ``stall_timeout`` seconds), both ends are connected again (backoff from
+    0.5 s doubling to 10 s, ``on_retry`` told of each attempt, a cancel
+    honoured while waiting) and the copy starts again at the mark: writing
+    a block again is idempotent, and its leaf hash lands at the same place in
+    the block hash list, so the digest is the same as without the drop.
+    Past ``reconnect_deadline`` seconds the copy fails with
+    ``target_connection_lost`` / ``source_connection_lost``.
+    """
 
     def __init__(
         self,
@@ -251,12 +381,22 @@ class Mover:
         finish_hashes: bool = True,
         in_flight: int = DEFAULT_IN_FLIGHT,
         request_size: int = DEFAULT_REQUEST_SIZE,
+        window_bytes: int | None = None,
+        connections: int = 1,
         on_progress: Callable[[Progress], None] | None = None,
         cancel_event: threading.Event | None = None,
         max_rate: float | None = None,
+        reconnect_source: Callable[[], nbd.NBD] | None = None,
+        reconnect_target: Callable[[], nbd.NBD] | None = None,
+        reconnect_deadline: float = 0.0,
+        flush_bytes: int = DEFAULT_FLUSH_BYTES,
+        flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        on_retry: Callable[[Retrying | None], None] | None = None,
+        label: str = "the disk",
     ) -> None:
         self.src = src
-        self.dst = dst
+        self.dsts: list[nbd.NBD] = [dst] if dst is not None else []
         self.size = size
         self.dirty_context = dirty_context
         # Changed areas the source's connector knows itself (VMware CBT).
@@ -265,11 +405,18 @@ class Mover:
         self.hashes = hashes
         # dst None: only hash what would be copied (no writes).
         self.finish_hashes = finish_hashes
+        # Requests in flight at most, and bytes in flight at most (the read
+        # buffers): see DEFAULT_WINDOW_BYTES.
         self.in_flight = in_flight
         limit = min(_max_request(src), _max_request(dst) if dst is not None else 32 << 20)
         self.request_size = max(
             dg.BLOCK_SIZE, min(request_size, limit) // dg.BLOCK_SIZE * dg.BLOCK_SIZE
         )
+        self.window_bytes = max(
+            self.request_size,
+            window_bytes if window_bytes is not None else in_flight * self.request_size,
+        )
+        self.connections = max(1, connections)
         self.on_progress = on_progress
         self.cancel_event = cancel_event or threading.Event()
         self.progress = Progress()
@@ -277,9 +424,33 @@ class Mover:
         # Bandwidth limit in bytes/s of data read (None: as fast as possible).
         self.max_rate = max_rate
         self._issued = 0
+        self.reconnect_source = reconnect_source
+        self.reconnect_target = reconnect_target
+        self.reconnect_deadline = reconnect_deadline
+        self.flush_bytes = flush_bytes
+        self.flush_seconds = flush_seconds
+        self.stall_timeout = stall_timeout
+        self.on_retry = on_retry
+        self.label = label
+        # The flushed high-water mark and the counters at it.
+        self.mark = 0
+        self._at_mark = (0, 0)  # data bytes, zero bytes
+        self.flushes = 0
+        self.reconnects = 0
+        self._pool = _BufferPool(self.request_size, self.window_bytes)
+
+    @property
+    def dst(self) -> nbd.NBD | None:
+        return self.dsts[0] if self.dsts else None
 
     def cancel(self) -> None:
         self.cancel_event.set()
+
+    def close(self) -> None:
+        """Shut the mover's connections (the current ones, after reconnects)."""
+        for h in [self.src, *self.dsts]:
+            with contextlib.suppress(Exception):
+                h.shutdown()
 
     def plan_total(self) -> int:
         total = 0
@@ -290,13 +461,19 @@ class Mover:
 
     def run(self) -> CopyResult:
         t0 = time.monotonic()
-        self.progress.bytes_total = self.plan_total()
+        self.progress.bytes_total = self._resumable(self.plan_total)
         self.progress.started = time.monotonic()
         self._report(force=True)
+        # Hashing runs beside the loop, overlapping the write it belongs to
+        # (the hash functions release the GIL; the loop waits in poll without it).
+        hasher = ThreadPoolExecutor(1, "mover-hash") if self.hashes is not None else None
         try:
-            self._copy()
-            if self.dst is not None:
-                self.dst.flush()
+            try:
+                self._open_more_targets()
+                self._resumable(lambda: self._copy(hasher))
+            finally:
+                if hasher is not None:
+                    hasher.shutdown(wait=True)
         except BaseException:
             if self.hashes is not None and self.finish_hashes:
                 self.hashes.abort()
@@ -324,38 +501,146 @@ class Mover:
             self._last_report = now
             self.on_progress(self.progress)
 
-    def _copy(self) -> None:
-        src, dst = self.src, self.dst
-        work = self._requests()
-        free: list[bytearray] = []
-        reads: deque[tuple[int, Extent, bytearray]] = deque()
-        writes: deque[tuple[int, Extent, bytearray | None, Future[bytes] | None]] = deque()
-        # Hashing runs beside the loop, overlapping the write it belongs to
-        # (the hash functions release the GIL; the loop waits in poll without it).
-        hasher = ThreadPoolExecutor(1, "mover-hash") if self.hashes is not None else None
-        exhausted = False
-        try:
-            self._loop(src, dst, work, free, reads, writes, hasher, exhausted)
-        finally:
-            if hasher is not None:
-                hasher.shutdown(wait=True)
-        if self.cancel_event.is_set():
-            raise Cancelled("copy cancelled")
+    # -- connections -------------------------------------------------------
 
-    def _loop(
-        self,
-        src: nbd.NBD,
-        dst: nbd.NBD | None,
-        work: Iterator[Extent],
-        free: list[bytearray],
-        reads: deque[tuple[int, Extent, bytearray]],
-        writes: deque[tuple[int, Extent, bytearray | None, Future[bytes] | None]],
-        hasher: ThreadPoolExecutor | None,
-        exhausted: bool,
-    ) -> None:
+    @property
+    def resumable(self) -> bool:
+        return (
+            self.reconnect_deadline > 0
+            and self.reconnect_source is not None
+            and (not self.dsts or self.reconnect_target is not None)
+        )
+
+    def _open_more_targets(self) -> None:
+        """Several connections to the target when it says they see the same
+        data (NBD multi-conn: a flush on one covers writes made on all)."""
+        if self.connections <= 1 or len(self.dsts) != 1 or self.reconnect_target is None:
+            return
+        if not self.dsts[0].can_multi_conn():
+            log.info("target does not advertise multi-conn: one connection")
+            return
+        while len(self.dsts) < self.connections:
+            self.dsts.append(self.reconnect_target())
+
+    def _dropped(self, e: Exception) -> _Dropped | None:
+        """Which end an error came from, when its connection is gone."""
+        if isinstance(e, _Dropped):
+            return e
+        if _gone(self.src):
+            return _Dropped("source", str(e))
+        if any(_gone(h) for h in self.dsts):
+            return _Dropped("target", str(e))
+        return None
+
+    def _resumable(self, step: Callable[[], _T]) -> _T:
+        """Run ``step``; on a dropped connection, connect again and repeat it."""
+        while True:
+            try:
+                return step()
+            except (nbd.Error, _Dropped) as e:
+                drop = self._dropped(e)
+                if drop is None:
+                    raise
+                if not self.resumable:
+                    if isinstance(e, _Dropped):  # a stall without resume: as before
+                        raise nbd.Error(f"{drop.end} stalled: {drop.detail}") from None
+                    raise
+                self._reconnect(drop)
+
+    def _reconnect(self, drop: _Dropped) -> None:
+        what = "the VM's disk (source)" if drop.end == "source" else "the hub's NBD target"
+        since = time.time()
+        deadline = since + self.reconnect_deadline
+        reason = f"{drop.end} connection lost: {drop.detail}"
+        log.warning("%s: %s; reconnecting (mark %d)", self.label, reason, self.mark)
+        count = len(self.dsts)
+        self.close()
+        delay = RECONNECT_FIRST_DELAY
+        attempt = 0
+        last = drop.detail
+        while True:
+            attempt += 1
+            if self.on_retry is not None:
+                self.on_retry(Retrying(drop.end, reason, attempt, since, deadline))
+            wait = min(delay, max(0.0, deadline - time.time()))
+            if self.cancel_event.wait(wait):
+                raise Cancelled("copy cancelled while reconnecting")
+            try:
+                assert self.reconnect_source is not None
+                src = self.reconnect_source()
+                dsts: list[nbd.NBD] = []
+                try:
+                    for _ in range(count):
+                        assert self.reconnect_target is not None
+                        dsts.append(self.reconnect_target())
+                        if dsts[0].get_size() != self.size:
+                            raise nbd.Error(f"target is {dsts[0].get_size()} bytes now")
+                except BaseException:
+                    for h in [src, *dsts]:
+                        with contextlib.suppress(Exception):
+                            h.shutdown()
+                    raise
+            except nbd.Error as e:
+                last = str(e)
+                log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, e)
+                if time.time() >= deadline:
+                    if self.on_retry is not None:
+                        self.on_retry(
+                            Retrying(drop.end, reason, attempt, since, deadline, gave_up=True)
+                        )
+                    raise ConnectionLost(
+                        f"lost the connection to {what} of {self.label} and could not connect "
+                        f"again within {self.reconnect_deadline:g} s ({attempt} attempts; "
+                        f"SENDENSE_NODE_RECONNECT_DEADLINE): {last}",
+                        code=f"{drop.end}_connection_lost",
+                    ) from None
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            self.src, self.dsts = src, dsts
+            self.reconnects += 1
+            # Back to the last flushed position: what came after may be lost.
+            data, zero = self._at_mark
+            self.progress.data_bytes = self.progress.bytes_done = data
+            self.progress.zero_bytes = zero
+            self._issued = min(self._issued, data)
+            self._pool.clear()
+            log.warning(
+                "%s: reconnected to %s after %d attempts; copying again from %d",
+                self.label,
+                drop.end,
+                attempt,
+                self.mark,
+            )
+            if self.on_retry is not None:
+                self.on_retry(None)
+            return
+
+    # -- the copy ----------------------------------------------------------
+
+    def _copy(self, hasher: ThreadPoolExecutor | None) -> None:
+        """One pass from the mark to the end; raises on a drop (`_resumable`)."""
+        src, dsts = self.src, self.dsts
+        pool = self._pool
+        hashes = self.hashes
+        work = self._requests(self.mark)
+        slots: deque[_Slot] = deque()
+        reads: deque[tuple[int, Extent, bytearray, _Slot]] = deque()
+        # Per target connection, in issue order.
+        writes: list[deque[tuple[int, Extent, bytearray | None, Future[bytes] | None, _Slot]]] = [
+            deque() for _ in dsts
+        ]
+        n_writes = 0
+        bytes_out = 0  # read buffers in flight
+        written, at_written = self.mark, self._at_mark
+        flushing: tuple[int, int, tuple[int, int]] | None = None
+        last_flush_at, last_flush_pos = time.monotonic(), self.mark
+        last_event = time.monotonic()
+        rr = 0
+        exhausted = False
+        pending: Extent | None = None
         while True:
             throttled = False
-            while not exhausted and len(reads) + len(writes) < self.in_flight:
+            while not exhausted and len(reads) + n_writes < self.in_flight:
                 if self.cancel_event.is_set():
                     exhausted = True
                     break
@@ -364,81 +649,137 @@ class Mover:
                 ):
                     throttled = True
                     break
-                e = next(work, None)
+                e = pending or next(work, None)
+                pending = None
                 if e is None:
                     exhausted = True
                     break
+                if not e.zero and bytes_out and bytes_out + e.length > self.window_bytes:
+                    pending = e  # the window is full: wait for a read to come back
+                    break
                 self.requests += 1
+                slot = _Slot(e.end)
+                slots.append(slot)
                 if e.zero:
-                    if self.hashes is not None:
-                        self.hashes.set_zero(e.offset, e.length)
-                    if self.target_is_zero or dst is None:
+                    if hashes is not None:
+                        hashes.set_zero(e.offset, e.length)
+                    if self.target_is_zero or not dsts:
                         # A new image already reads as zeroes: nothing to send.
-                        self._done(e)
+                        self._done(e, slot)
                         continue
-                    cookie = dst.aio_zero(e.length, e.offset)
-                    writes.append((cookie, e, None, None))
+                    rr = (rr + 1) % len(dsts)
+                    cookie = dsts[rr].aio_zero(e.length, e.offset)
+                    writes[rr].append((cookie, e, None, None, slot))
+                    n_writes += 1
                 else:
-                    buf = free.pop() if free else bytearray(self.request_size)
+                    buf = pool.get(e.length)
                     view = memoryview(buf)[: e.length] if e.length < len(buf) else buf
                     cookie = src.aio_pread(view, e.offset)
                     self._issued += e.length
-                    reads.append((cookie, e, buf))
-            if not reads and not writes:
+                    bytes_out += len(buf)
+                    reads.append((cookie, e, buf, slot))
+            busy = bool(reads or n_writes or flushing)
+            if not busy:
                 if throttled:
                     time.sleep(0.01)
                     continue
                 break
-            self._poll(10 if throttled else 1000)
+            if self._poll(src, dsts, 10 if throttled else 1000):
+                last_event = time.monotonic()
+            elif time.monotonic() - last_event > self.stall_timeout:
+                end = "source" if reads else "target"
+                raise _Dropped(end, f"no answer for {self.stall_timeout:g} s")
             # Retire completed reads in order: the write goes out first, the
             # hash of the same (read-only) buffer is computed meanwhile.
             while reads and src.aio_command_completed(reads[0][0]):
-                _, e, buf = reads.popleft()
+                _, e, buf, slot = reads.popleft()
                 view = memoryview(buf)[: e.length] if e.length < len(buf) else buf
-                if dst is None:
-                    if self.hashes is not None:
-                        self.hashes.set_run(
-                            e.offset // dg.BLOCK_SIZE, self.hashes.hash_blocks(view, e.length)
+                if not dsts:
+                    if hashes is not None:
+                        hashes.set_run(
+                            e.offset // dg.BLOCK_SIZE, hashes.hash_blocks(view, e.length)
                         )
-                    free.append(buf)
-                    self._done(e)
+                    pool.put(buf)
+                    bytes_out -= len(buf)
+                    self._done(e, slot)
                     continue
-                cookie = dst.aio_pwrite(view, e.offset)
+                rr = (rr + 1) % len(dsts)
+                cookie = dsts[rr].aio_pwrite(view, e.offset)
                 fut = None
-                if hasher is not None and self.hashes is not None:
-                    fut = hasher.submit(self.hashes.hash_blocks, view, e.length)
-                writes.append((cookie, e, buf, fut))
-            while writes and dst is not None and dst.aio_command_completed(writes[0][0]):
-                _, e, wbuf, fut = writes.popleft()
-                if fut is not None and self.hashes is not None:
-                    self.hashes.set_run(e.offset // dg.BLOCK_SIZE, fut.result())
-                if wbuf is not None:
-                    free.append(wbuf)
-                self._done(e)
+                if hasher is not None and hashes is not None:
+                    fut = hasher.submit(hashes.hash_blocks, view, e.length)
+                writes[rr].append((cookie, e, buf, fut, slot))
+                n_writes += 1
+            for i, h in enumerate(dsts):
+                queue = writes[i]
+                while queue and h.aio_command_completed(queue[0][0]):
+                    _, e, wbuf, fut, slot = queue.popleft()
+                    n_writes -= 1
+                    if fut is not None and hashes is not None:
+                        hashes.set_run(e.offset // dg.BLOCK_SIZE, fut.result())
+                    if wbuf is not None:
+                        pool.put(wbuf)
+                        bytes_out -= len(wbuf)
+                    self._done(e, slot)
+            # The written mark: every slot before it is done.
+            while slots and slots[0].done:
+                slot = slots.popleft()
+                written = slot.end
+                at_written = (at_written[0] + slot.data, at_written[1] + slot.zero)
+            if not dsts:
+                self.mark, self._at_mark = written, at_written
+            else:
+                if flushing is not None and dsts[0].aio_command_completed(flushing[0]):
+                    self.mark, self._at_mark = flushing[1], flushing[2]
+                    flushing = None
+                now = time.monotonic()
+                if (
+                    flushing is None
+                    and written > self.mark
+                    and (
+                        written - last_flush_pos >= self.flush_bytes
+                        or now - last_flush_at >= self.flush_seconds
+                    )
+                    and self.resumable
+                ):
+                    # A flush covers every write answered before it was sent
+                    # (NBD spec), on every connection when the target says
+                    # multi-conn (the only case where there are several).
+                    flushing = (dsts[0].aio_flush(), written, at_written)
+                    self.flushes += 1
+                    last_flush_at, last_flush_pos = now, written
             self._report()
+        if self.cancel_event.is_set():
+            raise Cancelled("copy cancelled")
+        if dsts:
+            dsts[0].flush()
+            self.flushes += 1
+        self.mark, self._at_mark = self.size, at_written
 
-    def _done(self, e: Extent) -> None:
+    def _done(self, e: Extent, slot: _Slot) -> None:
+        slot.done = True
         if e.zero:
+            slot.zero = e.length
             self.progress.zero_bytes += e.length
         else:
+            slot.data = e.length
             self.progress.data_bytes += e.length
             self.progress.bytes_done += e.length
 
-    def _requests(self) -> Iterator[Extent]:
-        for e in iter_plan(self.src, self.size, self.dirty_context, self.dirty_extents):
+    def _requests(self, start: int = 0) -> Iterator[Extent]:
+        for e in iter_plan(self.src, self.size, self.dirty_context, self.dirty_extents, start):
             if e.zero:
                 yield e
             else:
                 yield from split(e, self.request_size)
 
-    def _poll(self, timeout_ms: int) -> None:
+    @staticmethod
+    def _poll(src: nbd.NBD, dsts: list[nbd.NBD], timeout_ms: int) -> bool:
         """Wait until a handle can make progress (libnbd(3), "Integrating
-        with a main loop")."""
+        with a main loop"); False when nothing happened in ``timeout_ms``."""
         poller = select.poll()
         handles = {}
-        for h in (self.src, self.dst):
-            if h is None:
-                continue
+        for h in (src, *dsts):
             d = h.aio_get_direction()
             events = 0
             if d & nbd.AIO_DIRECTION_READ:
@@ -449,12 +790,21 @@ class Mover:
                 fd = h.aio_get_fd()
                 poller.register(fd, events)
                 handles[fd] = h
-        for fd, revents in poller.poll(timeout_ms):
+        ready = poller.poll(timeout_ms)
+        for fd, revents in ready:
             h = handles[fd]
             if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 h.aio_notify_read()
             elif revents & select.POLLOUT:
                 h.aio_notify_write()
+        return bool(ready)
+
+
+def _gone(h: nbd.NBD) -> bool:
+    try:
+        return bool(h.aio_is_dead() or h.aio_is_closed())
+    except nbd.Error:
+        return True
 
 
 def _max_request(h: nbd.NBD) -> int:

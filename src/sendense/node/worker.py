@@ -45,9 +45,16 @@ from sendense.connectors.file.connector import FileConnector
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import Cancelled, Error
 from sendense.mover import digest as dg
-from sendense.mover.copy import Mover, Progress
+from sendense.mover.copy import Mover, Progress, Retrying
 from sendense.nbd import psk
-from sendense.protocol.node import TLS_SCHEMES, DiskStatus, JobError, JobStatusReport, WorkerJob
+from sendense.protocol.node import (
+    TLS_SCHEMES,
+    DiskStatus,
+    JobError,
+    JobStatusReport,
+    RetryInfo,
+    WorkerJob,
+)
 from sendense.protocol.node import parse_targets as parse_targets  # re-exported: was here
 
 log = logging.getLogger("sendense.node.worker")
@@ -293,8 +300,20 @@ def _copy_disk(
     hdir = _hash_list_dir(data_dir, job.vm_name, key)
     hdir.mkdir(parents=True, exist_ok=True)
     base = None
+
+    def open_target() -> nbd.NBD:
+        h = nbd.NBD()
+        try:
+            _connect_target(h, target_url, job, key)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                h.close()
+            raise
+        return h
+
     src = _open_source(view)
     dst = nbd.NBD()
+    mover: Mover | None = None
     try:
         _connect_target(dst, target_url, job, key)
         if dst.get_size() != size:
@@ -312,19 +331,32 @@ def _copy_disk(
             base=base,
             algorithm=algorithm,
         )
+        retrying = _RetryReporter(status, key, job_id)
         if view.incremental and base is None:
             # No block hash list of the previous restore point on this node:
             # the digest needs every block, so read the unchanged ones too.
             msg = f"disk {key}: no block hash list for {previous[key]}; digest needs a full read"
             status.message(msg)
             log.warning("job=%s %s", job_id, msg)
+            reader = Mover(
+                src,
+                None,
+                size,
+                hashes=hashes,
+                finish_hashes=False,
+                cancel_event=cancel,
+                reconnect_source=lambda: _open_source(view),
+                reconnect_deadline=job.reconnect_deadline,
+                on_retry=retrying,
+                label=f"disk {key}",
+            )
             try:
-                Mover(
-                    src, None, size, hashes=hashes, finish_hashes=False, cancel_event=cancel
-                ).run()
+                reader.run()
             except BaseException:
                 hashes.abort()
                 raise
+            finally:
+                src = reader.src  # a reconnect replaces it
 
         def on_progress(p: Progress) -> None:
             status.update_disk(key, **p.as_dict())
@@ -341,14 +373,29 @@ def _copy_disk(
             hashes=hashes,
             in_flight=job.in_flight,
             request_size=job.request_size,
+            window_bytes=job.window_bytes,
+            connections=job.target_connections,
             on_progress=on_progress,
             cancel_event=cancel,
             max_rate=float(job.max_rate) or None,
+            # Issue 11: a dropped connection is made again (same URL, same
+            # key file: the hub serves the target again on the same port).
+            reconnect_source=lambda: _open_source(view),
+            reconnect_target=open_target,
+            reconnect_deadline=job.reconnect_deadline,
+            flush_bytes=job.flush_bytes,
+            flush_seconds=job.flush_seconds,
+            on_retry=retrying,
+            label=f"disk {key}",
         )
         result = mover.run()
     except nbd.Error as e:
+        if mover is not None:
+            src, dst = mover.src, mover.dst or dst
         raise _copy_failure(key, src, dst, e) from e
     finally:
+        if mover is not None:
+            mover.close()
         for h in (src, dst):
             with contextlib.suppress(Exception):
                 h.shutdown()
@@ -372,6 +419,44 @@ def _copy_disk(
         result.zero_bytes,
         result.seconds,
     )
+
+
+class _RetryReporter:
+    """A disk's reconnects in the status file: the disk's ``retry``, the job's
+    ``retry`` and step "retrying" while any disk reconnects, and a message
+    once it copies again (issue 11)."""
+
+    def __init__(self, status: StatusFile, key: int, job_id: str) -> None:
+        self.status = status
+        self.key = key
+        self.job_id = job_id
+        self.last: Retrying | None = None
+
+    def __call__(self, retry: Retrying | None) -> None:
+        status, key = self.status, self.key
+        if retry is not None and retry.gave_up:
+            self.last = None  # the job's error tells; no "reconnected" message
+            retry = None
+        if retry is not None:
+            info = RetryInfo.model_validate(retry.as_dict())
+            self.last = retry
+            status.update_disk(key, retry=info)
+            status.write(step="retrying", retry=info)
+            return
+        last, self.last = self.last, None
+        status.update_disk(key, retry=None)
+        with status.lock:
+            others = [d.retry for d in status.report.disks.values() if d.retry is not None]
+        if others:
+            status.write(retry=others[0])
+        else:
+            status.write(step=f"copying disk {key}", retry=None)
+        if last is not None:
+            end = "the hub's target" if last.end == "target" else "the VM's disk"
+            msg = f"disk {key}: reconnected to {end} after {last.attempt} attempts"
+            status.message(msg)
+            status.write()
+            log.warning("job=%s %s", self.job_id, msg)
 
 
 def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:

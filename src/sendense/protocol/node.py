@@ -242,6 +242,12 @@ class BackupStartAnswer(_Model):
     pid: int
 
 
+def _node_setting(name: str) -> Any:
+    from sendense.settings import NodeSettings
+
+    return getattr(NodeSettings(), name)
+
+
 class WorkerJob(BackupStartRequest):
     """What the node hands its worker process (on stdin, never in a file): the
     start request with the node's own settings filled in."""
@@ -258,6 +264,15 @@ class WorkerJob(BackupStartRequest):
     # Disk key -> the key file the node wrote for its target; the keys
     # themselves (``nbd_tls``) stay out of the worker's input.
     nbd_tls_files: dict[str, NbdTlsFile] = Field(default_factory=dict)
+    # Mover settings (issue 11; NodeSettings, read where the job is built:
+    # the node's environment, which its workers share).
+    reconnect_deadline: float = Field(default_factory=lambda: _node_setting("reconnect_deadline"))
+    flush_bytes: int = Field(default_factory=lambda: _node_setting("flush_bytes"), ge=1)
+    flush_seconds: float = Field(default_factory=lambda: _node_setting("flush_seconds"), gt=0)
+    window_bytes: int = Field(default_factory=lambda: _node_setting("window_bytes"), ge=65536)
+    target_connections: int = Field(
+        default_factory=lambda: _node_setting("target_connections"), ge=1, le=16
+    )
 
     def _tls_disks(self) -> set[int]:
         return super()._tls_disks() | {int(k) for k in self.nbd_tls_files if _is_disk_key(k)}
@@ -292,6 +307,19 @@ class WorkerJob(BackupStartRequest):
         )
 
 
+class RetryInfo(_Model):
+    """A connection being made again (issue 11, mover/copy.py): shown per
+    disk and for the job while the worker's step is "retrying"."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Which connection dropped and how, e.g. "target connection lost: ...".
+    reason: str
+    attempt: int = Field(ge=1)  # the attempt under way, from 1
+    since: Timestamp  # first failure of this streak
+    deadline: Timestamp  # when the worker gives up and fails the job
+
+
 class DiskStatus(_Model):
     """Progress and result of one disk, as the worker writes it."""
 
@@ -314,6 +342,8 @@ class DiskStatus(_Model):
     # At the end: the new restore point's change id and digest.
     change_id: str | None = None
     digest: str | None = None
+    # Reconnecting (issue 11): None once the disk copies again.
+    retry: RetryInfo | None = None
 
 
 class JobError(_Model):
@@ -345,6 +375,8 @@ class JobStatusReport(_Model):
     # Things a person should know, e.g. why a disk was read in full.
     messages: list[str] = Field(default_factory=list)
     mover_peak_rss_bytes: int | None = None
+    # Reconnecting (issue 11): the retry of a disk while step is "retrying".
+    retry: RetryInfo | None = None
 
     @property
     def ended(self) -> bool:
