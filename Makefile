@@ -110,3 +110,11 @@ clean:
 .PHONY: docs
 docs: venv
 	$(PY) scripts/gen_api_docs.py
+
+# Kill -9 soak (tests/soak/soak.py): two hubs on one PostgreSQL catalog, two
+# nodes, three qsd VMs; seeded random actions with kill -9 of a hub, node,
+# qemu-nbd target, worker or VM, and the invariants after each fault. About
+# 20 minutes by default; SOAK_ITERATIONS and SOAK_SEED to size or replay it.
+.PHONY: soak
+soak: setup
+	SOAK_ITERATIONS=$(SOAK_ITERATIONS) SOAK_SEED=$(SOAK_SEED) $(PY) tests/soak/soak.py
