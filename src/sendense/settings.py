@@ -62,7 +62,9 @@ class HubSettings(BaseSettings):
     # (0: no limit), the rest wait queued in the catalog.
     scheduler: bool = True
     scheduler_interval: float = 10.0
-    scheduler_node_limit: int = 4
+    # Deprecated: the per-node limit is now SENDENSE_NODE_JOB_LIMIT (below),
+    # for every backup; this one is read in its place when only it is set.
+    scheduler_node_limit: int | None = None
     # Webhooks (notify/sender.py): the sender thread (off: events are still
     # recorded, another hub process sends them); seconds between two passes;
     # per-request timeout; retry backoff base * 2^(attempt-1) seconds, at
@@ -113,6 +115,12 @@ class HubSettings(BaseSettings):
     nbd_target_restarts: int = 5
     nbd_target_cache: str = "writeback"
     nbd_target_aio: str = ""
+    # --- Node limits and the queue (issue 12, "dispatch"; engine/dispatch.py):
+    # backup jobs at a time per node unless the node's max_jobs says
+    # otherwise (0: no limit); further ones wait queued. Seconds between two
+    # claim passes of a hub process (it also tries when one of its jobs ends).
+    node_job_limit: int = 4
+    dispatch_interval: float = 2.0
     log_level: str = "INFO"
 
     @property

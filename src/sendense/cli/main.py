@@ -444,16 +444,29 @@ def backup_start(
     disk: Annotated[int | None, typer.Option(help="0-based disk (default: all)")] = None,
     repo: Annotated[str, typer.Option(help="repository_id")] = "default",
     wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar.")] = False,
+    queue: Annotated[
+        bool, typer.Option(help="If the VM already has a job, wait for it instead of failing.")
+    ] = False,
 ) -> None:
-    """Start a backup of a VM (all disks, or one)."""
+    """Start a backup of a VM (all disks, or one). On a node at its job limit
+    the backup is queued and starts when a slot frees."""
     c = client()
     body: dict[str, Any] = {"vm_name": vm, "repository_id": repo, "backup_type": backup_type}
     if disk is not None:
         body["disk_id"] = disk
+    if queue:
+        body["queue"] = True
     data = call(c.post, "/api/v1/backups", body)
     job_id = data["job_id"]
+    job = data.get("job") or {}
+    if not ctx.json and job.get("step") == "queued":
+        reason = ((job.get("params") or {}).get("queue") or {}).get("reason") or ""
+        console.print(f"job {job_id} queued: {reason}" if reason else f"job {job_id} queued")
     if not wait:
-        out(data) if ctx.json else console.print(f"job {job_id} started")
+        if ctx.json:
+            out(data)
+        elif job.get("step") != "queued":
+            console.print(f"job {job_id} started")
         return
     final = watch_job(c, job_id)
     if ctx.json:

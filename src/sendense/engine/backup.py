@@ -78,7 +78,7 @@ from sendense.core.errors import (
     NotFound,
     Unavailable,
 )
-from sendense.engine import pull
+from sendense.engine import dispatch, pull
 from sendense.engine.lifecycle import ACTIVE, TERMINAL, JobLifecycle
 from sendense.engine.node_client import NodeClient, NodeUnreachable, cached_client
 from sendense.nbd import psk
@@ -108,6 +108,11 @@ class BackupRequest:
     disk_id: int | None = None
     tags: dict[str, Any] | None = None
     created_by: str = "admin"
+    # Wait behind a job already on the VM instead of 409 disk_busy.
+    queue: bool = False
+    # The caller holds a slot of the node (the scheduler's ``starting``
+    # item): start now whatever the node's count (engine/dispatch.py).
+    reserved: bool = False
 
 
 class JobFailed(Error):
@@ -214,6 +219,9 @@ class BackupEngine:
         # race; the conditional status write settles it across processes.
         self._finishing: dict[str, threading.Lock] = {}
         self._finishing_lock = threading.Lock()
+        # Claims queued jobs for this process (engine/dispatch.py); started
+        # by the hub (hub/state.py) once recovery is done.
+        self.dispatcher = dispatch.Dispatcher(db, lifecycle, settings, self.launch_claimed)
         # Targets that survive (issue 11): job -> its backups' ids, the pids of
         # adopted targets (started by an earlier hub process: not our
         # children), and how often each target was served again.
@@ -224,10 +232,16 @@ class BackupEngine:
     # ------------------------------------------------------------------ start
 
     def start(self, req: BackupRequest) -> str:
+        """Start a backup job now, or queue it when its node is at its limit
+        (engine/dispatch.py: the job waits ``pending``, step ``queued``, and
+        any hub process starts it when a slot frees). Either way the request
+        is checked now (VM, repository, disks, parent, space): a backup that
+        could not run is refused at once, not queued."""
         if req.backup_type not in ("full", "incremental", "auto"):
             raise InvalidRequest("backup_type must be one of full, incremental, auto")
         # statvfs with no lock held and no session open (a share may be slow).
         available = self._repository_space(req.repository_id)
+        queued: str | None = None
         with self._plan_lock, self.db.session() as s:
             vm = VmStore(s).by_name(req.vm_name)
             if vm is None:
@@ -243,77 +257,57 @@ class BackupEngine:
             # Encrypted repository: a missing or wrong master key is a clear 503
             # now, not a failed job later.
             keystore.key_of_repository(s, self.settings, repo)
-            # Across hub processes: the VM's row lock serializes the busy check.
+            source = vm.source
+            # Across hub processes: the node's row lock serializes the count
+            # of its slots, the VM's the busy check. Node first, then VM: the
+            # order every claimer takes them in (engine/dispatch.py).
+            dispatch.lock_node(s, source.node_id)
             s.execute(select(Vm.id).where(Vm.id == vm.id).with_for_update())
             disks = self._disks(vm, req.disk_id)
-            # Per VM, not per disk: a job freezes all of its VM's disks at once
-            # (and the node runs one job per VM), so a second job on another
-            # disk of the same VM must wait too.
-            busy = BackupStore(s).active_for_vm(vm.id)
-            if busy:
-                raise DiskBusy(
-                    f"VM {vm.name} disk(s) {sorted({b.disk_index for b in busy})} are being "
-                    f"backed up by job {busy[0].job_id}; one job per VM at a time",
-                    job_id=busy[0].job_id,
-                )
-            merging = JobStore(s).active_of_kind(vm.id, "consolidate") or JobStore(
-                s
-            ).active_of_kind(vm.id, "retention")
-            if merging is not None:
-                # A merge (consolidation, or retention merging old points)
-                # holds QEMU's write lock on the chain: a target backed by it
-                # could not be opened.
-                raise DiskBusy(
-                    f"VM {vm.name} is being consolidated by job {merging.id} ({merging.kind}); "
-                    "start the backup when it has ended",
-                    job_id=merging.id,
-                )
+            wait = self._vm_busy(s, vm, queue=req.queue)
             plans = [self._plan_disk(s, vm, repo, d, req.backup_type) for d in disks]
             # Before the job row: a backup that cannot fit writes nothing.
             self._check_space(vm, repo, disks, plans, available)
-            now = datetime.now(UTC)
-            source = vm.source
-            job = BackupJob(
-                vm_id=vm.id,
-                repository_id=repo.id,
-                node_id=source.node_id,
-                status="pending",
-                step="preparing targets",
-                requested_type=req.backup_type,
-                tags=req.tags or {},
-                created_by=req.created_by,
-                created_at=now,
-                timeout_at=now + timedelta(seconds=self.settings.job_timeout),
-                **self.lifecycle.claim_fields(),
-            )
-            s.add(job)
-            s.flush()  # the job row first, then the backups that reference it
-            for disk, (btype, parent) in zip(disks, plans, strict=True):
-                path = layout.backup_path(Path(repo.path), vm.name, disk.disk_key, now, btype)
-                s.add(
-                    Backup(
-                        job_id=job.id,
-                        vm_id=vm.id,
-                        vm_disk_id=disk.id,
-                        disk_index=disk.disk_index,
-                        disk_key=disk.disk_key,
-                        repository_id=repo.id,
-                        parent_id=parent.id if parent else None,
-                        backup_type=btype,
-                        status="pending",
-                        file_path=str(path),
-                        nbd_export_name="",
-                        total_bytes=disk.capacity_bytes,
-                        previous_change_id=parent.change_id if parent else None,
-                        tags=req.tags or {},
-                        created_at=now,
-                    )
+            if wait is None and not req.reserved:
+                wait = dispatch.node_full(s, source.node_id, self.settings)
+            if wait is not None:
+                # Queued: no restore point rows, no target, no port yet; the
+                # claim plans again (the chain may have moved meanwhile).
+                job = dispatch.new_queued_job(
+                    s,
+                    vm_id=vm.id,
+                    repository_id=repo.id,
+                    node_id=source.node_id,
+                    requested_type=req.backup_type,
+                    disk_id=req.disk_id,
+                    tags=req.tags or {},
+                    created_by=req.created_by,
+                    reason=wait,
                 )
-                if parent is not None:
-                    # The parent is read through while the job runs: it cannot
-                    # be deleted or merged away meanwhile (409 in_use).
-                    s.add(BackupHold(backup_id=parent.id, holder_type="job", holder_id=job.id))
-            job_id = job.id
+                queued = wait
+                job_id = job.id
+            else:
+                now = datetime.now(UTC)
+                job = BackupJob(
+                    vm_id=vm.id,
+                    repository_id=repo.id,
+                    node_id=source.node_id,
+                    status="pending",
+                    step="preparing targets",
+                    requested_type=req.backup_type,
+                    tags=req.tags or {},
+                    created_by=req.created_by,
+                    created_at=now,
+                    timeout_at=now + timedelta(seconds=self.settings.job_timeout),
+                    **self.lifecycle.claim_fields(),
+                )
+                s.add(job)
+                s.flush()  # the job row first, then the backups that reference it
+                self._add_backups(s, job.id, vm, repo, disks, plans, now, req.tags or {})
+                job_id = job.id
+        if queued is not None:
+            log.info("job=%s vm=%s queued: %s", job_id, req.vm_name, queued)
+            return job_id
         try:
             self._launch(job_id)
         except Exception as e:
@@ -322,6 +316,129 @@ class BackupEngine:
                 e.details["job_id"] = job_id  # the failed job is on record
             raise
         return job_id
+
+    def _vm_busy(self, s: Any, vm: Vm, *, queue: bool) -> str | None:
+        """409 ``disk_busy`` while another job keeps the VM busy, or, when the
+        request asked to queue, why the new job waits (None: the VM is free)."""
+        # Per VM, not per disk: a job freezes all of its VM's disks at once
+        # (and the node runs one job per VM), so a second job on another
+        # disk of the same VM must wait too.
+        busy = BackupStore(s).active_for_vm(vm.id)
+        if busy:
+            error = DiskBusy(
+                f"VM {vm.name} disk(s) {sorted({b.disk_index for b in busy})} are being "
+                f"backed up by job {busy[0].job_id}; one job per VM at a time",
+                job_id=busy[0].job_id,
+            )
+        else:
+            other = dispatch.vm_busy_job(s, vm.id)
+            if other is None:
+                return None
+            if other.kind == "backup":
+                state = "queued" if other.owner is None else "starting"
+                error = DiskBusy(
+                    f"VM {vm.name} has backup job {other.id} ({state}); one job per VM at "
+                    "a time (ask with queue=true to wait for it)",
+                    job_id=other.id,
+                )
+            else:
+                # A merge (consolidation, or retention merging old points)
+                # holds QEMU's write lock on the chain: a target backed by it
+                # could not be opened.
+                error = DiskBusy(
+                    f"VM {vm.name} is being consolidated by job {other.id} ({other.kind}); "
+                    "start the backup when it has ended",
+                    job_id=other.id,
+                )
+        if not queue:
+            raise error
+        return f"waiting for VM {vm.name}: {error.message}"
+
+    def _add_backups(
+        self,
+        s: Any,
+        job_id: str,
+        vm: Vm,
+        repo: Repository,
+        disks: list[VmDisk],
+        plans: list[tuple[str, Backup | None]],
+        now: datetime,
+        tags: dict[str, Any],
+    ) -> None:
+        """The job's restore point rows (pending), its parents held."""
+        for disk, (btype, parent) in zip(disks, plans, strict=True):
+            path = layout.backup_path(Path(repo.path), vm.name, disk.disk_key, now, btype)
+            s.add(
+                Backup(
+                    job_id=job_id,
+                    vm_id=vm.id,
+                    vm_disk_id=disk.id,
+                    disk_index=disk.disk_index,
+                    disk_key=disk.disk_key,
+                    repository_id=repo.id,
+                    parent_id=parent.id if parent else None,
+                    backup_type=btype,
+                    status="pending",
+                    file_path=str(path),
+                    nbd_export_name="",
+                    total_bytes=disk.capacity_bytes,
+                    previous_change_id=parent.change_id if parent else None,
+                    tags=tags,
+                    created_at=now,
+                )
+            )
+            if parent is not None:
+                # The parent is read through while the job runs: it cannot
+                # be deleted or merged away meanwhile (409 in_use).
+                s.add(BackupHold(backup_id=parent.id, holder_type="job", holder_id=job_id))
+
+    def launch_claimed(self, job_id: str) -> None:
+        """Start a job this process claimed from the queue (engine/dispatch.py):
+        plan it as a request made now (restore point rows, parents held,
+        space), then targets and node. A plan that no longer holds (VM or
+        repository gone, chain broken, no space) fails the job with its
+        reason."""
+        try:
+            with self.db.session() as s:
+                repository_id = s.scalar(
+                    select(BackupJob.repository_id).where(BackupJob.id == job_id)
+                )
+            available = self._repository_space(repository_id or "")
+            with self._plan_lock, self.db.session() as s:
+                job = JobStore(s).get(job_id)
+                if job is None or job.status != "pending" or job.owner != self.lifecycle.owner:
+                    return  # cancelled (or taken) since the claim
+                vm = job.vm
+                if vm is None:
+                    raise NotFound("the VM was removed while its backup was queued")
+                repo = RepositoryStore(s).get(job.repository_id or "")
+                if repo is None:
+                    raise InvalidRequest(
+                        f"repository {job.repository_id} was removed while the backup was queued"
+                    )
+                keystore.key_of_repository(s, self.settings, repo)
+                s.execute(select(Vm.id).where(Vm.id == vm.id).with_for_update())
+                disks = self._disks(vm, (job.params or {}).get("disk_id"))
+                plans = [self._plan_disk(s, vm, repo, d, job.requested_type) for d in disks]
+                self._check_space(vm, repo, disks, plans, available)
+                now = datetime.now(UTC)
+                job.step = "preparing targets"
+                job.timeout_at = now + timedelta(seconds=self.settings.job_timeout)
+                waited = (now - job.created_at).total_seconds() if job.created_at else 0.0
+                hub = dict(job.messages or {})
+                hub["hub"] = [
+                    *(hub.get("hub") or []),
+                    f"started after {waited:.0f}s in the queue",
+                ]
+                job.messages = hub
+                self._add_backups(s, job.id, vm, repo, disks, plans, now, dict(job.tags or {}))
+        except Exception as e:
+            self._fail(job_id, e)
+            return
+        try:
+            self._launch(job_id)
+        except Exception as e:
+            self._fail(job_id, e)
 
     def _repository_space(self, repository_id: str) -> int | None:
         """Bytes available in the repository (None: unknown or not checked).
@@ -921,6 +1038,8 @@ class BackupEngine:
 
     def cancel(self, job_id: str) -> None:
         """Ask for a cancel. The owning hub process acts on it (this one at once)."""
+        if dispatch.cancel_queued(self.db, self.lifecycle, job_id):
+            return  # it was still queued: nothing ran, nothing on disk
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             if job is None:

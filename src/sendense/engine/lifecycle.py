@@ -15,6 +15,10 @@ Every job is a row in ``backup_jobs`` with an owner and a lease::
   ``UPDATE ... WHERE id = :id AND status IN (:from) AND owner = :me``; a write
   that matches no row did not happen. A ``cancelled`` job never becomes
   ``running`` again, and two finishers never both win.
+- **Queued jobs have no owner.** A backup waiting for a slot on its node
+  (``pending``, step ``queued``, owner NULL; engine/dispatch.py) runs
+  nothing: `orphans` leaves it out, and the hub that claims it becomes its
+  owner then.
 - **Cancel crosses processes.** `request_cancel` only sets
   ``cancel_requested_at``; the owner's runner sees it and stops.
 - **No slow I/O in a transaction.** Callers read what they need in a short
@@ -43,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import and_, delete, not_, or_, select, update
 
 from sendense.catalog.db import Database
 from sendense.catalog.models import BackupHold, BackupJob
@@ -53,6 +57,19 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running")
 TERMINAL = ("completed", "failed", "cancelled")
+# A backup job waiting for a slot on its node (engine/dispatch.py): pending,
+# this step, and no owner: it runs nothing, so it is no orphan.
+QUEUED_STEP = "queued"
+
+
+def queued_clause(model: Any = BackupJob) -> Any:
+    """SQL: the job is queued (engine/dispatch.py). ``model``: an alias."""
+    return and_(
+        model.kind == "backup",
+        model.status == "pending",
+        model.owner.is_(None),
+        model.step == QUEUED_STEP,
+    )
 
 
 def new_owner() -> str:
@@ -154,6 +171,9 @@ class JobLifecycle:
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
         self._renewer: threading.Thread | None = None
+        # Called with the job id after a job of this process ended (the
+        # dispatcher: a slot may be free).
+        self.on_end: list[Callable[[str], Any]] = []
 
     # ------------------------------------------------------------- ownership
 
@@ -197,6 +217,7 @@ class JobLifecycle:
                 select(BackupJob.id, BackupJob.kind, BackupJob.owner, BackupJob.lease_until).where(
                     BackupJob.status.in_(ACTIVE),
                     or_(BackupJob.owner.is_(None), BackupJob.owner != self.owner),
+                    not_(queued_clause()),  # queued: runs nothing, any hub claims it
                 )
             ).all()
         return [
@@ -241,7 +262,16 @@ class JobLifecycle:
                 s.execute(delete(BackupHold).where(BackupHold.holder_id == job_id))
         if done and to in TERMINAL:
             self.notify(job_id)
+            self.ended(job_id)
         return done
+
+    def ended(self, job_id: str) -> None:
+        """Tell the ``on_end`` listeners that a job ended."""
+        for listener in list(self.on_end):
+            try:
+                listener(job_id)
+            except Exception:
+                log.exception("job=%s end listener failed", job_id)
 
     def request_cancel(self, job_id: str) -> bool:
         """Ask for a cancel (any hub); False when the job has already ended."""

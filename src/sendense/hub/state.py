@@ -108,6 +108,7 @@ class HubState:
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)
         lifecycle.start_renewing(state.take_over_orphans)
+        engine.dispatcher.start()  # queued backups: claimed when a node has a slot
         # Immutable attributes follow the catalog's locks (now, then periodically).
         state.locks = LockSweeper(db, settings.lock_sweep_interval)
         state.locks.start()
@@ -146,6 +147,7 @@ class HubState:
             self.webhooks.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
+        self.engine.dispatcher.stop()
         if self.restore_pools is not None:
             self.restore_pools.shutdown()
         if self.audit is not None:

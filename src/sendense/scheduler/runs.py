@@ -16,9 +16,13 @@ queues without starting anything twice::
          reason: failed, with it)              retention is not run on an unverified point
 
 - claim: under the node's row lock (``FOR UPDATE``; on SQLite the write lock),
-  count the node's running policy jobs (``starting`` + ``started`` whose job
-  is pending/running) against the per-node limit, then flip the item
-  ``queued -> starting``. A hub that dies there leaves a ``starting`` item:
+  count the node's slots in use against its limit with the rule every backup
+  follows (engine/dispatch.py: ``nodes.max_jobs`` or
+  SENDENSE_NODE_JOB_LIMIT; backup jobs claimed or running, from the API or a
+  policy, plus items being started), then flip the item ``queued ->
+  starting``: that item holds a slot until its job exists, and the engine
+  starts it at once (``BackupRequest.reserved``). Policy items wait here, in
+  the run's queue, not as queued jobs. A hub that dies there leaves a ``starting`` item:
   `recover_starting` puts it back in the queue after `STARTING_STALE`.
 - A busy VM (another job on it: backup, consolidation, retention) is not a
   failure: the item goes back to ``queued`` with ``not_before`` (backoff
@@ -56,7 +60,6 @@ from sqlalchemy.orm import Session
 from sendense.catalog.models import (
     Backup,
     BackupJob,
-    Node,
     Policy,
     PolicyRun,
     PolicyRunVm,
@@ -65,7 +68,7 @@ from sendense.catalog.models import (
 )
 from sendense.catalog.stores.common import ACTIVE
 from sendense.core.errors import Conflict, Error, NotFound, Unavailable
-from sendense.engine import delete
+from sendense.engine import delete, dispatch
 from sendense.engine import retention as retention_engine
 from sendense.engine import verify as verification
 from sendense.engine.backup import BackupRequest
@@ -341,20 +344,9 @@ def _candidates(s: Session, now: datetime, run_id: str | None) -> list[_Candidat
 
 
 def running_on_node(s: Session, node_id: str) -> int:
-    """Policy jobs of the node being started or running (any hub process)."""
-    q = (
-        select(func.count())
-        .select_from(PolicyRunVm)
-        .outerjoin(BackupJob, BackupJob.id == PolicyRunVm.job_id)
-        .where(
-            PolicyRunVm.node_id == node_id,
-            or_(
-                PolicyRunVm.status == STARTING,
-                and_(PolicyRunVm.status == STARTED, BackupJob.status.in_(ACTIVE)),
-            ),
-        )
-    )
-    return int(s.execute(q).scalar_one())
+    """Slots of the node in use (any hub process, any backup): the count
+    every start is limited by (engine/dispatch.py `occupied`)."""
+    return dispatch.occupied(s, node_id)
 
 
 def _backup_type(s: Session, c: _Candidate) -> str:
@@ -375,12 +367,12 @@ def _backup_type(s: Session, c: _Candidate) -> str:
     return "incremental"
 
 
-def _claim(s: Session, c: _Candidate, now: datetime, node_limit: int) -> str | None:
+def _claim(s: Session, c: _Candidate, now: datetime, settings: Any) -> str | None:
     """``queued -> starting`` under the node's lock if the node has room;
     the backup type to start, or None (no room, or another hub took it)."""
-    if c.node_id is not None and node_limit > 0:
-        lock_row(s, Node, c.node_id)
-        if running_on_node(s, c.node_id) >= node_limit:
+    if c.node_id is not None:
+        dispatch.lock_node(s, c.node_id)
+        if dispatch.node_full(s, c.node_id, settings) is not None:
             return None
     backup_type = _backup_type(s, c)
     taken = s.execute(
@@ -415,10 +407,10 @@ def job_tags(c: _Candidate) -> dict[str, str]:
 
 def drain(st: HubState, now: datetime | None = None, *, run_id: str | None = None) -> list[str]:
     """Start what may start now of the queued items (of one run, or all):
-    oldest run first, per-node limit (``settings.scheduler_node_limit``, 0:
-    none), windows. The ids of the jobs started."""
+    oldest run first, per-node limit (engine/dispatch.py: the node's
+    ``max_jobs`` or SENDENSE_NODE_JOB_LIMIT, 0: none), windows. The ids of
+    the jobs started."""
     now = _now(now)
-    node_limit = int(getattr(st.settings, "scheduler_node_limit", 0) or 0)
     with st.db.session() as s:
         candidates = _candidates(s, now, run_id)
     full_nodes: set[str | None] = set()
@@ -427,11 +419,11 @@ def drain(st: HubState, now: datetime | None = None, *, run_id: str | None = Non
         if c.node_id in full_nodes:
             continue
         with st.db.session() as s:
-            backup_type = _claim(s, c, now, node_limit)
+            backup_type = _claim(s, c, now, st.settings)
         if backup_type is None:
-            if c.node_id is not None and node_limit > 0:
+            if c.node_id is not None:
                 with st.db.session() as s:
-                    if running_on_node(s, c.node_id) >= node_limit:
+                    if dispatch.node_full(s, c.node_id, st.settings) is not None:
                         full_nodes.add(c.node_id)
             continue
         job_id = _start(st, c, backup_type, now)
@@ -452,6 +444,7 @@ def _start(st: HubState, c: _Candidate, backup_type: str, now: datetime) -> str 
                 backup_type="full" if backup_type == "full" else "auto",
                 tags=job_tags(c),
                 created_by=c.created_by,
+                reserved=True,  # the item's claim holds the node's slot
             )
         )
         values = {"status": STARTED, "job_id": job_id, "reason": None, "not_before": None}

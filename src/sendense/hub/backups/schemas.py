@@ -16,6 +16,12 @@ class BackupCreate(BaseModel):
     backup_type: Literal["full", "incremental", "auto"] = "auto"
     disk_id: int | None = Field(default=None, ge=0, le=MAX_INT)
     tags: dict[str, Any] | None = None
+    queue: bool = Field(
+        default=False,
+        description="When the VM already has a job: wait for it (the new job is queued, "
+        'step "queued") instead of 409 disk_busy. A backup whose node is at its job '
+        "limit is queued whatever this says.",
+    )
 
 
 class BackupRead(BaseModel):

@@ -71,6 +71,7 @@ def start_backup(st: HubState, who: Principal, body: Any) -> dict[str, Any]:
             disk_id=body.disk_id,
             tags=body.tags,
             created_by=who.name,
+            queue=body.queue,
         )
     )
     with st.db.session() as s:

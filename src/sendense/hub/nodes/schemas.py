@@ -16,6 +16,13 @@ def check_fingerprint(value: str | None) -> str | None:
     return None if value is None else normalize_fingerprint(value)
 
 
+MAX_JOBS_LIMIT = 1000
+MAX_JOBS_HELP = (
+    "Backup jobs that may run on this node at once (1 to 1000); null: the hub's default "
+    "(SENDENSE_NODE_JOB_LIMIT, 4 unless set). Further backups wait queued (step "
+    '"queued") and start in turn, fairly across VMs, when a job ends.'
+)
+
 FINGERPRINT_HELP = (
     "SHA-256 of the node's TLS certificate (DER), hex, colons allowed: printed by the node "
     "at start and by `sendense node fingerprint`. Required for an https:// URL: without it "
@@ -30,6 +37,7 @@ class NodeCreate(BaseModel):
     token: str = Field(min_length=1, max_length=500)
     fingerprint: str | None = Field(default=None, max_length=200, description=FINGERPRINT_HELP)
     verify: bool = True
+    max_jobs: int | None = Field(default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP)
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
@@ -41,7 +49,9 @@ class NodeCreate(BaseModel):
 
 class NodeUpdate(BaseModel):
     """Fix a node's URL or token, or re-pin its certificate (``fingerprint``);
-    checked against the node unless ``verify`` is false."""
+    checked against the node unless ``verify`` is false. ``max_jobs`` alone
+    (null: back to the hub's default) changes the limit without contacting
+    the node."""
 
     url: str | None = Field(default=None, min_length=1, max_length=500)
     token: str | None = Field(default=None, min_length=1, max_length=500)
@@ -52,6 +62,7 @@ class NodeUpdate(BaseModel):
         "(a node whose certificate was replaced). Without it the pinned one stays.",
     )
     verify: bool = True
+    max_jobs: int | None = Field(default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP)
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
@@ -83,6 +94,18 @@ class NodeRead(BaseModel):
     )
     created_at: datetime | None
     health: NodeHealth | None = None
+    max_jobs: int | None = Field(
+        default=None, description="The node's own limit; null: the hub's default"
+    )
+    job_limit: int = Field(
+        default=0,
+        description="The limit in force: max_jobs, or the hub's SENDENSE_NODE_JOB_LIMIT "
+        "(0: no limit)",
+    )
+    jobs_running: int = Field(
+        default=0, description="Backup jobs using a slot of the node now (any hub)"
+    )
+    jobs_queued: int = Field(default=0, description="Backup jobs waiting for a slot")
 
 
 class NodeList(BaseModel):

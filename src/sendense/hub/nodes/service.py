@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import func, select
+
+from sendense.catalog.models import BackupJob, Node
 from sendense.catalog.stores import NodeStore
 from sendense.core.access import Principal
 from sendense.core.errors import (
@@ -29,7 +32,8 @@ from sendense.core.errors import (
     NotFound,
     PlainHttpRefused,
 )
-from sendense.engine import inventory
+from sendense.engine import dispatch, inventory
+from sendense.engine.lifecycle import queued_clause
 from sendense.engine.node_client import forget_client
 from sendense.hub.nodes.health import NodeHealthMonitor
 from sendense.hub.nodes.schemas import NodeCreate, NodeUpdate
@@ -73,7 +77,26 @@ def _view(st: HubState, node: Any) -> dict[str, Any]:
     view = node_view(node, health)
     view["tls"] = node.url.lower().startswith("https://")
     view["fingerprint"] = node.fingerprint
+    view.update(_jobs(st, node))
     return view
+
+
+def _jobs(st: HubState, node: Any) -> dict[str, Any]:
+    """The node's job limit and how it is used (engine/dispatch.py)."""
+    with st.db.session() as s:
+        queued = s.execute(
+            select(func.count())
+            .select_from(BackupJob)
+            .where(queued_clause(), BackupJob.node_id == node.id)
+        ).scalar_one()
+        return {
+            "max_jobs": node.max_jobs,
+            "job_limit": node.max_jobs
+            if node.max_jobs is not None
+            else dispatch.default_limit(st.settings),
+            "jobs_running": dispatch.occupied(s, node.id),
+            "jobs_queued": int(queued),
+        }
 
 
 # How old a catalog "last seen" may be to stand for this process's own probe.
@@ -151,6 +174,7 @@ def create_node(st: HubState, body: NodeCreate) -> dict[str, Any]:
         node = inventory.register_node(
             s, st.secrets, body.name, body.url, body.token, verified=body.verify, pin=pin
         )
+        node.max_jobs = body.max_jobs
         node_id = node.id
     m = _monitor(st)
     if m is not None:
@@ -180,7 +204,22 @@ def list_nodes(st: HubState, who: Principal) -> list[dict[str, Any]]:
         return [_view(st, n) for n in NodeStore(s).all()]
 
 
+def set_max_jobs(st: HubState, node_id: str, max_jobs: int | None) -> None:
+    """The node's own job limit (None: the hub's default). A higher limit
+    lets queued jobs start now."""
+    with st.db.session() as s:
+        node = s.get(Node, node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} not found", node_id=node_id)
+        node.max_jobs = max_jobs
+    st.engine.dispatcher.poke()
+
+
 def update_node(st: HubState, node_id: str, body: NodeUpdate) -> dict[str, Any]:
+    if body.model_fields_set <= {"max_jobs", "verify"} and "max_jobs" in body.model_fields_set:
+        # The limit alone: nothing to check against the node.
+        set_max_jobs(st, node_id, body.max_jobs)
+        return get_node(st, node_id)
     with st.db.session() as s:
         url, token = inventory.node_secret(s, st.secrets, node_id)
         certificate = inventory.node_certificate(s, node_id)
@@ -204,6 +243,8 @@ def update_node(st: HubState, node_id: str, body: NodeUpdate) -> dict[str, Any]:
         inventory.update_node(
             s, st.secrets, node_id, url=body.url, token=body.token, verified=body.verify, pin=pin
         )
+    if "max_jobs" in body.model_fields_set:
+        set_max_jobs(st, node_id, body.max_jobs)
     # The next call through engine/node_client.cached_client makes a client
     # with the new URL and token (it is keyed by both).
     m = _monitor(st)
