@@ -73,13 +73,14 @@ from sendense.mover import digest as dg  # noqa: E402
 from sendense.mover.copy import DEFAULT_REQUEST_SIZE, Mover, iter_plan  # noqa: E402
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid  # noqa: E402
 from sendense.qemu.qsd import QsdVm  # noqa: E402
-from sendense.settings import HubSettings  # noqa: E402
+from sendense.settings import HubSettings, NodeSettings  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
 REGION = 4 * MiB  # unit of the random data layout
 BLOCK = 64 * 1024  # dirty bitmap granularity, digest block
-HUB_CLUSTER = HubSettings().cluster_size
+TARGET = HubSettings()  # the target options the hub uses (its environment's)
+HUB_CLUSTER = TARGET.cluster_size
 VM_NAME = "benchvm"
 POLL = 0.25  # long-poll timeout of GET /api/v1/jobs/{id}?wait= (s)
 NBDCOPY = ["nbdcopy", "-C", "1", "-R", "8", "--request-size=4194304"]
@@ -615,7 +616,21 @@ class Bench:
         extra = {"plan_s": plan_s, "requests": data_requests}
         self.add(key, title, Sample(seconds, self.size, result.data_bytes, None, extra), kind)
 
-    def sendense(self, kind: str, key: str, title: str) -> Sample:
+    def sendense(
+        self,
+        kind: str,
+        key: str,
+        title: str,
+        transfer: str = "push",
+        *,
+        cut_at: float | None = None,
+    ) -> Sample:
+        """One Sendense backup through the API, timed to its end.
+
+        ``cut_at``: once the job has moved this share of its bytes, its
+        target's qemu-nbd is killed (SIGKILL) once: the connection drops, the
+        hub serves the target again and the node's mover resumes (issue 11).
+        """
         c = self.cluster
         assert c.hub is not None and c.node is not None and self.vm.pid is not None
         watched = {"hub": c.hub.pid, "node": c.node.pid, "vm": self.vm.pid}
@@ -635,6 +650,10 @@ class Bench:
         worker_pid = 0
         hwm = 0
         worker_cpu = 0.0
+        # The hub's qemu-nbd targets (pidfiles in run/): sampled, they are
+        # reaped into the hub's children's CPU at the end with qemu-img's.
+        target_cpu: dict[int, float] = {}
+        cut: dict[str, Any] = {}
         while True:
             # Long-poll: answers the moment the job ends (no polling load on
             # the hub, which shares the 2 cores with the data path).
@@ -648,29 +667,50 @@ class Bench:
                 hwm = max(hwm, vm_hwm(worker_pid) or 0)
                 # Sampled: the worker may be gone (or a zombie) at the end.
                 worker_cpu = max(worker_cpu, cpu_times(worker_pid)[0])
+            for pidfile in (c.hub_dir / "run").glob("nbd-*.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    pid = int(pidfile.read_text())
+                    target_cpu[pid] = max(target_cpu.get(pid, 0.0), cpu_times(pid)[0])
+            if (
+                cut_at is not None
+                and not cut
+                and job["bytes_total"]
+                and job["bytes_done"] >= cut_at * job["bytes_total"]
+            ):
+                cut = self.cut_target(job)
+            if job.get("retry") or job["step"] == "retrying":
+                cut.setdefault("retry_seen", job.get("retry") or job["step"])
             if time.monotonic() > deadline:
                 raise BenchError(f"{kind} job {job_id} still {job['status']}")
         seconds = time.perf_counter() - t0
         wall1 = time.time()
         self_cpu = time.process_time() - self_cpu0
         cpu1 = {k: cpu_times(p) for k, p in watched.items()}
+        children = cpu1["hub"][1] - cpu0["hub"][1]
+        nbd_target = sum(target_cpu.values())
         cpu = {
             "hub": cpu1["hub"][0] - cpu0["hub"][0],
-            # qemu-nbd targets and qemu-img runs, once the hub has reaped them.
-            "hub_children": cpu1["hub"][1] - cpu0["hub"][1],
+            # The hub's qemu-nbd targets (sampled, so a little low) and the
+            # rest of its reaped children: qemu-img (check; convert in pull).
+            "qemu_nbd_target": nbd_target,
+            "qemu_img": max(0.0, children - nbd_target),
             "node": cpu1["node"][0] - cpu0["node"][0],
             "worker": worker_cpu,
-            "vm": cpu1["vm"][0] - cpu0["vm"][0],
+            "vm_qsd_source": cpu1["vm"][0] - cpu0["vm"][0],
             "bench_polling": self_cpu,
         }
         if job["status"] != "completed":
             raise BenchError(f"{kind} backup {job['status']}: {job.get('error')}")
+        if cut_at is not None and not cut:
+            raise BenchError(f"{kind} backup ended before the cut at {cut_at:.0%}")
         status = json.loads((job_dir / "status.json").read_text())
         backups = [c.client.get(f"/api/v1/backups/{b}") for b in job["backups"]]
         if [b["backup_type"] for b in backups] != [kind]:
             raise BenchError(f"asked for a {kind} backup, got {backups}")
         b = backups[0]
         disk = next(iter(status["disks"].values()))
+        if transfer == "pull" and not disk.get("pull_url"):
+            raise BenchError(f"asked for a pull, the node pushed: {disk}")
         moved = int(disk.get("data_bytes") or 0)
         rss = int(status.get("mover_peak_rss_bytes") or 0)
         # Outside the timed span: what the hub's check of this file costs.
@@ -694,6 +734,8 @@ class Bench:
             "qemu_img_check_s": check_s,
             "phases": phases,
             "cpu_seconds": cpu,
+            "transfer": transfer,
+            "cut": cut or None,
         }
         self.jobs.append(record)
         sample = Sample(
@@ -713,6 +755,26 @@ class Bench:
         say("  phases: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
         say("  cpu seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
         return sample
+
+    def cut_target(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Kill the job's first target qemu-nbd (SIGKILL): a dropped connection."""
+        pidfile = self.cluster.hub_dir / "run" / f"nbd-{job['backups'][0]}.pid"
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        say(f"  cut: killed target qemu-nbd {pid} at {job['percent']}%")
+        return {"pid": pid, "percent": job["percent"], "at": time.time()}
+
+    @property
+    def pull(self) -> bool:
+        """Measure pull fulls: asked for, and this node knows the setting."""
+        return self.args.pull and "transfer" in NodeSettings.model_fields
+
+    def node_transfer(self, mode: str) -> None:
+        """Restart the node with SENDENSE_NODE_TRANSFER=mode (push or pull)."""
+        c = self.cluster
+        c.kill("node", signal.SIGTERM)
+        c.node_env = {**c.node_env, "SENDENSE_NODE_TRANSFER": mode}
+        c.start_node()
 
     def changes(self, fraction: float) -> None:
         written = guest_change(self.vm, self.size, fraction, self.rng)
@@ -742,6 +804,12 @@ class Bench:
             self.scatter(nodelay=False)
             self.scatter(nodelay=True)
         full = self.sendense("full", "full", "Sendense full, API call to job completed")
+        if self.pull:
+            self.node_transfer("pull")
+            try:
+                self.sendense("full", "pull_full", "Sendense full, pull (hub reads)", "pull")
+            finally:
+                self.node_transfer("push")
         self.changes(0.01)
         inc1 = self.sendense("incremental", "inc1", "Sendense incremental, 1% of blocks changed")
         self.changes(0.10)
@@ -930,20 +998,49 @@ def report(bench: Bench, stat: str) -> tuple[list[str], dict[str, Any], str]:
     lines.append("(logical and data in GiB/s; /nbdcopy and /convert: throughput ratios)")
 
     # Median phases and CPU seconds of the Sendense jobs, per row.
-    for key in ("full", "inc1", "inc10"):
+    for key in ("full", "pull_full", "inc1", "inc10"):
+        if key not in rows:
+            continue
         for what in ("phases", "cpu"):
             runs = [x.extra[what] for x in rows[key].samples]
             med = {n: statistics.median(r.get(n, 0.0) for r in runs) for n in runs[0]}
             label = "phases (s)" if what == "phases" else "CPU seconds"
             lines.append(f"{key} {label}: " + ", ".join(f"{n} {v:.3f}" for n, v in med.items()))
 
+    # CPU seconds per GiB of data moved, per process, of the median full.
+    per_gib: dict[str, float] = {}
+    for key in ("full", "pull_full"):
+        if key in rows:
+            s = rows[key].pick(stat)
+            gib = max(s.data, 1) / GiB
+            cpu = {n: v for n, v in s.extra["cpu"].items() if n != "bench_polling"}
+            per_gib[key] = sum(cpu.values()) / gib
+            lines.append(
+                f"{key} CPU s/GiB: "
+                + ", ".join(f"{n} {v / gib:.2f}" for n, v in cpu.items())
+                + f"; total {per_gib[key]:.2f}"
+            )
+    lines.append(
+        f"target options: cache={TARGET.nbd_target_cache} aio={TARGET.nbd_target_aio or 'default'}"
+        f" cluster_size={HUB_CLUSTER} TLS-PSK={'on' if TARGET.nbd_tls else 'off'}"
+    )
+
     jobs = [x for k in ("full", "inc1", "inc10") for x in rows[k].samples]
     rss = max((x.rss or 0) for x in jobs)
     hwm = max(int(x.extra.get("worker_hwm") or 0) for x in jobs)
     inc1 = rows["inc1"].pick(stat)
     inc10 = rows["inc10"].pick(stat)
+    onehop_s = rows["onehop"].seconds(stat)
     summary: dict[str, Any] = {
         "full_ratio": ceiling_s / full_s,
+        "pull_full_vs_onehop": (
+            onehop_s / rows["pull_full"].seconds(stat) if "pull_full" in rows else None
+        ),
+        "pull_full_ratio": (
+            ceiling_s / rows["pull_full"].seconds(stat) if "pull_full" in rows else None
+        ),
+        "cpu_s_per_gib": per_gib["full"],
+        "pull_cpu_s_per_gib": per_gib.get("pull_full"),
         "full_vs_convert": convert_s / full_s,
         "inc1_time_ratio": rows["inc1"].seconds(stat) / full_s,
         "inc10_time_ratio": rows["inc10"].seconds(stat) / full_s,
@@ -1005,6 +1102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="skip the extra cluster-size and Mover rows"
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (for debugging)")
+    p.add_argument(
+        "--no-pull",
+        dest="pull",
+        action="store_false",
+        help="skip the pull full (the node restarted with SENDENSE_NODE_TRANSFER=pull)",
+    )
     args = p.parse_args(argv)
     if not 0 < args.data_fraction <= 1:
         p.error("--data-fraction must be in (0, 1]")

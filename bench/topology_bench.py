@@ -91,6 +91,7 @@ import backup_bench as bb  # noqa: E402
 from fixtures.cluster import Cluster  # noqa: E402
 from sendense.cli.services import ServiceFailed, stop_service, wait_healthy  # noqa: E402
 from sendense.nbd import psk  # noqa: E402
+from sendense.protocol.node import DiskStatus  # noqa: E402
 from sendense.qemu.nbd_server import QemuNbdServer  # noqa: E402
 from sendense.qemu.qsd import QsdVm  # noqa: E402
 from sendense.settings import HubSettings, NodeSettings  # noqa: E402
@@ -108,6 +109,9 @@ WAN_RATE = "1gbit"
 PSK_USER = psk.USERNAME
 NBD_TLS = "nbd_tls" in HubSettings.model_fields
 NODE_TLS = "tls" in NodeSettings.model_fields
+# The node's mover resumes after a dropped connection (issue 11): it reports
+# ``retry`` while reconnecting.
+RESUMES = "retry" in DiskStatus.model_fields
 INNER_ENV = "SENDENSE_TOPOLOGY_INNER"
 
 
@@ -587,12 +591,38 @@ class TopologyBench(bb.Bench):
             )
         self.cluster.restart_node({})
 
+    def resume(self) -> None:
+        """A full with one connection cut mid-copy against one without (TLS as
+        shipped), alternating which goes first: the target's qemu-nbd is
+        killed at ``--cut-at`` of the bytes, the hub serves it again and the
+        node's mover resumes from its last flushed position (issue 11)."""
+        mode = "tls" if "tls" in self.modes else self.modes[0]
+        if self.mode != mode:
+            self.set_mode(mode)
+        p = self.profile
+        for n in range(self.args.resume_rounds):
+            order = [False, True] if n % 2 == 0 else [True, False]
+            for cut in order:
+                self.round_deadline_check()
+                self.reset_vm()
+                if cut:
+                    self.sendense(
+                        "full",
+                        f"{p}_full_cut",
+                        f"{p}: Sendense full, one cut at {self.args.cut_at:.0%}",
+                        cut_at=self.args.cut_at,
+                    )
+                else:
+                    self.sendense("full", f"{p}_full_uncut", f"{p}: Sendense full, no cut")
+
     def run_all(self) -> None:
         for profile in self.args.profiles:
             self.set_profile(profile)
             for n in range(self.args.rounds):
                 self.round_deadline_check()
                 self.profile_round(n)
+            if self.args.resume_rounds and RESUMES:
+                self.resume()
             if profile == "wan" and self.args.tune_settings:
                 self.tune()
         self.set_profile("lan")
@@ -686,8 +716,8 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
             if not full_row or not full_row.samples:
                 continue
             cpus = [x.extra["cpu"] for x in full_row.samples]
-            hub = statistics.median(c["hub"] + c["hub_children"] for c in cpus)
-            node = statistics.median(c["worker"] + c["node"] + c["vm"] for c in cpus)
+            hub = statistics.median(c["hub"] + c["qemu_nbd_target"] + c["qemu_img"] for c in cpus)
+            node = statistics.median(c["worker"] + c["node"] + c["vm_qsd_source"] for c in cpus)
             tag = m.replace("-", "_")
             summary[f"{p}_full_hub_cpu_s_{tag}"] = hub
             summary[f"{p}_full_node_cpu_s_{tag}"] = node
@@ -695,11 +725,28 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
         if "plain" in busiest and on in busiest and on != "plain":
             # If the busier core bounds the copy: the throughput TLS costs.
             summary[f"{p}_tls_cpu_cost"] = 1 - busiest["plain"] / busiest[on]
+    for p in ("lan", "wan"):
+        # Wall with one cut / wall without (issue 11: resume, not start over).
+        summary[f"{p}_resume_overhead"] = ratio(
+            med(bench, f"{p}_full_cut"), med(bench, f"{p}_full_uncut")
+        )
     for t in bench.tune_rows:
         tag = f"if{t['in_flight']}_rs{t['request_size'] // MiB}m"
         summary[f"wan_full_s_{tag}"] = t["full_s"]
         summary[f"wan_inc10_s_{tag}"] = t["inc10_s"]
-    order = ["lan_full_ratio", "lan_tls_cost", "wan_full_ratio", "wan_inc10_time_ratio"]
+    order = [
+        "lan_full_ratio",
+        "lan_tls_cost",
+        "wan_full_ratio",
+        "wan_inc10_time_ratio",
+        "lan_resume_overhead",
+        "wan_resume_overhead",
+    ]
+    # The issue's name for it: the WAN's where measured, else the LAN's.
+    summary["resume_overhead"] = summary.get("wan_resume_overhead") or summary.get(
+        "lan_resume_overhead"
+    )
+    order.insert(0, "resume_overhead")
     keys = order + [k for k in summary if k not in order]
     last = " ".join(
         f"{k}={summary[k]:.3f}" if summary.get(k) is not None else f"{k}=n/a"
@@ -741,6 +788,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "since the hub's own priority leaves it out)",
     )
     p.add_argument("--no-tls-ceiling", action="store_true", help="skip nbdcopy over TLS-PSK")
+    p.add_argument(
+        "--resume-rounds",
+        type=int,
+        default=1,
+        help="per profile: fulls with one connection cut and without (default 1 pair; 0 skips)",
+    )
+    p.add_argument(
+        "--cut-at", type=float, default=0.4, help="share of the bytes moved at the cut (0.4)"
+    )
     p.add_argument("--budget", type=float, default=0, help="stop starting rounds after N s")
     p.add_argument("--workdir", type=Path, default=None, help="default /var/tmp")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -751,7 +807,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     # What backup_bench.Bench reads.
-    args.repeat, args.quick, args.stat = args.rounds, True, "median"
+    args.repeat, args.quick, args.stat, args.pull = args.rounds, True, "median", False
     return args
 
 

@@ -110,10 +110,11 @@ class HubSettings(BaseSettings):
     # --- Targets that survive (issue 11, "hubside"; engine/backup.py): a
     # target whose qemu-nbd dies while the node still copies is served again
     # on the same port, export and key, at most this many times per disk and
-    # job (then the job fails). qemu-nbd cache and aio modes of targets
-    # ("" = qemu's default; the measured choice and why: engine/backup.py).
+    # job (then the job fails). qemu-nbd cache and aio modes of targets:
+    # "auto" = none (O_DIRECT) where the repository takes it, else writeback;
+    # aio "" = native with O_DIRECT (measured, and why: engine/backup.py).
     nbd_target_restarts: int = 5
-    nbd_target_cache: str = "writeback"
+    nbd_target_cache: str = "auto"
     nbd_target_aio: str = ""
     # --- Node limits and the queue (issue 12, "dispatch"; engine/dispatch.py):
     # backup jobs at a time per node unless the node's max_jobs says

@@ -14,6 +14,7 @@ progress report (updated every 0.2 s) before acting.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -514,7 +515,12 @@ def test_hub_killed_mid_copy_and_restarted_takes_the_job_back(cluster: Cluster, 
 
 
 @cluster_env(node=SLOWER_NODE)
-def test_hub_restarted_after_its_targets_died_fails_the_job(cluster: Cluster, make_vm) -> None:
+def test_hub_restarted_after_its_targets_and_keys_died_fails_the_job(
+    cluster: Cluster, make_vm
+) -> None:
+    """Targets that died with the hub are served again (tests/e2e/
+    test_resume_target.py), but not without their TLS keys (a run/ folder on
+    tmpfs after a reboot): then the job fails, cleanly."""
     vm = make_vm("phoenix2", [64 * MiB])
     write_random(vm, 0, 0, MiB)
     cluster.register(vm)
@@ -529,6 +535,8 @@ def test_hub_restarted_after_its_targets_died_fails_the_job(cluster: Cluster, ma
     cluster.kill("hub", signal.SIGKILL)
     for pid, _ in procs(cluster, "qemu-nbd"):  # the machine lost them too
         os.kill(pid, signal.SIGKILL)
+    for tls_dir in (cluster.hub_dir / "run").glob("tls-*"):  # and their keys
+        shutil.rmtree(tls_dir)
     cluster.start_hub()
     assert_hub_side_clean(cluster)
 
@@ -536,6 +544,7 @@ def test_hub_restarted_after_its_targets_died_fails_the_job(cluster: Cluster, ma
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "hub_restarted", job
     assert "hub restarted" in job["error"]["message"], job
+    assert "TLS key is gone" in job["error"]["message"], job
     assert_job_cleaned_up(cluster, job, "failed")
     assert completed_backups(cluster, "phoenix2") == before
     assert repo_files(cluster) == files_before
