@@ -172,6 +172,7 @@ class Soak:
         self.truth_of_backup: dict[str, Path] = {}
         self.trees: dict[Path, dict[str, str]] = {}  # truth image -> fs VM's files (sha256)
         self.policy_id = ""
+        self.last_hub = "a"
         self.db: Database | None = None
         self.counts = {"faults": 0, "actions": 0, "backups": 0, "points_checked": 0}
         self.timings: list[float] = []
@@ -297,9 +298,12 @@ class Soak:
                 via.shuffle(hubs)
             for c in hubs:
                 try:
-                    return c.http(method, path, **kw)
+                    r = c.http(method, path, **kw)
                 except httpx.TransportError:
                     continue
+                if method != "GET":
+                    self.last_hub = c.root.name  # the one that runs what was asked
+                return r
             if time.monotonic() > deadline:
                 raise Unavailable(f"no hub answered {method} {path} for 60 s")
             time.sleep(0.5)
@@ -456,7 +460,8 @@ class Soak:
         step.faulted = True
         rng = step.rng
         if step.fault == "hub":
-            name = rng.choice(sorted(self.hubs))
+            # Mostly the hub that took the action (it owns the job).
+            name = self.last_hub if rng.random() < 0.7 else rng.choice(sorted(self.hubs))
             c = self.hubs[name]
             c.kill("hub")
             wait = rng.random() < 0.5
