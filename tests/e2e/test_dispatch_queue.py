@@ -21,6 +21,7 @@ long enough for the next requests to find the node busy:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import uuid
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from fixtures.cluster import Cluster
+from fixtures.cluster import Cluster, cli
 from sendense.qemu import img
 
 MiB = 1 << 20
@@ -167,6 +168,7 @@ def test_cancel_a_queued_job_and_disk_busy_unless_asked_to_queue(limited: Cluste
     assert again["disks"][0]["backup_type"] == "full"
 
 
+@pytest.mark.parametrize("limited", ["sqlite", "postgresql"], indirect=True)
 def test_fairness_five_requests_of_one_vm_do_not_delay_another_vm(
     limited: Cluster, make_vm
 ) -> None:  # type: ignore[no-untyped-def]
@@ -185,6 +187,66 @@ def test_fairness_five_requests_of_one_vm_do_not_delay_another_vm(
     assert order == [many[0], single, *many[1:]], order
     compare_points(c, done[-1], vms[1])
     compare_points(c, done[4], vms[0])
+
+
+def test_max_jobs_is_validated_and_the_cli_says_queued(limited: Cluster, make_vm) -> None:  # type: ignore[no-untyped-def]
+    c = limited
+    vms = [vm_with_data(make_vm, n) for n in ("v0", "v1")]
+    node_id = c.register(*vms)["node"]["node_id"]
+    for bad in (0, -1, 1001, "four", "3", 2.5, True):
+        r = c.http("PATCH", f"/api/v1/nodes/{node_id}", json={"max_jobs": bad})
+        body = r.json()
+        assert (r.status_code, body["error"]) == (400, "invalid_request"), r.text
+        assert "max_jobs" in body["message"], body
+    r = c.http("POST", "/api/v1/nodes", json=c.node_body("other", max_jobs=0))
+    assert r.status_code == 400 and "max_jobs" in r.json()["message"], r.text
+    r = c.http("PATCH", "/api/v1/nodes/nope", json={"max_jobs": 2})
+    assert r.status_code == 404, r.text
+    r = c.http("PATCH", f"/api/v1/nodes/{node_id}", json={"max_jobs": 2}, token=None)
+    assert r.status_code == 401
+    node = c.client.get(f"/api/v1/nodes/{node_id}")
+    assert (node["max_jobs"], node["job_limit"]) == (None, 4)  # nothing changed: the default
+    limit_node(c, node_id, 1)
+    # Back to the default with null.
+    assert limit_node(c, node_id, None)["job_limit"] == 4
+    limit_node(c, node_id, 1)
+
+    first = cli(c, "backup", "start", "v0", "--type", "full")
+    assert "started" in first.stdout
+    second = cli(c, "backup", "start", "v1", "--type", "full")
+    assert f"queued: {QUEUED_REASON}" in second.stdout, second.stdout
+    busy = cli(c, "backup", "start", "v0", ok=False)
+    assert "disk_busy" in busy.stdout + busy.stderr
+    behind = cli(c, "--json", "backup", "start", "v0", "--queue")
+    answer = json.loads(behind.stdout)
+    assert answer["job"]["step"] == "queued"
+    ids = [j["job_id"] for j in c.client.get("/api/v1/jobs", kind="backup")["jobs"]]
+    assert len(ids) == 3
+    done = jobs(c, ids)
+    assert [j["status"] for j in done] == ["completed"] * 3, done
+    never_two_at_once(done)
+
+
+def test_queued_jobs_survive_a_hub_restart(limited: Cluster, make_vm) -> None:  # type: ignore[no-untyped-def]
+    """SQLite, one hub killed (SIGKILL) with one job running and one queued:
+    the restarted hub resolves the running one and runs the queued one (not
+    failed as an orphan)."""
+    c = limited
+    vms = [vm_with_data(make_vm, n) for n in ("r0", "r1")]
+    node_id = c.register(*vms)["node"]["node_id"]
+    limit_node(c, node_id, 1)
+    first = c.start_backup("r0", "full")
+    waiting = c.start_backup("r1", "full")
+    assert waiting["job"]["step"] == "queued"
+    c.kill("hub")
+    c.start_hub()
+    ended = c.wait_job(first["job_id"], timeout=180)
+    assert ended["status"] in ("completed", "failed"), ended
+    done = c.wait_job(waiting["job_id"], timeout=180)
+    assert done["status"] == "completed", done
+    assert not done["error"]
+    compare_points(c, done, vms[1])
+    compare_points(c, c.backup("r0", "auto"), vms[0])
 
 
 # ------------------------------------------------------------ two hubs

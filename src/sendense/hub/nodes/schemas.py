@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from sendense.hub.validation import check_token_text, check_url
 from sendense.tls import normalize_fingerprint
@@ -37,7 +37,9 @@ class NodeCreate(BaseModel):
     token: str = Field(min_length=1, max_length=500)
     fingerprint: str | None = Field(default=None, max_length=200, description=FINGERPRINT_HELP)
     verify: bool = True
-    max_jobs: int | None = Field(default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP)
+    max_jobs: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP
+    )
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
@@ -62,7 +64,9 @@ class NodeUpdate(BaseModel):
         "(a node whose certificate was replaced). Without it the pinned one stays.",
     )
     verify: bool = True
-    max_jobs: int | None = Field(default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP)
+    max_jobs: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_JOBS_LIMIT, description=MAX_JOBS_HELP
+    )
 
     _url = field_validator("url")(check_url)
     _token = field_validator("token")(check_token_text)
