@@ -206,7 +206,9 @@ class _PullJob:
             objects += [
                 "--object",
                 f"tls-creds-psk,id=pulltls,endpoint=client,dir={d.tls_dir.replace(',', ',,')},"
-                f"username={psk.USERNAME}",
+                # AES-GCM, not ChaCha20 (nbd/psk.py): the node's nbdkit
+                # takes what the client offers first.
+                f"username={psk.USERNAME},priority={psk.PRIORITY}",
             ]
             src += ",tls-creds=pulltls"
         dst = f"driver=qcow2,file.filename={d.path.replace(',', ',,')}"
@@ -243,6 +245,12 @@ class _PullJob:
                 img.run_with_progress(args, progress, die_with_parent=True, cancel=self.kill)
             d.percent = 100.0
             d.done = True
+            log.info(
+                "job=%s disk=%s pulled seconds=%.3f",
+                self.job_id,
+                d.disk_key,
+                time.monotonic() - d.started,
+            )
         except BaseException as e:
             d.error = e
             log.warning("job=%s disk=%s pull failed: %s", self.job_id, d.disk_key, e)
