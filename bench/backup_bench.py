@@ -436,6 +436,8 @@ class Bench:
         self.scatter_uri = ""
         self.rows: dict[str, Row] = {}
         self.jobs: list[dict[str, Any]] = []
+        # The hub's qemu-nbd target options as run (read from its command line).
+        self.target_options = ""
         self.data = 0
 
     # -- setup -------------------------------------------------------------
@@ -671,6 +673,11 @@ class Bench:
                 with contextlib.suppress(OSError, ValueError):
                     pid = int(pidfile.read_text())
                     target_cpu[pid] = max(target_cpu.get(pid, 0.0), cpu_times(pid)[0])
+                    if not self.target_options:
+                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                        self.target_options = " ".join(
+                            a for a in argv if a.startswith(("--cache=", "--aio=", "--tls-creds"))
+                        )
             if (
                 cut_at is not None
                 and not cut
@@ -1021,8 +1028,8 @@ def report(bench: Bench, stat: str) -> tuple[list[str], dict[str, Any], str]:
                 + f"; total {per_gib[key]:.2f}"
             )
     lines.append(
-        f"target options: cache={TARGET.nbd_target_cache} aio={TARGET.nbd_target_aio or 'default'}"
-        f" cluster_size={HUB_CLUSTER} TLS-PSK={'on' if TARGET.nbd_tls else 'off'}"
+        f"target options: {bench.target_options or '(not seen)'} cluster_size={HUB_CLUSTER}"
+        f" (SENDENSE_NBD_TARGET_CACHE={TARGET.nbd_target_cache})"
     )
 
     jobs = [x for k in ("full", "inc1", "inc10") for x in rows[k].samples]
@@ -1163,6 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
             "started_at": stamp.isoformat(),
             "finished_at": datetime.now(UTC).isoformat(),
             "params": {
+                "target_options": bench.target_options,
                 "size_bytes": bench.size,
                 "data_fraction": args.data_fraction,
                 "repeat": args.repeat,
