@@ -15,11 +15,11 @@ runs, in an order that rotates every round:
 - ``push``: the same full with the node at ``push``.
 
 The node is restarted between pull and push (its setting is read at start).
-CPU seconds per process side: hub (itself + reaped children: qemu-img,
-qemu-nbd), node (itself + reaped children: the worker, its exports), vm
-(qemu-storage-daemon). Last line: ``pull_full_vs_onehop=`` (one-hop seconds
-÷ pull seconds, medians) ``pull_vs_push=`` (push seconds ÷ pull seconds)
-and CPU seconds per GiB of data of each.
+CPU seconds per kind of process, sampled (`CpuSampler`): hub, node,
+worker, qemu-img, nbdkit, qemu-nbd, vm (qemu-storage-daemon). Last line:
+``pull_full_vs_onehop=`` (one-hop seconds ÷ pull seconds, medians),
+``pull_vs_push=`` (push seconds ÷ pull seconds) and CPU seconds per GiB
+of data of each.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,69 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cpu(pid: int) -> float:
-    """User+system CPU seconds of ``pid`` and its reaped children."""
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+KINDS = (
+    ("qemu-img", b"qemu-img"),
+    ("nbdkit", b"nbdkit"),
+    ("qemu-nbd", b"qemu-nbd"),
+    ("vm", b"qemu-storage-daemon"),
+    ("worker", b"sendense.node.worker"),
+    ("node", b"node\0serve"),
+    ("hub", b"hub"),
+)
+
+
+class CpuSampler:
+    """CPU seconds per kind of process (hub, node, worker, qemu-img, nbdkit,
+    qemu-nbd, vm) over a span: every 50 ms, the user+system time of each
+    process whose command line mentions the work folder; a process's share
+    is its last sample minus its first (or zero if it started in the span).
+    A process that ends loses at most its last 50 ms."""
+
+    def __init__(self, work: Path) -> None:
+        self.needle = str(work).encode()
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _scan(self, initial: bool) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if self.needle not in cmd:
+                continue
+            t = (int(f[11]) + int(f[12])) / tick
+            if pid not in self.first:
+                kind = next((k for k, needle in KINDS if needle in cmd), "other")
+                self.first[pid] = (kind, t if initial else 0.0)
+            self.last[pid] = t
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            self._scan(False)
+
+    def __enter__(self) -> CpuSampler:
+        self._scan(True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._scan(False)
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (kind, t0) in self.first.items():
+            out[kind] = out.get(kind, 0.0) + self.last[pid] - t0
+        return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def build_disk(vm: QsdVm, work: Path, size: int, fraction: float, rng: random.Random) -> int:
@@ -136,24 +193,21 @@ class Bench:
     def full(self, mode: str) -> None:
         self.node_mode(mode)
         c = self.cluster
-        assert c.hub is not None and c.node is not None and self.vm.pid is not None
-        pids = {"hub": c.hub.pid, "node": c.node.pid, "vm": self.vm.pid}
         os.sync()
-        cpu0 = {k: cpu(p) for k, p in pids.items()}
-        t0 = time.perf_counter()
-        started = c.client.post(
-            "/api/v1/backups", {"vm_name": VM, "repository_id": "default", "backup_type": "full"}
-        )
-        while True:
-            job: dict[str, Any] = c.client.get(f"/api/v1/jobs/{started['job_id']}", wait=0.25)
-            if job["status"] in ("completed", "failed", "cancelled"):
-                break
-        s = time.perf_counter() - t0
+        with CpuSampler(self.work) as sampler:
+            t0 = time.perf_counter()
+            started = c.client.post(
+                "/api/v1/backups",
+                {"vm_name": VM, "repository_id": "default", "backup_type": "full"},
+            )
+            while True:
+                job: dict[str, Any] = c.client.get(f"/api/v1/jobs/{started['job_id']}", wait=0.25)
+                if job["status"] in ("completed", "failed", "cancelled"):
+                    break
+            s = time.perf_counter() - t0
         if job["status"] != "completed":
             raise SystemExit(f"{mode} full {job['status']}: {job.get('error')}")
-        # The node reaps its worker after it ended: give it a moment.
-        time.sleep(0.5)
-        used = {k: cpu(p) - cpu0[k] for k, p in pids.items()}
+        used = sampler.by_kind()
         self.samples[mode].append(s)
         self.cpu[mode].append(used)
         say(f"{mode} full {s:.3f}s cpu " + " ".join(f"{k}={v:.2f}" for k, v in used.items()))
@@ -171,7 +225,8 @@ class Bench:
         gib = self.data / GiB
         cpu_per_gib = {
             mode: {
-                k: statistics.median(r[k] for r in rows) / gib for k in ("hub", "node", "vm")
+                k: statistics.median(r.get(k, 0.0) for r in rows) / gib
+                for k in sorted({k for r in rows for k in r})
             }
             for mode, rows in self.cpu.items()
         }

@@ -336,3 +336,29 @@ def test_a_pulled_incremental_is_refused(cluster: Cluster) -> None:
     )
     assert r.status_code == 400, r.text
     assert "full backups only" in r.json()["message"], r.text
+
+
+@cluster_env(node=pull_node(SENDENSE_NODE_MAX_RATE=str(4 * MiB)))
+def test_hub_killed_mid_pull_leaves_nothing(cluster: Cluster, make_vm) -> None:
+    """The hub's qemu-img dies with it; the restarted hub fails the job (no
+    target to adopt), removes the partial file and the key, and stops the
+    node's job, which releases the VM."""
+    c = cluster
+    vm = make_vm("pullphoenix", [64 * MiB])
+    write_random(vm, 0, 0, 48 * MiB)
+    c.register(vm)
+    started = c.start_backup("pullphoenix", "full")
+    job_id = started["job_id"]
+    wait_for("the hub to be pulling", lambda: pulling(c, job_id), timeout=30)
+    c.kill("hub", signal.SIGKILL)
+    wait_for("the hub's qemu-img to die with it", lambda: hub_qemu_img(c) == [], timeout=10)
+    c.start_hub()
+    job = c.wait_job(job_id, timeout=30)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "hub_restarted", job
+    assert_nothing_left(c, job, vm)
+    st = node_status(c, job_id)
+    assert st["status"] in ("cancelled", "failed"), st
+    again = c.backup("pullphoenix", "full")
+    (b,) = backups_of(c, again)
+    assert img.compare(b["file_path"], str(vm.disks[0])), b
