@@ -44,8 +44,9 @@ SLOW_NODE = {
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, node_env=dict(SLOW_NODE))
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A hub (its environment: the test's indirect parameter) and a slow node."""
+    c = Cluster(tmp_path, hub_env=getattr(request, "param", None), node_env=dict(SLOW_NODE))
     with ThreadPoolExecutor(1) as pool:
         node_started = pool.submit(c.start_node)
         try:
@@ -206,3 +207,42 @@ def test_hub_and_its_targets_killed_mid_copy_the_restarted_hub_resumes(
     nxt = cluster.backup("resume2", "auto")
     assert_exact(cluster, vm, nxt)
     assert_hub_side_clean(cluster)
+
+
+@pytest.mark.parametrize("cluster", [{"SENDENSE_NBD_TARGET_RESTARTS": "1"}], indirect=True)
+def test_a_target_that_keeps_dying_fails_the_job_cleanly(cluster: Cluster, make_vm) -> None:
+    """Restarts are limited (SENDENSE_NBD_TARGET_RESTARTS): past them the job
+    fails with target_lost, its partial file removed, nothing left running."""
+    vm = make_vm("resume3", [64 * MiB])
+    write_random(vm, 0, 0, 24 * MiB)
+    cluster.register(vm)
+    started = cluster.start_backup("resume3", "full")
+    job_id = started["job_id"]
+    wait_mid_copy(cluster, job_id)
+    (first,) = target_pids(cluster)
+    os.kill(first, signal.SIGKILL)
+    # Once served again (the job says so), kill it again.
+    wait_for(
+        "the target served again",
+        lambda: any(
+            "served again" in m for m in cluster.client.get(f"/api/v1/jobs/{job_id}")["messages"]
+        ),
+    )
+    (second,) = target_pids(cluster)
+    assert second != first
+    os.kill(second, signal.SIGKILL)
+
+    job, _ = follow(cluster, job_id)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "target_lost", job
+    assert "given up after 1 restarts" in job["error"]["message"], job
+    assert "SENDENSE_NBD_TARGET_RESTARTS" in job["error"]["message"], job
+    (b,) = [cluster.client.get(f"/api/v1/backups/{bid}") for bid in job["backups"]]
+    assert b["status"] == "failed", b
+    assert not Path(b["file_path"]).exists(), b
+    assert_hub_side_clean(cluster)
+    # The node stopped its worker (the hub cancelled it) and the VM is usable:
+    # the next backup works.
+    wait_for("the node's job to end", lambda: node_status(cluster, job_id)["status"] != "running")
+    nxt = cluster.backup("resume3", "auto")
+    assert_exact(cluster, vm, nxt)

@@ -742,19 +742,31 @@ class BackupEngine:
             tls_dir = str(self._tls_dir(backup_id))
             if not (Path(tls_dir) / psk.SERVER_FILE).exists():
                 raise JobFailed(f"{what} stopped and its TLS key is gone")
-        self._restarts[backup_id] = attempt
         old = self._servers.pop(backup_id, None)
         if old is not None:
             old.stop()  # reaps the dead process, drops its pidfile
         self._adopted_pids.pop(backup_id, None)
         started = time.monotonic()
-        try:
-            img.repair_leaks(path, key=key)
-        except Error as e:
-            raise JobFailed(f"{what} stopped and left a damaged file: {e}") from e
-        server = self._target_server(backup_id, path, port, export, tls_dir, key)
-        self._servers[backup_id] = server
-        server.start()
+        while True:
+            self._restarts[backup_id] = attempt
+            try:
+                img.repair_leaks(path, key=key)
+            except Error as e:
+                raise JobFailed(f"{what} stopped and left a damaged file: {e}") from e
+            server = self._target_server(backup_id, path, port, export, tls_dir, key)
+            self._servers[backup_id] = server
+            try:
+                server.start()  # on failure it leaves no process behind
+                break
+            except Error as e:  # killed again while starting, port taken, ...
+                self._servers.pop(backup_id, None)
+                attempt += 1
+                if attempt > limit:
+                    raise JobFailed(
+                        f"{what} stopped {attempt} times; given up after {limit} restarts "
+                        f"(SENDENSE_NBD_TARGET_RESTARTS): {e.message}"
+                    ) from e
+                time.sleep(0.2)
         took = time.monotonic() - started
         note = (
             f"{what} stopped; served again on port {port} (restart {attempt} of {limit}, "
