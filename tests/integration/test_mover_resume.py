@@ -16,9 +16,11 @@ backoff ends the copy at once; no qemu-nbd is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ import pytest
 from fixtures.processes import processes_under
 from pgserver import free_port
 from sendense.core.errors import Cancelled, Error
-from sendense.mover.copy import Mover, Retrying
+from sendense.mover.copy import Mover, Retrying, connect_uri
 from sendense.mover.digest import BlockHashList
 from sendense.mover.verify import digest_of_image
 from sendense.nbd import psk
@@ -53,6 +55,62 @@ def make_source(path: Path, rng: random.Random) -> None:
         f.write(rng.randbytes(4096))
 
 
+class Relay:
+    """A unix-socket relay in front of the source: `cut` drops the connections
+    going through it while the server behind stays up (a dropped connection,
+    not a stopped VM)."""
+
+    def __init__(self, path: Path, upstream: Path) -> None:
+        self.path, self.upstream = path, upstream
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.socket(socket.AF_UNIX)
+            try:
+                b.connect(str(self.upstream))
+            except OSError:
+                a.close()
+                b.close()
+                continue
+            with self.lock:
+                self.pairs.append((a, b))
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pump(x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(1 << 20):
+                y.sendall(data)
+        except OSError:
+            pass
+        for sock in (x, y):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for a, b in pairs:
+            for sock in (a, b):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
 class Ends:
     """The source and target servers of one copy, which a test can kill and
     serve again like the hub does."""
@@ -71,6 +129,7 @@ class Ends:
         self.dst_server = self._dst_server()
         self.src_server.start()
         self.dst_server.start()
+        self.relay = Relay(tmp / "relay.sock", tmp / "src.sock")
 
     def _src_server(self) -> QemuNbdServer:
         return QemuNbdServer(
@@ -88,13 +147,13 @@ class Ends:
     def open_source(self) -> nbd.NBD:
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
-        h.connect_uri(self.src_server.url)
+        h.connect_uri(f"nbd+unix:///?socket={self.tmp / 'relay.sock'}")
         return h
 
     def open_target(self) -> nbd.NBD:
         h = nbd.NBD()
         psk.use_key_file(h, self.keys / psk.SERVER_FILE)
-        h.connect_uri(self.dst_server.url)
+        connect_uri(h, self.dst_server.url, timeout=1.0)
         return h
 
     def kill(self, which: str) -> None:
@@ -115,6 +174,7 @@ class Ends:
             self.src_server.start()
 
     def stop(self) -> None:
+        self.relay.close()
         self.src_server.stop()
         self.dst_server.stop()
         psk.remove_dir(self.keys)
@@ -170,22 +230,20 @@ def run_in_thread(mover: Mover) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-@pytest.mark.parametrize("which", ["target", "source"])
-def test_copy_survives_a_killed_server(ends: Ends, tmp_path: Path, which: str) -> None:
+def test_copy_survives_a_killed_target(ends: Ends, tmp_path: Path) -> None:
     retries: list[Retrying | None] = []
     hashes = BlockHashList(tmp_path / "h.x3", SIZE)
     mover = make_mover(ends, hashes, on_retry=retries.append)
     t, out = run_in_thread(mover)
     when_copied(mover, 0.4)
-    ends.kill(which)
+    ends.kill("target")
     # Down long enough for a few attempts (0.5 s, 1 s, 2 s backoff).
     time.sleep(1.2)
     assert retries and retries[-1] is not None
-    assert retries[-1].end == which and retries[-1].attempt >= 2
-    assert f"{which} connection lost" in retries[-1].reason
-    mark_at_drop = mover.mark
-    assert mark_at_drop > 0, "nothing was flushed before the drop"
-    ends.serve_again(which)
+    assert retries[-1].end == "target" and retries[-1].attempt >= 2
+    assert "target connection lost" in retries[-1].reason
+    assert mover.mark > 0, "nothing was flushed before the drop"
+    ends.serve_again("target")
     t.join(60)
     assert not t.is_alive()
     assert "error" not in out, out.get("error")
@@ -198,6 +256,63 @@ def test_copy_survives_a_killed_server(ends: Ends, tmp_path: Path, which: str) -
     # Data counted once, whatever was copied twice.
     assert result.data_bytes == mover.progress.bytes_total
     assert img.check(str(ends.target))["check-errors"] == 0
+
+
+def test_copy_survives_a_dropped_source_connection(ends: Ends, tmp_path: Path) -> None:
+    retries: list[Retrying | None] = []
+    hashes = BlockHashList(tmp_path / "h.x3", SIZE)
+    mover = make_mover(ends, hashes, on_retry=retries.append)
+    t, out = run_in_thread(mover)
+    when_copied(mover, 0.4)
+    ends.relay.cut()
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    assert mover.reconnects == 1
+    assert [r.end for r in retries if r is not None] == ["source"]
+    assert retries[-1] is None
+    ends.stop()
+    assert img.compare(str(ends.target), str(ends.source))
+    assert out["result"].digest == digest_of_image(str(ends.source), fmt="raw")
+
+
+def test_source_server_gone_fails_at_once(ends: Ends, tmp_path: Path) -> None:
+    """A stopped VM takes its frozen view with it: no waiting for the deadline."""
+    mover = make_mover(ends, None)
+    t, out = run_in_thread(mover)
+    when_copied(mover, 0.3)
+    t0 = time.monotonic()
+    ends.kill("source")
+    ends.relay.close()  # the VM's socket: nobody listens on it any more
+    t.join(30)
+    assert time.monotonic() - t0 < 3
+    err = out.get("error")
+    assert isinstance(err, Error) and err.code == "source_lost", err
+    assert "lost the connection to disk 2000 of the VM" in err.message
+    mover.close()
+
+
+def test_copy_survives_a_target_that_stops_answering(ends: Ends, tmp_path: Path) -> None:
+    """A hung target (SIGSTOP: the connection stays, nothing answers) counts
+    as dropped after stall_timeout; attempts that get no handshake time out."""
+    retries: list[Retrying | None] = []
+    mover = make_mover(ends, None, stall_timeout=1.0, on_retry=retries.append)
+    t, out = run_in_thread(mover)
+    when_copied(mover, 0.3)
+    assert ends.dst_server.proc is not None
+    pid = ends.dst_server.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 15
+        while not any(r is not None and r.attempt >= 2 for r in retries):
+            assert time.monotonic() < deadline, retries
+            time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    assert "no answer for 1 s" in next(r.reason for r in retries if r is not None)
+    ends.stop()
+    assert img.compare(str(ends.target), str(ends.source))
 
 
 def test_incremental_survives_a_killed_target(tmp_path: Path) -> None:

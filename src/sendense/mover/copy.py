@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import logging
+import os
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -71,8 +74,11 @@ DEFAULT_IN_FLIGHT = 8
 DEFAULT_FLUSH_BYTES = 256 << 20
 DEFAULT_FLUSH_SECONDS = 5.0
 DEFAULT_STALL_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 30.0
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 10.0
+# A source connection refused, or its export unknown: the frozen view is gone.
+SOURCE_GONE = frozenset({"ENOENT", "ECONNREFUSED"})
 
 _T = TypeVar("_T")
 
@@ -548,12 +554,14 @@ class Mover:
                 self._reconnect(drop)
 
     def _reconnect(self, drop: _Dropped) -> None:
-        what = "the VM's disk (source)" if drop.end == "source" else "the hub's NBD target"
+        what = "the VM's export" if drop.end == "source" else "the hub's NBD target"
         since = time.time()
         deadline = since + self.reconnect_deadline
         reason = f"{drop.end} connection lost: {drop.detail}"
         log.warning("%s: %s; reconnecting (mark %d)", self.label, reason, self.mark)
         count = len(self.dsts)
+        for h in [self.src, *self.dsts]:
+            _sever(h)
         self.close()
         delay = RECONNECT_FIRST_DELAY
         attempt = 0
@@ -567,7 +575,23 @@ class Mover:
                 raise Cancelled("copy cancelled while reconnecting")
             try:
                 assert self.reconnect_source is not None
-                src = self.reconnect_source()
+                try:
+                    src = self.reconnect_source()
+                except nbd.Error as e:
+                    if e.errno in SOURCE_GONE:
+                        # The frozen view lives in the server's process (the
+                        # VM's QEMU, the node's nbdkit or qemu-nbd): without
+                        # it, or without its export, it is gone for good.
+                        if self.on_retry is not None:
+                            self.on_retry(
+                                Retrying(drop.end, reason, attempt, since, deadline, True)
+                            )
+                        raise ConnectionLost(
+                            f"lost the connection to {self.label} of the VM during the copy "
+                            f"and its export is gone (did the VM's QEMU process stop?): {e}",
+                            code="source_lost",
+                        ) from None
+                    raise
                 dsts: list[nbd.NBD] = []
                 try:
                     for _ in range(count):
@@ -633,7 +657,9 @@ class Mover:
         bytes_out = 0  # read buffers in flight
         written, at_written = self.mark, self._at_mark
         flushing: tuple[int, int, tuple[int, int]] | None = None
-        last_flush_at, last_flush_pos = time.monotonic(), self.mark
+        # Bytes written since the last flush, not positions: an incremental's
+        # extents are far apart and a flush of little data is wasted.
+        last_flush_at, last_flush_sent = time.monotonic(), self._sent(self._at_mark)
         last_event = time.monotonic()
         rr = 0
         exhausted = False
@@ -686,7 +712,12 @@ class Mover:
                 break
             if self._poll(src, dsts, 10 if throttled else 1000):
                 last_event = time.monotonic()
-            elif time.monotonic() - last_event > self.stall_timeout:
+            elif (
+                self.resumable
+                and (reads or n_writes)
+                and time.monotonic() - last_event > self.stall_timeout
+            ):
+                # (A flush alone may take long: the target writes back its cache.)
                 end = "source" if reads else "target"
                 raise _Dropped(end, f"no answer for {self.stall_timeout:g} s")
             # Retire completed reads in order: the write goes out first, the
@@ -737,7 +768,7 @@ class Mover:
                     flushing is None
                     and written > self.mark
                     and (
-                        written - last_flush_pos >= self.flush_bytes
+                        self._sent(at_written) - last_flush_sent >= self.flush_bytes
                         or now - last_flush_at >= self.flush_seconds
                     )
                     and self.resumable
@@ -747,7 +778,7 @@ class Mover:
                     # multi-conn (the only case where there are several).
                     flushing = (dsts[0].aio_flush(), written, at_written)
                     self.flushes += 1
-                    last_flush_at, last_flush_pos = now, written
+                    last_flush_at, last_flush_sent = now, self._sent(at_written)
             self._report()
         if self.cancel_event.is_set():
             raise Cancelled("copy cancelled")
@@ -755,6 +786,11 @@ class Mover:
             dsts[0].flush()
             self.flushes += 1
         self.mark, self._at_mark = self.size, at_written
+
+    def _sent(self, counters: tuple[int, int]) -> int:
+        """Bytes sent to the target by the requests counted in ``counters``."""
+        data, zero = counters
+        return data if self.target_is_zero else data + zero
 
     def _done(self, e: Extent, slot: _Slot) -> None:
         slot.done = True
@@ -798,6 +834,41 @@ class Mover:
             elif revents & select.POLLOUT:
                 h.aio_notify_write()
         return bool(ready)
+
+
+def connect_uri(h: nbd.NBD, url: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+    """``h.connect_uri(url)``, but failing after ``timeout`` seconds: a server
+    that accepts but never answers (a hung host, a stopped process) would
+    otherwise hold a reconnect attempt forever. Raises `nbd.Error`."""
+    h.aio_connect_uri(url)
+    deadline = time.monotonic() + timeout
+    while h.aio_is_connecting():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _sever(h)
+            raise nbd.Error(f"no NBD handshake within {timeout:g} s", errno.ETIMEDOUT)
+        d = h.aio_get_direction()
+        events = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | (
+            select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0
+        )
+        poller = select.poll()
+        poller.register(h.aio_get_fd(), events)
+        for _, revents in poller.poll(min(left, 0.5) * 1000):
+            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                h.aio_notify_read()
+            elif revents & select.POLLOUT:
+                h.aio_notify_write()
+    if not h.aio_is_ready():
+        raise nbd.Error("NBD connection failed", errno.ECONNRESET)
+
+
+def _sever(h: nbd.NBD) -> None:
+    """Cut a handle's connection under it, so that shutting it down cannot
+    wait on a server that stopped answering (the handle then sees EOF)."""
+    with contextlib.suppress(Exception):
+        fd = h.aio_get_fd()
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _gone(h: nbd.NBD) -> bool:

@@ -45,7 +45,7 @@ from sendense.connectors.file.connector import FileConnector
 from sendense.connectors.registry import make_connector
 from sendense.core.errors import Cancelled, Error
 from sendense.mover import digest as dg
-from sendense.mover.copy import Mover, Progress, Retrying
+from sendense.mover.copy import Mover, Progress, Retrying, connect_uri
 from sendense.nbd import psk
 from sendense.protocol.node import (
     TLS_SCHEMES,
@@ -130,7 +130,7 @@ def _open_source(view: DiskView) -> nbd.NBD:
     h.add_meta_context("base:allocation")
     if view.dirty_context:
         h.add_meta_context(view.dirty_context)
-    h.connect_uri(view.nbd_url)
+    connect_uri(h, view.nbd_url)  # with a timeout: a hung server fails the attempt
     return h
 
 
@@ -242,7 +242,7 @@ def _connect_target(h: nbd.NBD, url: str, job: WorkerJob, key: int) -> None:
         psk.use_key_file(h, tls.psk_file, tls.username)
     elif url.startswith(TLS_SCHEMES):  # the request's validation prevents it
         raise Error(f"target of disk {key} requires TLS and the job has no key for it")
-    h.connect_uri(url)
+    connect_uri(h, url)
 
 
 def _copy_disks(
