@@ -362,3 +362,25 @@ def test_hub_killed_mid_pull_leaves_nothing(cluster: Cluster, make_vm) -> None:
     again = c.backup("pullphoenix", "full")
     (b,) = backups_of(c, again)
     assert img.compare(b["file_path"], str(vm.disks[0])), b
+
+
+@cluster_env(node=pull_node(SENDENSE_NODE_MAX_RATE=str(4 * MiB)))
+def test_node_export_lost_mid_pull_fails_cleanly(cluster: Cluster, make_vm) -> None:
+    """The node's export dies under the hub's read: the job fails with the
+    reason, the node's job is cancelled, and nothing is left."""
+    c = cluster
+    vm = make_vm("pullcut", [64 * MiB])
+    write_random(vm, 0, 0, 48 * MiB)
+    c.register(vm)
+    started = c.start_backup("pullcut", "full")
+    job_id = started["job_id"]
+    wait_for("the hub to be pulling", lambda: pulling(c, job_id), timeout=30)
+    exports = [p for p, cmd in processes_under(c.node_dir) if "nbdkit" in cmd or "qemu-nbd" in cmd]
+    assert len(exports) == 1, exports
+    os.kill(exports[0], signal.SIGKILL)
+    job = c.wait_job(job_id, timeout=30)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "pull_failed", job
+    assert "reading disk 2000 from the node failed" in job["error"]["message"], job
+    assert_nothing_left(c, job, vm)
+    assert vm_state(vm)["bitmaps"]["disk0"] == []

@@ -197,6 +197,8 @@ class _PullJob:
 
         u = urlparse(url)
         export = u.path.lstrip("/")
+        if u.scheme not in ("nbd", "nbds") or not u.hostname or not u.port or not export:
+            raise Error(f"the node reported an export the hub cannot read: {url!r}")
         src = (
             f"driver=nbd,server.type=inet,server.host={u.hostname},server.port={u.port},"
             f"export={export}"
@@ -385,9 +387,12 @@ class _PullJob:
                 if not cancel_sent:
                     self._start_converts(st)
                     if not pulled_sent and all(d.done for d in self.disks.values()):
-                        client.pulled(job_id)
-                        pulled_sent = True
-                        log.info("job=%s every disk pulled", job_id)
+                        try:
+                            client.pulled(job_id)
+                            pulled_sent = True
+                            log.info("job=%s every disk pulled", job_id)
+                        except NodeUnreachable as e:  # again at the next round
+                            log.warning("job=%s telling the node failed: %s", job_id, e.message)
                 now = time.monotonic()
                 if now - last_write >= 0.5:
                     last_write = now

@@ -354,6 +354,7 @@ def serve_disks(
                 change_id=view.new_change_id,
                 digest=r.digest,
                 bytes_done=r.data_bytes,
+                bytes_total=r.data_bytes,
                 data_bytes=r.data_bytes,
                 zero_bytes=r.zero_bytes,
                 requests=r.requests,
