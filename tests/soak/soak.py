@@ -1,9 +1,11 @@
 """Kill -9 soak: a seeded random loop of actions and faults, with invariants.
 
 Two hub processes on one PostgreSQL catalog (sharing its ``secret.key`` and
-the ``default`` repository), two nodes, three qemu-storage-daemon VMs (one
-holds a GPT disk with an ext4 filesystem, for restore sessions). Each
-iteration:
+the ``default`` repository), two nodes (node a runs one job at a time, so a
+second backup there waits in the queue), three qemu-storage-daemon VMs (one
+holds a GPT disk with an ext4 filesystem, for restore sessions). A backup
+with a fault has, half the time, a second backup in flight (another VM's,
+or the same VM's queued behind it). Each iteration:
 
 1. draws an action and a fault from ``Random(f"{seed}:{iteration}")`` (so an
    iteration's draw does not depend on the ones before it): a backup (full,
@@ -198,7 +200,9 @@ class Soak:
         self._fs_vm("soak-fs", "a")
         for node in ("a", "b"):
             c = self.hubs[node]
-            n = self.api("POST", "/api/v1/nodes", json=c.node_body(f"node-{node}"))
+            # Node a runs one job at a time: a second backup there is queued.
+            limit = {"max_jobs": 1} if node == "a" else {}
+            n = self.api("POST", "/api/v1/nodes", json=c.node_body(f"node-{node}", **limit))
             mine = [v for v in self.vms if v.node == node]
             src = self.api(
                 "POST",
@@ -385,9 +389,15 @@ class Soak:
 
     # ------------------------------------------------------------- jobs
 
-    def start_backup(self, vm: SoakVm, kind: str, rng: random.Random) -> str:
+    def start_backup(
+        self, vm: SoakVm, kind: str, rng: random.Random, *, queue: bool = False
+    ) -> str:
+        """A backup job; its truth image is the VM's disk now (nothing writes
+        into the VM until it ended)."""
         assert vm.truth is not None
-        body = {"vm_name": vm.name, "repository_id": "default", "backup_type": kind}
+        body: dict[str, Any] = {"vm_name": vm.name, "repository_id": "default", "backup_type": kind}
+        if queue:
+            body["queue"] = True
         job_id = str(self.api("POST", "/api/v1/backups", json=body, via=rng)["job_id"])
         self.truth_of_job[job_id] = vm.truth
         self.counts["backups"] += 1
@@ -527,13 +537,24 @@ class Soak:
         self.write(vm, rng, budget=16 * MiB if long_copy else 0)
         job_id = self.start_backup(vm, kind, rng)
         step.notes.append(f"{kind} of {vm.name}, job {job_id}")
+        jobs = [job_id]
+        companion = rng.random() if long_copy else 1.0
+        if companion < 0.5:  # a second VM's backup in flight too (queued on node a)
+            other = rng.choice([v for v in self.vms if v is not vm])
+            self.write(other, rng, budget=8 * MiB)
+            jobs.append(self.start_backup(other, "auto", rng))
+            step.notes.append(f"auto of {other.name}, job {jobs[-1]}")
+        elif companion < 0.75:  # the same VM again, queued behind the first
+            jobs.append(self.start_backup(vm, "auto", rng, queue=True))
+            step.notes.append(f"queued auto of {vm.name}, job {jobs[-1]}")
         if step.fault:
             self.wait_running(job_id, rng)
             self.inject(step, vm)
-        job = self.wait_job(job_id)
-        self.expect(
-            step, job["status"] == "completed", f"backup ended {job['status']}: {job['error']}"
-        )
+        for one in jobs:
+            job = self.wait_job(one)
+            self.expect(
+                step, job["status"] == "completed", f"backup ended {job['status']}: {job['error']}"
+            )
 
     def _pick_point(self, step: Step, vm: SoakVm | None = None) -> dict[str, Any] | None:
         points = self.completed_backups(vm.name if vm else None)
@@ -821,7 +842,7 @@ class Soak:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--iterations", type=int, default=int(os.environ.get("SOAK_ITERATIONS") or 80))
+    p.add_argument("--iterations", type=int, default=int(os.environ.get("SOAK_ITERATIONS") or 120))
     p.add_argument(
         "--seed", type=int, default=int(os.environ.get("SOAK_SEED") or random.randrange(1 << 31))
     )
