@@ -219,35 +219,64 @@ def queued_nodes(db: Database) -> list[str]:
         ]
 
 
-def claim(
-    db: Database, lifecycle: JobLifecycle, node_id: str, settings: Any
-) -> tuple[str, int, int] | None:
-    """Claim the first queued job of the node in the fair order if the node
-    has a free slot: ``(job id, slots used before, limit)``, or None."""
-    with db.session() as s:
-        lock_node(s, node_id)
-        limit = limit_of(s, node_id, settings)
-        used = occupied(s, node_id)
-        if limit > 0 and used >= limit:
-            return None
-        q = (
+def candidates(s: Session, node_id: str) -> list[str]:
+    """The node's first queued jobs in the fair order whose VM is free."""
+    return list(
+        s.scalars(
             select(BackupJob.id)
             .where(queued_clause(), BackupJob.node_id == node_id, _vm_free())
             .where(BackupJob.cancel_requested_at.is_(None))
             .order_by(*fair_order())
             .limit(CANDIDATES)
-        )
-        if s.get_bind().dialect.name != "sqlite":
-            q = q.with_for_update(of=BackupJob, skip_locked=True)
-        for job_id in s.scalars(q).all():
-            result = s.execute(
-                update(BackupJob)
-                .where(BackupJob.id == job_id, queued_clause())
-                .values(step="claimed", **lifecycle.claim_fields())
-            )
-            if getattr(result, "rowcount", 0):
-                return job_id, used, limit
-        return None
+        ).all()
+    )
+
+
+def claim(
+    db: Database, lifecycle: JobLifecycle, node_id: str, settings: Any
+) -> tuple[str, int, int] | None:
+    """Claim the first queued job of the node in the fair order if the node
+    has a free slot: ``(job id, slots used before, limit)``, or None.
+
+    The order is read first, with no lock (the costly query: 35-75 ms with
+    1,000 queued jobs among 100,000); then, under the node's lock, the count
+    and the claim itself: the candidates locked ``FOR UPDATE SKIP LOCKED``
+    (PostgreSQL) and the first one still queued, whose VM is still free,
+    taken with a conditional write. A candidate taken meanwhile by another
+    hub is passed over; if all were, the order is read again."""
+    for _ in range(3):
+        with db.session() as s:
+            # Without the lock first: a full node costs no write lock.
+            limit = limit_of(s, node_id, settings)
+            if limit > 0 and occupied(s, node_id) >= limit:
+                return None
+            ids = candidates(s, node_id)
+        if not ids:
+            return None
+        with db.session() as s:
+            lock_node(s, node_id)
+            limit = limit_of(s, node_id, settings)
+            used = occupied(s, node_id)
+            if limit > 0 and used >= limit:
+                return None
+            if s.get_bind().dialect.name != "sqlite":
+                locked = set(
+                    s.scalars(
+                        select(BackupJob.id)
+                        .where(BackupJob.id.in_(ids), queued_clause())
+                        .with_for_update(skip_locked=True)
+                    ).all()
+                )
+                ids = [i for i in ids if i in locked]
+            for job_id in ids:
+                result = s.execute(
+                    update(BackupJob)
+                    .where(BackupJob.id == job_id, queued_clause(), _vm_free())
+                    .values(step="claimed", **lifecycle.claim_fields())
+                )
+                if getattr(result, "rowcount", 0):
+                    return job_id, used, limit
+    return None
 
 
 def cancel_queued(db: Database, lifecycle: JobLifecycle, job_id: str) -> bool:
