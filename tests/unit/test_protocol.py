@@ -55,6 +55,7 @@ def test_start_request_as_the_hub_sends_it() -> None:
         "in_flight": None,
         "request_size": None,
         "nbd_tls": {},  # no keys: the hub sent plain targets
+        "transfer": "push",  # the default: the node writes into the hub's targets
     }
     # A full backup reads no change id, whatever came with it.
     assert BackupStartRequest.model_validate(start_body(backup_type="full")).change_ids() == {}
