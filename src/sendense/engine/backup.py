@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -1124,11 +1125,13 @@ class BackupEngine:
         """
         resolved = []
         adopted: set[str] = set()
-        mine = [
-            job_id
+        # Job id -> the host its dead owner ran on ("host/pid/instance").
+        old_hosts = {
+            job_id: (old or "").partition("/")[0]
             for job_id, kind, old in self.lifecycle.orphans()
             if kind == "backup" and self.lifecycle.take_over(job_id, old)
-        ]
+        }
+        mine = list(old_hosts)
         with self.db.session() as s:
             todo = []
             for job_id in mine:
@@ -1149,7 +1152,10 @@ class BackupEngine:
                 log.warning("job=%s finished on the node while the hub was down", job_id)
                 self._finish(job_id, st, "completed", None)
                 adopted.update(b for b, _, _ in targets)
-            elif state in ("running", "pending") and (why := self._adopt(job_id, targets)) is None:
+            elif (
+                state in ("running", "pending")
+                and (why := self._adopt(job_id, targets, old_hosts[job_id])) is None
+            ):
                 log.warning("job=%s still running on the node: adopted", job_id)
                 adopted.update(b for b, _, _ in targets)
                 self._follow(job_id, client)
@@ -1192,13 +1198,20 @@ class BackupEngine:
                 psk.remove_dir(tls_dir)
         return resolved
 
-    def _adopt(self, job_id: str, targets: list[tuple[str, int | None, int | None]]) -> str | None:
+    def _adopt(
+        self, job_id: str, targets: list[tuple[str, int | None, int | None]], old_host: str
+    ) -> str | None:
         """Take back the targets of a job a dead hub process left running:
         their ports held again, live qemu-nbd processes kept, dead ones (gone
         with the old hub, as systemd stops a service's whole cgroup) served
-        again on the same port and key. None when done, else why not."""
+        again on the same port and key. None when done, else why not.
+
+        Only a hub on the host the targets ran on can: their pids are that
+        host's, and the node dials that host's address."""
         if not targets:
             return "the job has no targets"
+        if old_host and old_host != socket.gethostname():
+            return f"they were served by the hub on host {old_host}"
         for backup_id, _, port in targets:
             if port is None:
                 return "a target's port is not on record"
