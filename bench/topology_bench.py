@@ -40,6 +40,15 @@ disk as built; the order of TLS on and off alternates between rounds):
   product's TLS qemu-nbd. Where the hub has no NBD TLS setting, only
   ``plain`` runs.
 
+Issue 11: per round also a pull full (``--no-pull`` skips it: the node
+restarted with ``SENDENSE_NODE_TRANSFER=pull``, the hub's ``qemu-img
+convert`` reads its frozen disk; without netem the WAN's delay line covers
+only the hub's ports, so a WAN pull is rate-shaped but not delayed), and per
+profile ``--resume-rounds`` pairs of fulls, one with its target's qemu-nbd
+killed at ``--cut-at`` of the bytes (the hub serves it again, the node's
+mover resumes) and one without: ``resume_overhead`` (wall with the cut /
+without; the WAN's when measured, else the LAN's).
+
 On ``wan`` one more full and incremental per node setting in
 ``--tune-settings`` (two by default; none skips them) (``SENDENSE_NODE_IN_FLIGHT`` /
 ``SENDENSE_NODE_REQUEST_SIZE``): what more requests in flight or larger
@@ -112,6 +121,8 @@ NODE_TLS = "tls" in NodeSettings.model_fields
 # The node's mover resumes after a dropped connection (issue 11): it reports
 # ``retry`` while reconnecting.
 RESUMES = "retry" in DiskStatus.model_fields
+# The node can serve pulls (issue 11, SENDENSE_NODE_TRANSFER=pull).
+PULLS = "transfer" in NodeSettings.model_fields
 INNER_ENV = "SENDENSE_TOPOLOGY_INNER"
 
 
@@ -615,12 +626,34 @@ class TopologyBench(bb.Bench):
                 else:
                     self.sendense("full", f"{p}_full_uncut", f"{p}: Sendense full, no cut")
 
+    def pull_round(self) -> None:
+        """A full read by the hub (pull, issue 11): the node restarted with
+        SENDENSE_NODE_TRANSFER=pull serves the frozen disk on its own address
+        and the hub's ``qemu-img convert`` reads it; then back to push. On a
+        kernel without netem the WAN's delay line only covers the hub's
+        ports, so a WAN pull has the rate limit but not the 10 ms RTT."""
+        mode = "tls" if "tls" in self.modes else self.modes[0]
+        if self.mode != mode:
+            self.set_mode(mode)
+        self.reset_vm()
+        self.cluster.restart_node({**self.cluster.node_extra, "SENDENSE_NODE_TRANSFER": "pull"})
+        try:
+            p = self.profile
+            note = "" if p == "lan" or self.netem else " (no delay line)"
+            self.sendense("full", f"{p}_pull_full", f"{p}: Sendense full, pull{note}", "pull")
+        finally:
+            extra = dict(self.cluster.node_extra)
+            extra.pop("SENDENSE_NODE_TRANSFER", None)
+            self.cluster.restart_node(extra)
+
     def run_all(self) -> None:
         for profile in self.args.profiles:
             self.set_profile(profile)
             for n in range(self.args.rounds):
                 self.round_deadline_check()
                 self.profile_round(n)
+                if self.args.pull and PULLS:
+                    self.pull_round()
             if self.args.resume_rounds and RESUMES:
                 self.resume()
             if profile == "wan" and self.args.tune_settings:
@@ -726,6 +759,12 @@ def report(bench: TopologyBench) -> tuple[list[str], dict[str, Any], str]:
             # If the busier core bounds the copy: the throughput TLS costs.
             summary[f"{p}_tls_cpu_cost"] = 1 - busiest["plain"] / busiest[on]
     for p in ("lan", "wan"):
+        # Pull fulls (issue 11): against the same round's push ceiling.
+        summary[f"{p}_pull_full_ratio"] = ratio(
+            med(bench, f"{p}_nbdcopy"), med(bench, f"{p}_pull_full")
+        )
+        summary[f"{p}_pull_full_s"] = med(bench, f"{p}_pull_full")
+    for p in ("lan", "wan"):
         # Wall with one cut / wall without (issue 11: resume, not start over).
         summary[f"{p}_resume_overhead"] = ratio(
             med(bench, f"{p}_full_cut"), med(bench, f"{p}_full_uncut")
@@ -797,6 +836,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cut-at", type=float, default=0.4, help="share of the bytes moved at the cut (0.4)"
     )
+    p.add_argument(
+        "--no-pull",
+        dest="pull",
+        action="store_false",
+        help="skip the pull full of each round (node with SENDENSE_NODE_TRANSFER=pull)",
+    )
     p.add_argument("--budget", type=float, default=0, help="stop starting rounds after N s")
     p.add_argument("--workdir", type=Path, default=None, help="default /var/tmp")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
@@ -807,7 +852,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     # What backup_bench.Bench reads.
-    args.repeat, args.quick, args.stat, args.pull = args.rounds, True, "median", False
+    args.repeat, args.quick, args.stat = args.rounds, True, "median"
     return args
 
 
