@@ -7,15 +7,16 @@ scheduler's test world (fake engine, test_scheduler_queue).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import update
 from test_scheduler_queue import World
 
 from sendense.catalog.db import Database
-from sendense.catalog.models import BackupJob, Node
+from sendense.catalog.models import BackupJob, Node, PolicyRunVm
 from sendense.engine import dispatch
+from sendense.engine.lifecycle import JobLifecycle
 from sendense.scheduler import run_policy_now
 from sendense.scheduler.runs import drain
 
@@ -100,3 +101,55 @@ def test_queued_jobs_take_no_slot_from_the_scheduler(world: World) -> None:
     assert len(answer["job_ids"]) == 1, answer
     # The engine was told the item holds the slot (it starts now, not queued).
     assert [r.reserved for r in world.engine.requests] == [True]
+
+
+def queue_api_backup(world: World, vm_id: str) -> str:
+    with world.db.session() as s:
+        job = dispatch.new_queued_job(
+            s,
+            vm_id=vm_id,
+            repository_id=world.repository_id,
+            node_id=world.nodes["node1"],
+            requested_type="full",
+            disk_id=None,
+            tags={},
+            created_by="bob",
+            reason="waiting for node node1: 1 of 1 jobs running",
+        )
+        return job.id
+
+
+def test_a_policy_entry_that_waited_longer_goes_before_a_queued_backup(world: World) -> None:
+    """One slot, two queues: the entry queued first gets the slot even though
+    queued backups are claimed the moment it frees."""
+    world.settings.node_job_limit = 1  # type: ignore[attr-defined]
+    world.vm("a", tags={"tier": "gold"})
+    busy = api_job(world, world.vm("manual"))
+    answer = run_policy_now(world.st, world.policy(), created_by="alice", now=T0)
+    assert answer["queued"] == ["a"]
+    later = queue_api_backup(world, world.vm("later"))
+    with world.db.session() as s:
+        s.execute(update(BackupJob).where(BackupJob.id == busy).values(status="completed"))
+    lifecycle = JobLifecycle(world.db, owner="hub/2/y")
+    node = world.nodes["node1"]
+    assert dispatch.claim(world.db, lifecycle, node, world.settings) is None  # a first
+    [started] = drain(world.st, T0)
+    assert world.items()["a"].status == "started"
+    world.finish(started)
+    got = dispatch.claim(world.db, lifecycle, node, world.settings)
+    assert got is not None and got[0] == later
+
+
+def test_a_policy_entry_that_cannot_start_now_does_not_hold_the_queue(world: World) -> None:
+    world.settings.node_job_limit = 1  # type: ignore[attr-defined]
+    world.vm("a", tags={"tier": "gold"})
+    busy = api_job(world, world.vm("manual"))
+    run_policy_now(world.st, world.policy(), created_by="alice", now=T0)
+    with world.db.session() as s:  # retried later (its VM was busy, say)
+        s.execute(update(PolicyRunVm).values(not_before=datetime.now(UTC) + timedelta(minutes=5)))
+        s.execute(update(BackupJob).where(BackupJob.id == busy).values(status="completed"))
+    later = queue_api_backup(world, world.vm("later"))
+    got = dispatch.claim(
+        world.db, JobLifecycle(world.db, owner="hub/2/y"), world.nodes["node1"], world.settings
+    )
+    assert got is not None and got[0] == later

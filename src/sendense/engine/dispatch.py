@@ -37,6 +37,11 @@ The rule (one for every way a backup starts: API, CLI, scheduler)::
 - **No owner, no orphan.** A queued job runs nothing: recovery
   (`JobLifecycle.orphans`) leaves it alone, and any hub claims it later,
   whichever hub it was asked on and even if that hub has died.
+- **Policies.** A policy's VMs wait in their run's queue (scheduler/runs.py)
+  and start at the scheduler's tick, counted by the same rule. Between the
+  two queues the older request goes first: a queued job does not take a
+  slot while a policy entry for the node that may start now (window open,
+  retry time passed) has waited longer.
 - **Cancel.** A queued job is cancelled by one conditional write (nothing
   exists on disk yet); a claim and a cancel racing are settled by the same
   ``owner IS NULL`` condition.
@@ -232,6 +237,21 @@ def candidates(s: Session, node_id: str) -> list[str]:
     )
 
 
+def _policy_first(s: Session, node_id: str, job_id: str, settings: Any) -> bool:
+    """A policy's entry for this node has waited longer than the queued job
+    and may start now: the scheduler starts it at its next tick (this hub
+    schedules). One slot, two queues: the older request goes first."""
+    if not getattr(settings, "scheduler", False):
+        return False
+    from sendense.scheduler.runs import oldest_waiting  # the scheduler imports this module
+
+    waiting = oldest_waiting(s, node_id, datetime.now(UTC))
+    if waiting is None:
+        return False
+    queued_at = s.scalar(select(BackupJob.created_at).where(BackupJob.id == job_id))
+    return queued_at is not None and waiting < queued_at
+
+
 def claim(
     db: Database, lifecycle: JobLifecycle, node_id: str, settings: Any
 ) -> tuple[str, int, int] | None:
@@ -251,8 +271,8 @@ def claim(
             if limit > 0 and occupied(s, node_id) >= limit:
                 return None
             ids = candidates(s, node_id)
-        if not ids:
-            return None
+            if not ids or _policy_first(s, node_id, ids[0], settings):
+                return None
         with db.session() as s:
             lock_node(s, node_id)
             limit = limit_of(s, node_id, settings)

@@ -282,7 +282,9 @@ def _window_open(window: dict[str, Any] | None, timezone: str, now: datetime) ->
         return True
 
 
-def _candidates(s: Session, now: datetime, run_id: str | None) -> list[_Candidate]:
+def _candidates(
+    s: Session, now: datetime, run_id: str | None, node_id: str | None = None
+) -> list[_Candidate]:
     q = (
         select(
             PolicyRunVm.id,
@@ -314,6 +316,8 @@ def _candidates(s: Session, now: datetime, run_id: str | None) -> list[_Candidat
     )
     if run_id is not None:
         q = q.where(PolicyRunVm.run_id == run_id)
+    if node_id is not None:
+        q = q.where(PolicyRunVm.node_id == node_id)
     out = []
     for r in s.execute(q).all():
         (item_id, rid, node_id, vm_id, attempts, vm_name, pid, pname, repo_id, full_every) = r[:10]
@@ -341,6 +345,20 @@ def _candidates(s: Session, now: datetime, run_id: str | None) -> list[_Candidat
             )
         )
     return out
+
+
+def oldest_waiting(s: Session, node_id: str, now: datetime) -> datetime | None:
+    """When the longest-waiting entry that could start now on the node
+    (window open, retry time passed) was queued; None: no such entry.
+
+    Queued backups (engine/dispatch.py) are claimed the moment a slot frees,
+    entries at the scheduler's next tick: a queued backup younger than such
+    an entry lets it go first, so a stream of manual backups on a full node
+    cannot starve a policy's VMs."""
+    items = [c.item_id for c in _candidates(s, now, None, node_id)]
+    if not items:
+        return None
+    return s.scalar(select(func.min(PolicyRunVm.created_at)).where(PolicyRunVm.id.in_(items)))
 
 
 def running_on_node(s: Session, node_id: str) -> int:
