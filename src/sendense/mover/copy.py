@@ -66,6 +66,10 @@ STATE_DIRTY = 1
 WINDOW = 1 << 30  # block status is asked for 1 GiB at a time
 DEFAULT_REQUEST_SIZE = 4 << 20
 DEFAULT_IN_FLIGHT = 8
+# Read buffers in flight at most, whatever in_flight says: what bounds the
+# mover's memory (SENDENSE_NODE_WINDOW_BYTES; 64 requests of 4 MiB would be
+# 256 MiB). 32 MiB is 8 requests of 4 MiB, the old default's window.
+DEFAULT_WINDOW_BYTES = 32 << 20
 # Resume (issue 11): the target is flushed every DEFAULT_FLUSH_BYTES written
 # or DEFAULT_FLUSH_SECONDS, whichever comes first, so a drop costs at most
 # that much copied again (the flush runs beside the copy: see
@@ -336,8 +340,11 @@ class _BufferPool:
         self.kept = 0
         self.keep = keep
 
+    def size_for(self, length: int) -> int:
+        return self.classes[bisect.bisect_left(self.classes, length)]
+
     def get(self, length: int) -> bytearray:
-        size = self.classes[bisect.bisect_left(self.classes, length)]
+        size = self.size_for(length)
         free = self.free[size]
         if free:
             self.kept -= size
@@ -420,7 +427,7 @@ class Mover:
         )
         self.window_bytes = max(
             self.request_size,
-            window_bytes if window_bytes is not None else in_flight * self.request_size,
+            window_bytes if window_bytes is not None else DEFAULT_WINDOW_BYTES,
         )
         self.connections = max(1, connections)
         self.on_progress = on_progress
@@ -680,7 +687,11 @@ class Mover:
                 if e is None:
                     exhausted = True
                     break
-                if not e.zero and bytes_out and bytes_out + e.length > self.window_bytes:
+                if (
+                    not e.zero
+                    and bytes_out
+                    and bytes_out + pool.size_for(e.length) > self.window_bytes
+                ):
                     pending = e  # the window is full: wait for a read to come back
                     break
                 self.requests += 1
