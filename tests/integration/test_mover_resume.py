@@ -97,6 +97,7 @@ class Relay:
         for sock in (x, y):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def cut(self) -> None:
         with self.lock:
@@ -359,8 +360,18 @@ def test_incremental_survives_a_killed_target(tmp_path: Path) -> None:
         ends.stop()
 
 
+def sockets() -> int:
+    """Sockets this process holds (the mover's connections among them)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
 def test_deadline_fails_naming_the_target(ends: Ends, tmp_path: Path) -> None:
     retries: list[Retrying | None] = []
+    before = sockets()
     mover = make_mover(ends, None, reconnect_deadline=2.0, on_retry=retries.append)
     t, out = run_in_thread(mover)
     when_copied(mover, 0.3)
@@ -377,6 +388,11 @@ def test_deadline_fails_naming_the_target(ends: Ends, tmp_path: Path) -> None:
     assert 1.5 < waited < 6
     assert retries[-1] is not None and retries[-1].gave_up
     mover.close()
+    del mover, t
+    deadline = time.monotonic() + 5  # the relay's threads close their ends
+    while sockets() != before:
+        assert time.monotonic() < deadline, "connections left open"
+        time.sleep(0.05)
 
 
 def test_cancel_during_backoff(ends: Ends, tmp_path: Path) -> None:
