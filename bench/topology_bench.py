@@ -636,7 +636,14 @@ class TopologyBench(bb.Bench):
         if self.mode != mode:
             self.set_mode(mode)
         self.reset_vm()
-        self.cluster.restart_node({**self.cluster.node_extra, "SENDENSE_NODE_TRANSFER": "pull"})
+        self.cluster.restart_node(
+            {
+                **self.cluster.node_extra,
+                "SENDENSE_NODE_TRANSFER": "pull",
+                # Its pull exports on the node's own address (not loopback).
+                "SENDENSE_NODE_PULL_BIND": NODE_IP,
+            }
+        )
         try:
             p = self.profile
             note = "" if p == "lan" or self.netem else " (no delay line)"
@@ -644,6 +651,7 @@ class TopologyBench(bb.Bench):
         finally:
             extra = dict(self.cluster.node_extra)
             extra.pop("SENDENSE_NODE_TRANSFER", None)
+            extra.pop("SENDENSE_NODE_PULL_BIND", None)
             self.cluster.restart_node(extra)
 
     def run_all(self) -> None:
