@@ -26,6 +26,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,14 @@ def test_node_limit_one_three_vms_queue_and_run_in_turn(limited: Cluster, make_v
     done = jobs(c, [a["job_id"] for a in answers])
     assert [j["status"] for j in done] == ["completed"] * 3, done
     never_two_at_once(done)
+    ordered = sorted(done, key=lambda j: j["started_at"])
+    gaps = [
+        (datetime.fromisoformat(b["started_at"]) - datetime.fromisoformat(a["finished_at"]))
+        for a, b in itertools.pairwise(ordered)
+    ]
+    # A slot freed to the next job running on the node: claim, plan, targets, node start.
+    print("slot_to_running_s=" + ",".join(f"{g.total_seconds():.2f}" for g in gaps))
+    assert all(g.total_seconds() < 10 for g in gaps), gaps
     # Same VM history (none), so the order of the requests.
     assert [j["vm_name"] for j in sorted(done, key=lambda j: j["started_at"])] == ["q0", "q1", "q2"]
     for job, vm in zip(done, vms, strict=True):
