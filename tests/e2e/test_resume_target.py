@@ -246,3 +246,40 @@ def test_a_target_that_keeps_dying_fails_the_job_cleanly(cluster: Cluster, make_
     wait_for("the node's job to end", lambda: node_status(cluster, job_id)["status"] != "running")
     nxt = cluster.backup("resume3", "auto")
     assert_exact(cluster, vm, nxt)
+
+
+def test_encrypted_target_killed_mid_copy_is_served_again_with_its_key(
+    cluster: Cluster, make_vm, tmp_path: Path
+) -> None:
+    """An encrypted repository's target (LUKS QCOW2): served again with the
+    repository's key (a secret file that lives only while qemu-nbd starts),
+    checked for leaks with it, and the restore point reads as the disk."""
+    r = cluster.http(
+        "POST",
+        "/api/v1/repositories",
+        json={"name": "vault", "path": str(tmp_path / "vault"), "encrypted": True},
+    )
+    assert r.status_code == 201, r.text
+    repo_id = r.json()["repository_id"]
+    vm = make_vm("resume4", [64 * MiB])
+    write_random(vm, 0, 0, 24 * MiB)
+    cluster.register(vm)
+    started = cluster.start_backup("resume4", "full", repository_id=repo_id)
+    job_id = started["job_id"]
+    wait_mid_copy(cluster, job_id, 4 * MiB)
+    (old,) = target_pids(cluster)
+    os.kill(old, signal.SIGKILL)
+    wait_for("the target served again", lambda: target_pids(cluster) not in ([], [old]))
+
+    job, _ = follow(cluster, job_id)
+    assert job["status"] == "completed", job
+    assert any("served again" in m for m in job["messages"]), job["messages"]
+    (b,) = [cluster.client.get(f"/api/v1/backups/{bid}") for bid in job["backups"]]
+    exported = cluster.client.post(f"/api/v1/repositories/{repo_id}/key/export", {})
+    key = img.ImageKey(exported["passphrase"].encode())
+    assert img.info(b["file_path"])["encrypted"] is True
+    assert img.compare(b["file_path"], str(vm.disks[0]), key=key)
+    img.check(b["file_path"], key=key)
+    # The passphrase never went to a command line or a log.
+    assert exported["passphrase"] not in cluster.log("hub")
+    assert_hub_side_clean(cluster)
