@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Header
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -97,7 +97,9 @@ def create_app(settings: NodeSettings) -> FastAPI:
         )
 
     @app.post("/api/v1/backup/start", dependencies=[Auth])
-    def start_backup(body: BackupStartRequest, background: BackgroundTasks) -> BackupStartAnswer:
+    def start_backup(
+        body: BackupStartRequest, background: BackgroundTasks, http: Request
+    ) -> BackupStartAnswer:
         job_dir = runner.job_dir(body.job_id)
         # A source this node cannot serve, or its config, is a 400 now rather
         # than a failed job later (building a connector checks, does no I/O).
@@ -113,6 +115,7 @@ def create_app(settings: NodeSettings) -> FastAPI:
             digest=settings.digest,
             parallel_disks=settings.parallel_disks,
         )
+        job = pull.for_worker(job, settings, http.url.hostname)
         answer = runner.start(job)
         background.add_task(runner.refill)
         return answer

@@ -87,6 +87,33 @@ def check_request(request: BackupStartRequest, settings: NodeSettings) -> None:
         raise InvalidRequest("a pull reads full backups only; incrementals are pushed")
 
 
+ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+def for_worker(job: WorkerJob, settings: NodeSettings, hub_reached: str | None) -> WorkerJob:
+    """The worker's job with the node's pull settings (its own settings object:
+    ``--host`` given on the command line counts, which the worker's
+    environment would not show). The address announced to the hub, unless
+    set: the bind address, or when that is every interface, the host name
+    the hub reached this node's API at (it can reach the node there)."""
+    if job.transfer != "pull":
+        return job
+    bind = settings.pull_bind or settings.host
+    advertise = settings.pull_advertise_host
+    if not advertise:
+        advertise = bind if bind not in ANY_ADDRESS else (hub_reached or bind)
+    return job.model_copy(
+        update={
+            "pull_bind": bind,
+            "pull_advertise_host": advertise,
+            "pull_port_first": settings.pull_port_first,
+            "pull_port_last": settings.pull_port_last,
+            "pull_wait": settings.pull_wait,
+            "pull_confirm_timeout": settings.pull_confirm_timeout,
+        }
+    )
+
+
 def mark_pulled(runner: JobRunner, job_id: str) -> JobStatusReport:
     """``POST /jobs/{id}/pulled``: the hub read every disk; the worker may end."""
     job_dir = runner.job_dir(job_id)
@@ -247,10 +274,10 @@ class NbdkitExport:
 Export = NbdkitExport | PullExport
 
 
-def _serve(view: DiskView, export: str, job: WorkerJob, settings: NodeSettings) -> Export:
+def _serve(view: DiskView, export: str, job: WorkerJob) -> Export:
     """Start one disk's export on the first free port of the node's pull range."""
     key = view.disk.key
-    bind = settings.pull_bind or settings.host
+    bind = job.pull_bind
     tls = job.tls_file(key)
     use_nbdkit = shutil.which("nbdkit") is not None
     tls_dir = None
@@ -258,7 +285,7 @@ def _serve(view: DiskView, export: str, job: WorkerJob, settings: NodeSettings) 
         username, _, secret = tls.psk_file.read_text().strip().partition(":")
         tls_dir = str(psk.make_server_dir(job.job_dir / f"pull-tls-{key}", secret, username))
     last: Exception | None = None
-    for port in range(settings.pull_port_first, settings.pull_port_last + 1):
+    for port in range(job.pull_port_first, job.pull_port_last + 1):
         common = {
             "export_name": export,
             "host": bind,
@@ -285,7 +312,7 @@ def _serve(view: DiskView, export: str, job: WorkerJob, settings: NodeSettings) 
             last = e
     raise Error(
         f"no free port for the pull export of disk {key} in "
-        f"{settings.pull_port_first}-{settings.pull_port_last}: {last}",
+        f"{job.pull_port_first}-{job.pull_port_last}: {last}",
         code="no_pull_port",
     )
 
@@ -298,18 +325,17 @@ def serve_disks(
     cancel: threading.Event,
 ) -> None:
     """The pull branch of the worker: serve, hash, wait for the hub's word."""
-    settings = NodeSettings()
     if any(v.incremental for v in views):
         raise Error("a pull reads full backups only", code="pull_incremental")
     targets = job.targets()
     servers: dict[int, Export] = {}
-    advertise = settings.pull_advertise_host or settings.pull_bind or settings.host
+    advertise = job.pull_advertise_host or job.pull_bind
     pulled = job.job_dir / PULLED
     try:
         for view in views:
             key = view.disk.key
             export = urlparse(targets[key]).path.lstrip("/")
-            server = _serve(view, export, job, settings)
+            server = _serve(view, export, job)
             servers[key] = server
             tls = server.tls if isinstance(server, NbdkitExport) else bool(server.tls_psk_dir)
             scheme = "nbds" if tls else "nbd"
@@ -325,17 +351,17 @@ def serve_disks(
             sorted(results),
             [round(r.seconds, 3) for r in results.values()],
         )
-        deadline = time.monotonic() + settings.pull_wait
+        deadline = time.monotonic() + job.pull_wait
         while any(s.running() for s in servers.values()):
             if cancel.wait(0.1):
                 raise Cancelled("job cancelled")
             if time.monotonic() > deadline:
                 raise Error(
-                    f"the hub did not finish reading within {settings.pull_wait:g}s "
+                    f"the hub did not finish reading within {job.pull_wait:g}s "
                     "(SENDENSE_NODE_PULL_WAIT)",
                     code="pull_timeout",
                 )
-        deadline = time.monotonic() + settings.pull_confirm_timeout
+        deadline = time.monotonic() + job.pull_confirm_timeout
         while not pulled.exists():
             if cancel.wait(0.1):
                 raise Cancelled("job cancelled")
