@@ -177,7 +177,9 @@ class NodeSettings(BaseSettings):
     # and writes the restore point itself; fulls only, incrementals stay push).
     # The hub learns it from GET /api/v1/health. Pull needs the hub to reach
     # pull_advertise_host:pull_port_first..last; a node that can only dial out
-    # stays push. pull_bind "" = host; pull_advertise_host "" = pull_bind.
+    # stays push. pull_bind "" = host (the API's, also when given as --host);
+    # pull_advertise_host "" = pull_bind, or when that is 0.0.0.0/:: the host
+    # the hub reached the node's API at (node/pull.py for_worker).
     # pull_wait: seconds the node serves a disk the hub never finishes reading;
     # pull_confirm_timeout: seconds it waits, after the hub closed its
     # connections, for the hub's "pulled" (else the job fails: a hub that died
