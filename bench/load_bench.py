@@ -136,6 +136,7 @@ class Traffic:
     timeout: float
     start_at: float  # time.time() of the first request
     seed: int
+    weights: dict[str, int]
 
 
 class Conn(HttpConnection):
@@ -145,8 +146,8 @@ class Conn(HttpConnection):
 async def _traffic(t: Traffic) -> dict[str, Any]:
     ids = json.loads(Path(t.ids_path).read_text())
     rng = random.Random(t.seed)
-    names = list(MIX)
-    weights = [MIX[n][0] for n in names]
+    names = [n for n in MIX if t.weights.get(n)]
+    weights = [t.weights[n] for n in names]
     idle: list[list[Conn]] = [[] for _ in t.hubs]
     opened = [0] * len(t.hubs)
     records: list[tuple[str, int, float, str]] = []  # endpoint, hub, ms, outcome
@@ -337,6 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=200.0, help="API requests per second [200]")
     p.add_argument("--seconds", type=float, help="the measured window [300; --quick 60]")
     p.add_argument("--baseline", type=float, help="API alone first, s (0: none) [30; --quick 15]")
+    p.add_argument(
+        "--weights",
+        default="",
+        help="change the mix, e.g. vms=0,chain=5 (percent weights; names: " + ", ".join(MIX) + ")",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout, s [30]")
     p.add_argument("--drain", type=float, default=120.0, help="wait for running backups, s [120]")
     p.add_argument("--database-url", help="superuser URL of a PostgreSQL server to use")
@@ -349,6 +355,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.vms = args.vms or (500 if args.quick else 5000)
     args.seconds = args.seconds or (60.0 if args.quick else 300.0)
+    weights = {name: w for name, (w, _) in MIX.items()}
+    for item in filter(None, (x.strip() for x in args.weights.split(","))):
+        name, _, value = item.partition("=")
+        if name not in MIX or not value.isdigit():
+            p.error(f"--weights: {item!r} is not name=integer with a name of the mix")
+        weights[name] = int(value)
+    if not any(weights.values()):
+        p.error("--weights: every weight is 0")
+    args.weights = weights
     if args.baseline is None:
         args.baseline = 15.0 if args.quick else 30.0
     if min(args.vms, args.runs, args.hubs, args.nodes, args.backup_vms) < 1:
@@ -393,6 +408,74 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def sample_connections(url: str, db_name: str, stop: threading.Event, out: list[int]) -> None:
+    """Connections to the catalog database every 2 s (pg_stat_activity), on one connection."""
+    db = Database(url)
+    try:
+        with db.engine.connect() as c:
+            c = c.execution_options(isolation_level="AUTOCOMMIT")
+            while not stop.wait(2.0):
+                n = c.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db_name,)
+                ).scalar_one()
+                out.append(int(n) - 1)  # not this one
+    except Exception as e:  # a figure less, never a failed run
+        say(f"connection sampler stopped: {e}")
+    finally:
+        db.dispose()
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat, idle and iowait left out)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(work: Path, db_name: str, clients: set[int]) -> dict[int, tuple[str, float]]:
+    """This run's processes: pid -> (kind, CPU seconds with reaped children),
+    from Linux /proc. Short-lived children (node workers, qemu-img) count in
+    the process that reaped them."""
+    needle, db = str(work).encode(), db_name.encode()
+    out: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        if pid in clients:
+            kind = "bench clients"
+        elif db in cmd and cmd.startswith(b"postgres:"):
+            kind = "postgresql"
+        elif needle not in cmd:
+            continue
+        elif b"qemu-storage-daemon" in cmd:
+            kind = "VMs (qsd)"
+        elif b"qemu-nbd" in cmd:
+            kind = "targets (qemu-nbd)"
+        elif b"node" in cmd:
+            kind = "nodes + workers"
+        elif b"hub" in cmd:
+            kind = "hubs"
+        else:
+            kind = "other of the run"
+        ticks = sum(int(x) for x in fields[11:15])
+        out[pid] = (kind, ticks / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def cpu_split(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    split: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        split[kind] = split.get(kind, 0.0) + cpu - before.get(pid, (kind, 0.0))[1]
+    return split
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = args.workdir or Path("/var/tmp")
@@ -424,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {}
     leaked: list[tuple[int, str]] = []
     window = (0.0, 0.0)
-    cpu: dict[str, float] = {}
+    cpu: dict[str, Any] = {}
+    pg_conns: list[int] = []
     try:
         # ------------------------------------------------------------ catalog
         say("starting PostgreSQL" if not args.database_url else "PostgreSQL: given server")
@@ -527,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
                 start_at=start_at,
                 seed=seed,
+                weights=args.weights,
             )
             gen = ctx.Process(target=traffic_process, args=(t, results), daemon=True)
             gen.start()
@@ -543,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(max(0.0, start_at - time.time()))
         begin = time.monotonic()
         window = (begin, begin + args.seconds)
-        cpu0 = {"hubs": cpu_seconds(hub_pids), "all": sum(os.times()[:4])}
+        cpu0 = {"hubs": cpu_seconds(hub_pids), "machine": machine_cpu_seconds()}
+        procs0 = cpu_by_process(work, db_name, {os.getpid(), gen.pid or 0})
         for i, vm in enumerate(vms):
             th = threading.Thread(
                 target=backup_loop,
@@ -563,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
             th.start()
             threads.append(th)
         say(f"load: {args.rate:g} requests/s on {args.hubs} hubs and {len(vms)} backup loops")
+        sampler = threading.Thread(
+            target=sample_connections, args=(url, db_name, stop, pg_conns), daemon=True
+        )
+        sampler.start()
         while time.monotonic() < window[1]:
             time.sleep(min(30.0, max(0.1, window[1] - time.monotonic())))
             done = sum(j["status"] == "completed" for j in stats.jobs)
@@ -571,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(stats.running)} running or queued, load {os.getloadavg()[0]:.1f}"
             )
         cpu["hubs_s"] = round(cpu_seconds(hub_pids) - cpu0["hubs"], 1)
+        split = cpu_split(procs0, cpu_by_process(work, db_name, {os.getpid(), gen.pid or 0}))
+        busy = machine_cpu_seconds() - cpu0["machine"]
+        split["not this run (other work on the machine)"] = busy - sum(split.values())
+        cpu["window_cpu_s"] = round(args.seconds * cpus, 1)
+        cpu["busy_s"] = round(busy, 1)
+        cpu["by_kind_s"] = {k: round(v, 1) for k, v in sorted(split.items(), key=lambda x: -x[1])}
         traffic = results.get(timeout=args.timeout + 60)
         gen.join(timeout=10)
         # Backups still running: wait (bounded), then cancel.
@@ -672,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load_p99_ms={p99:.1f} load_p50_ms={p50:.1f} jobs_per_min={jobs_per_min:.1f} "
         f"server_errors={server_errors} rps={rps:.1f} jobs_completed={completed} "
         f"jobs_failed={len(failed)} client_errors={client_errors} leaked={len(leaked)} "
-        f"base_p50_ms={base_p50:.1f} base_p99_ms={base_p99:.1f} base_server_errors={base_server}"
+        f"base_p50_ms={base_p50:.1f} base_p99_ms={base_p99:.1f} base_server_errors={base_server} "
+        f"pg_connections_max={max(pg_conns, default=0)}"
     )
     result = {
         "started_at": stamp.isoformat(),
@@ -682,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in vars(args).items()
             if k not in ("database_url",)
         },
-        "mix_percent": {k: w for k, (w, _) in MIX.items()},
+        "mix_weights": args.weights,
         "host": {
             "cpus": cpus,
             "loadavg_start": load0,
@@ -694,6 +791,13 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_state(),
         **info,
         "hub_cpu_seconds": cpu.get("hubs_s"),
+        "cpu_in_window": cpu,
+        "pg_connections": {
+            "max": max(pg_conns, default=None),
+            "median": sorted(pg_conns)[len(pg_conns) // 2] if pg_conns else None,
+            "samples": len(pg_conns),
+            "max_connections": args.pg_max_connections if args.database_url is None else None,
+        },
         "api": {
             "sent": traffic.get("sent"),
             "answered": len(records),
@@ -763,6 +867,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(failed)} failed or cancelled, duration p50 {percentile(durations, 50):.1f} s "
         f"(queue wait included); hub CPU {cpu.get('hubs_s')} s"
     )
+    if pg_conns:
+        print(
+            f"PostgreSQL connections to the catalog: max {max(pg_conns)}, "
+            f"median {sorted(pg_conns)[len(pg_conns) // 2]} (every 2 s)"
+        )
+    if cpu.get("by_kind_s"):
+        shares = ", ".join(f"{k} {v:.0f}" for k, v in cpu["by_kind_s"].items())
+        print(
+            f"CPU seconds in the window ({cpu['window_cpu_s']:.0f} available, "
+            f"{cpu['busy_s']:.0f} busy): {shares}"
+        )
     for j in failed[:10]:
         print(f"  failed {j['vm']}: {j['status']} {j['error_code']}: {j['error']}")
     if stats.server_errors or stats.client_errors:
