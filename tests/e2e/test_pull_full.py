@@ -384,3 +384,23 @@ def test_node_export_lost_mid_pull_fails_cleanly(cluster: Cluster, make_vm) -> N
     assert "reading disk 2000 from the node failed" in job["error"]["message"], job
     assert_nothing_left(c, job, vm)
     assert vm_state(vm)["bitmaps"]["disk0"] == []
+
+
+@cluster_env(node=pull_node(SENDENSE_NODE_MAX_RATE=str(4 * MiB)))
+def test_two_vms_pulled_at_once_get_ports_of_their_own(cluster: Cluster, make_vm) -> None:
+    c = cluster
+    vms = [make_vm(f"pullpair{i}", [48 * MiB]) for i in range(2)]
+    for i, vm in enumerate(vms):
+        write_random(vm, 0, i * MiB, 16 * MiB)  # 4 s each at the node's rate
+    c.register(*vms)
+    jobs = [c.start_backup(vm.name, "full")["job_id"] for vm in vms]
+    wait_for("both to be served at once", lambda: all(serving(c, j) for j in jobs))
+    urls = set()
+    for vm, job_id in zip(vms, jobs, strict=True):
+        job = c.wait_job(job_id, timeout=60)
+        assert job["status"] == "completed", job
+        (b,) = backups_of(c, job)
+        assert img.compare(b["file_path"], str(vm.disks[0])), b
+        (disk,) = node_status(c, job_id)["disks"].values()
+        urls.add(disk["pull_url"].rsplit("/", 1)[0])
+    assert len(urls) == 2, urls  # one port each
