@@ -232,10 +232,12 @@ def run_in_thread(mover: Mover) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def test_copy_survives_a_killed_target(ends: Ends, tmp_path: Path) -> None:
+@pytest.mark.parametrize("connections", [1, 3])
+def test_copy_survives_a_killed_target(ends: Ends, tmp_path: Path, connections: int) -> None:
+    """Also with several connections to the target (it advertises multi-conn)."""
     retries: list[Retrying | None] = []
     hashes = BlockHashList(tmp_path / "h.x3", SIZE)
-    mover = make_mover(ends, hashes, on_retry=retries.append)
+    mover = make_mover(ends, hashes, on_retry=retries.append, connections=connections)
     t, out = run_in_thread(mover)
     when_copied(mover, 0.4)
     ends.kill("target")
@@ -254,6 +256,7 @@ def test_copy_survives_a_killed_target(ends: Ends, tmp_path: Path) -> None:
     assert img.compare(str(ends.target), str(ends.source))
     assert result.digest == digest_of_image(str(ends.source), fmt="raw")
     assert mover.reconnects == 1
+    assert len(mover.dsts) == connections
     assert retries[-1] is None  # cleared once copying again
     # Data counted once, whatever was copied twice.
     assert result.data_bytes == mover.progress.bytes_total
