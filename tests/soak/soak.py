@@ -47,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -420,8 +421,11 @@ class Soak:
                 raise SoakFailure(f"job {job_id} still {job['status']} after {timeout:.0f} s")
             time.sleep(0.2)
 
-    def wait_running(self, job_id: str, rng: random.Random, timeout: float = 30) -> None:
-        """Until the job moves data (or has ended), then a random moment more."""
+    def wait_running(
+        self, job_id: str, rng: random.Random, timeout: float = 30, most: float = 1.5
+    ) -> None:
+        """Until the job moves data (or has ended), then a random moment more
+        (up to ``most`` s)."""
         want_bytes = rng.random() < 0.5
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -431,7 +435,7 @@ class Soak:
             ):
                 break
             time.sleep(0.05)
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(rng.uniform(0, most))
 
     def backup_must_succeed(self, vm: SoakVm, kind: str, rng: random.Random) -> dict[str, Any]:
         job_id = self.start_backup(vm, kind, rng)
@@ -580,7 +584,7 @@ class Soak:
         job_id = r.json()["job_id"]
         step.notes.append(f"consolidate {vm.name} keep {keep}, job {job_id}")
         if step.fault:
-            self.wait_running(job_id, step.rng, timeout=5)
+            self.wait_running(job_id, step.rng, timeout=5, most=0.5)
             self.inject(step, vm)
         job = self.wait_job(job_id)
         self.expect(
@@ -600,7 +604,7 @@ class Soak:
         job_id = r.json()["job_id"]
         step.notes.append(f"verify {point['backup_id']}, job {job_id}")
         if step.fault:
-            self.wait_running(job_id, step.rng, timeout=5)
+            self.wait_running(job_id, step.rng, timeout=5, most=0.5)
             self.inject(step, self.vm_by_name(point["vm_name"]))
         job = self.wait_job(job_id)
         self.expect(step, job["status"] == "completed", f"verify {job['status']}: {job['error']}")
@@ -614,11 +618,35 @@ class Soak:
         if point is None:
             return
         vm = self.vm_by_name(point["vm_name"])
-        if step.fault and step.fault != "hub":
+        path = f"/api/v1/backups/{point['backup_id']}"
+        if step.fault == "hub":
+            # kill -9 of the hub while it deletes (files, then records).
+            victim = step.rng.choice(sorted(self.hubs))
+            answer: list[Any] = []
+
+            def delete() -> None:
+                try:
+                    answer.append(
+                        self.hubs[victim].http("DELETE", path, params={"cascade": "true"})
+                    )
+                except httpx.TransportError as e:
+                    answer.append(e)
+
+            worker = threading.Thread(target=delete)
+            worker.start()
+            time.sleep(step.rng.uniform(0, 0.3))
+            self.last_hub = victim
+            self.inject(step, vm)
+            worker.join()
+            got = answer[0]
+            step.notes.append(
+                f"delete {point['backup_id']} (cascade) on hub {victim}: "
+                + (str(got.status_code) if isinstance(got, httpx.Response) else type(got).__name__)
+            )
+            return
+        if step.fault:
             self.inject(step, vm)  # the delete right after a fault elsewhere
-        r = self.request(
-            "DELETE", f"/api/v1/backups/{point['backup_id']}", params={"cascade": "true"}
-        )
+        r = self.request("DELETE", path, params={"cascade": "true"})
         step.notes.append(f"delete {point['backup_id']} (cascade): {r.status_code}")
         if r.status_code not in (200, 409):
             self.expect(step, False, f"delete answered {r.status_code} {r.text[:300]}")
@@ -683,7 +711,7 @@ class Soak:
         job_id = r.json()["job_id"]
         step.notes.append(f"restore {point['backup_id']}, job {job_id}")
         if step.fault:
-            self.wait_running(job_id, step.rng, timeout=5)
+            self.wait_running(job_id, step.rng, timeout=5, most=0.5)
             self.inject(step, self.vm_by_name(point["vm_name"]))
         job = self.wait_job(job_id)
         self.expect(step, job["status"] == "completed", f"restore {job['status']}: {job['error']}")
@@ -708,7 +736,7 @@ class Soak:
         step.notes.append(f"retention jobs {job_ids}")
         if step.fault:
             if job_ids:
-                self.wait_running(job_ids[0], step.rng, timeout=5)
+                self.wait_running(job_ids[0], step.rng, timeout=5, most=0.3)
             self.inject(step, None)
         for job_id in job_ids:
             job = self.wait_job(job_id)
