@@ -46,6 +46,7 @@ from sendense.engine.lifecycle import JobContext
 from sendense.nbd import psk
 from sendense.qemu import img
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid
+from sendense.restore.sessions import ended_leftovers
 
 if TYPE_CHECKING:
     from sendense.hub.state import HubState
@@ -77,6 +78,8 @@ class ExportJob:
         # it (`take_key`); only ever in this process's memory and in its file.
         self._keys: dict[str, str] = {}
         self._lock = threading.Lock()
+        for job_id in ended_leftovers(st.db, self.dir):
+            self.recover(job_id, {})  # left by a killed process of this hub
 
     def ready_event(self, job_id: str) -> threading.Event:
         with self._lock:

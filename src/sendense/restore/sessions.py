@@ -169,6 +169,25 @@ def last_access(job: BackupJob | Any) -> datetime | None:
     return job.started_at or job.created_at
 
 
+def ended_leftovers(db: Database, folder: Path) -> list[str]:
+    """Jobs whose pid file is in this hub's ``folder`` but which are no longer
+    active: a previous process of this hub was killed before it could stop
+    their qemu-nbd, and another hub sharing the catalog took the job over
+    and ended it meanwhile (its recovery cannot reach our files). Active jobs
+    are left alone: they may be another API worker's of this hub, or wait for
+    `JobLifecycle.recover_local`."""
+    ids = [p.stem for p in folder.glob("*.pid")]
+    if not ids:
+        return []
+    with db.session() as s:
+        active = set(
+            s.scalars(
+                select(BackupJob.id).where(BackupJob.id.in_(ids), BackupJob.status.in_(ACTIVE))
+            ).all()
+        )
+    return [job_id for job_id in ids if job_id not in active]
+
+
 class MountJob:
     """The ``mount`` job kind (a `LocalJob`): one restore session."""
 
@@ -182,6 +201,8 @@ class MountJob:
         self._ready: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._short_dir: Path | None = None
+        for job_id in ended_leftovers(st.db, self.dir):
+            self.recover(job_id, {})
 
     def ready_event(self, job_id: str) -> threading.Event:
         with self._lock:
