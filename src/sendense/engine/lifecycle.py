@@ -41,10 +41,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import and_, delete, not_, or_, select, update
@@ -52,6 +51,7 @@ from sqlalchemy import and_, delete, not_, or_, select, update
 from sendense.catalog.db import Database
 from sendense.catalog.models import BackupHold, BackupJob
 from sendense.core.errors import Cancelled, Error
+from sendense.engine import hubs
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +77,23 @@ def new_owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` was a process on this host that no longer runs.
+def owner_is_dead(
+    owner: str | None,
+    seen: Mapping[str, hubs.Seen] | None = None,
+    lease: timedelta = timedelta(seconds=30),
+) -> bool:
+    """True when ``owner`` was a hub process that no longer runs.
 
-    The pid alone could have been reused: the instance id makes ``owner``
-    unique, and a live process of that pid that is not a hub cannot be it.
+    On this host ``/proc`` tells at once: the pid alone could have been
+    reused, but the instance id makes ``owner`` unique, and a live process of
+    that pid that is not a hub cannot be it. Another host's owner is dead when
+    its row in ``hubs`` (``seen``, engine/hubs.py) says it stopped, or its
+    heartbeat is older than ``lease``; without a row, only its job leases
+    tell (False here).
     """
     if not owner:
         return True
-    host, _, rest = owner.partition("/")
-    pid_text = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # our own pid from an earlier instance of this process
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"sendense" not in cmdline or b"hub" not in cmdline
+    return bool(hubs.is_dead(owner, (seen or {}).get(owner), lease))
 
 
 class JobContext:
@@ -220,10 +217,12 @@ class JobLifecycle:
                     not_(queued_clause()),  # queued: runs nothing, any hub claims it
                 )
             ).all()
+            # Other hosts' owners: their heartbeats in the registry.
+            seen = hubs.seen(s, {owner for _, _, owner, _ in rows}) if rows else {}
         return [
             (job_id, kind, owner)
             for job_id, kind, owner, lease in rows
-            if lease is None or lease < now or owner_is_dead(owner)
+            if lease is None or lease < now or owner_is_dead(owner, seen, self.lease)
         ]
 
     def take_over(self, job_id: str, old_owner: str | None) -> bool:

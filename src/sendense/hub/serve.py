@@ -20,6 +20,10 @@ If the first process dies, even by ``kill -9``, the kernel kills the others
 (``PR_SET_PDEATHSIG``), so a crashed hub never leaves workers holding its port;
 a worker that dies alone is started again.
 
+On a SQLite catalog a second hub is refused before anything starts
+(`refuse_second_hub`, engine/hubs.py): SQLite serves one hub, whose API
+workers are the processes above. Several hubs share a PostgreSQL catalog.
+
 TLS: given ``tls_cert_file`` and ``tls_key_file`` (PEM), every process serves
 HTTPS on its socket (uvicorn's ``ssl_certfile``/``ssl_keyfile``); without
 them, plain HTTP (loopback, or behind a reverse proxy terminating TLS:
@@ -38,10 +42,14 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import uvicorn
 
+from sendense.catalog.db import Database
+from sendense.engine import hubs
+from sendense.engine.hubs import SecondHubRefused
 from sendense.settings import HubSettings
 from sendense.tls import is_loopback_host
 
@@ -64,6 +72,7 @@ def serve(settings: HubSettings) -> None:
 
     n = worker_count(settings)
     settings.worker_count, settings.worker_index = n, 0
+    refuse_second_hub(settings)
     tls = tls_options(settings)
     if tls:
         log.info("hub serves HTTPS cert=%s", settings.tls_cert_file)
@@ -87,7 +96,10 @@ def serve(settings: HubSettings) -> None:
     if _in_use(settings.host, settings.port):
         raise SystemExit(f"{settings.host}:{settings.port} is in use by another program")
     sock = _listen(settings.host, settings.port)
-    state = HubState.open(settings)  # migrations, recovery: once, before the others
+    try:
+        state = HubState.open(settings)  # migrations, recovery: once, before the others
+    except SecondHubRefused as e:  # started at the same moment as another hub
+        raise SystemExit(f"hub not started: {e.message}") from None
     workers = Workers(settings, n)
     workers.start()
     # uvicorn answers SIGTERM/SIGINT by shutting down, then raises the signal
@@ -102,6 +114,21 @@ def serve(settings: HubSettings) -> None:
     finally:
         workers.stop()
         sock.close()
+
+
+def refuse_second_hub(settings: HubSettings) -> None:
+    """SQLite serves one hub (engine/hubs.py): exit with the reason if
+    another hub process runs on this catalog. Its own API worker processes
+    start after this check and are that one hub."""
+    if settings.database_url and not settings.database_url.startswith("sqlite"):
+        return
+    db = Database(settings.catalog_url)
+    try:
+        hubs.check_alone(db, timedelta(seconds=settings.job_lease))
+    except hubs.SecondHubRefused as e:
+        raise SystemExit(f"hub not started: {e.message}") from None
+    finally:
+        db.dispose()
 
 
 def tls_options(settings: HubSettings) -> dict[str, str]:

@@ -1,4 +1,11 @@
-"""Everything one hub process holds: settings, catalog, secrets, ports, engine."""
+"""Everything one hub process holds: settings, catalog, secrets, ports, engine.
+
+Each hub process (each API worker process too) registers in the catalog's
+``hubs`` table at start and renews its heartbeat with its job leases
+(engine/hubs.py); on SQLite a second hub is refused at start. On PostgreSQL
+its NBD ports are claimed in the catalog (nbd/ports.py), and every tick it
+takes over the jobs and releases the ports of hub processes that died.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import dataclass
 from sendense.auth import ensure_token
 from sendense.catalog.cache import CatalogCache
 from sendense.catalog.db import Database
+from sendense.engine import hubs
 from sendense.engine.backup import BackupEngine
 from sendense.engine.consolidate import ConsolidateJob
 from sendense.engine.delete import recover_deletes
@@ -81,15 +89,33 @@ class HubState:
         token = ensure_token(data_dir / "admin.token")
         db = Database(settings.catalog_url)
         db.upgrade()
-        secrets = SecretBox(data_dir / "secret.key")
-        ports = PortAllocator(
-            settings.nbd_port_first,
-            settings.nbd_port_last,
-            settings.nbd_bind,
-            stride=settings.worker_count,
-            offset=settings.worker_index,
-        )
         lifecycle = JobLifecycle(db, lease_seconds=settings.job_lease)
+        sqlite = db.url.get_backend_name() == "sqlite"
+        # In the registry of hub processes (engine/hubs.py). SQLite serves one
+        # hub: its first API worker refuses to start beside another hub.
+        hubs.register(
+            db, lifecycle.owner, lease=lifecycle.lease, single=sqlite and settings.worker_index == 0
+        )
+        secrets = SecretBox(data_dir / "secret.key")
+        if sqlite:
+            # One hub: its API worker processes split the range among them.
+            ports = PortAllocator(
+                settings.nbd_port_first,
+                settings.nbd_port_last,
+                settings.nbd_bind,
+                stride=settings.worker_count,
+                offset=settings.worker_index,
+            )
+        else:
+            # Several hubs, maybe on one host: every port claimed in the catalog.
+            ports = PortAllocator(
+                settings.nbd_port_first,
+                settings.nbd_port_last,
+                settings.nbd_bind,
+                db=db,
+                owner=lifecycle.owner,
+                lease_seconds=settings.job_lease,
+            )
         engine = BackupEngine(db, settings, ports, secrets, lifecycle)
         state = cls(settings, db, secrets, ports, engine, token, lifecycle)
         state.cache = CatalogCache(db)
@@ -107,7 +133,8 @@ class HubState:
         resolved = engine.recover() + lifecycle.recover_local()
         if resolved:
             log.warning("resolved jobs left running by a previous hub: %s", resolved)
-        lifecycle.start_renewing(state.take_over_orphans)
+        ports.release_dead()  # after recovery: ports of adopted jobs are ours now
+        lifecycle.start_renewing(state.tick)
         engine.dispatcher.start()  # queued backups: claimed when a node has a slot
         # Immutable attributes follow the catalog's locks (now, then periodically).
         state.locks = LockSweeper(db, settings.lock_sweep_interval)
@@ -135,6 +162,14 @@ class HubState:
             state.webhooks.start()
         return state
 
+    def tick(self) -> None:
+        """Every third of the lease, after the job leases are renewed: the
+        heartbeat and port claims too, then what dead hubs left."""
+        hubs.heartbeat(self.db, self.lifecycle.owner)
+        self.ports.renew()
+        self.take_over_orphans()
+        self.ports.release_dead()
+
     def take_over_orphans(self) -> None:
         """Jobs whose hub process died while this one runs (several hubs on
         one catalog): adopt, finish or fail them as at start."""
@@ -157,4 +192,8 @@ class HubState:
         if self.locks is not None:
             self.locks.stop()
         self.engine.shutdown()
+        try:
+            hubs.stopped(self.db, self.lifecycle.owner)  # other hubs need not wait
+        except Exception:
+            log.exception("could not record this hub's stop in the catalog")
         self.db.dispose()
