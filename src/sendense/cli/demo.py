@@ -16,12 +16,14 @@ encrypted at rest.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +90,8 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
             # The policy step waits for a one-minute schedule: look every 2 s.
             env={"SENDENSE_SCHEDULER_INTERVAL": "2"},
         )
-        node = start_service(
-            ["node", "serve", "--port", str(node_port), "--data-dir", str(node_dir)],
-            workdir / "node.log",
-        )
+        node_args = ["node", "serve", "--port", str(node_port), "--data-dir", str(node_dir)]
+        node = start_service(node_args, workdir / "node.log")
         (workdir / "pids").write_text(f"{hub.pid} {node.pid}")
         wait_healthy(f"{hub_url}/api/v1/health", hub, workdir / "hub.log")
         wait_healthy(f"{node_url}/api/v1/health", node, workdir / "node.log")
@@ -167,6 +167,18 @@ def run_demo(workdir: Path, disk_mib: int) -> int:
         ok &= file_restore(c, guest_files)
         ok &= policy(c, vm)
         ok &= security(c, vm, hub_dir)
+
+        def restart_node(env: dict[str, str]) -> None:
+            """The node again with other settings (the hub re-reads its health)."""
+            nonlocal node
+            stop_service(node)
+            node = start_service(node_args, workdir / "node.log", env=env)
+            (workdir / "pids").write_text(f"{hub.pid} {node.pid}")
+            wait_healthy(f"{node_url}/api/v1/health", node, workdir / "node.log")
+
+        ok &= dropped_connection(c, vm, hub_dir, restart_node)
+        ok &= queue(c, vm, n["node_id"])
+        ok &= pull(c, vm, restart_node)
         step("done: every check passed" if ok else "FAILED: see the checks marked FAILED above")
         console.print(f"Everything is under {workdir}:")
         console.print(f"  restore points  {hub_dir / 'repositories' / 'default'}")
@@ -465,6 +477,107 @@ def security(c: HubClient, vm: QsdVm, hub_dir: Path) -> bool:
         "[dim]the key export above is what `sendense repo export-key vault` writes for"
         " disaster recovery; without it and the hub's master key the files are unreadable[/dim]"
     )
+    return ok
+
+
+def same_as_disks(c: HubClient, vm: QsdVm, job: dict[str, Any], what: str) -> bool:
+    """Every restore point of ``job`` reads exactly as its disk (the guest
+    does not write while these steps run)."""
+    ok = check(
+        job["status"] == "completed", f"{what}: job {job['status']} {job.get('error') or ''}"
+    )
+    for d in job["disks"]:
+        bk = c.get(f"/api/v1/backups/{d['backup_id']}")
+        same = img.compare(bk["file_path"], str(vm.disks[bk["disk_id"]]))
+        ok &= check(same, f"{disk_name(bk)}: {what} {bk['backup_type']} identical to the disk")
+    return ok
+
+
+def dropped_connection(
+    c: HubClient, vm: QsdVm, hub_dir: Path, restart_node: Callable[[dict[str, str]], None]
+) -> bool:
+    """Kill the hub's NBD target of a copy in flight: the hub serves it again,
+    the node's mover reconnects and goes on from its last flushed position."""
+    step("16. a dropped connection: the hub's target is killed mid-copy; the copy goes on")
+    # A slow node (8 MiB/s) so that the copy is still running when we strike.
+    restart_node({"SENDENSE_NODE_MAX_RATE": str(8 << 20), "SENDENSE_NODE_REQUEST_SIZE": "1048576"})
+    job_id = c.post(
+        "/api/v1/backups", {"vm_name": "demo-vm", "repository_id": "default", "backup_type": "full"}
+    )["job_id"]
+    deadline = time.monotonic() + 60
+    job = c.get(f"/api/v1/jobs/{job_id}")
+    while time.monotonic() < deadline:
+        job = c.get(f"/api/v1/jobs/{job_id}")
+        if job["status"] != "pending" and any(d["bytes_done"] > 0 for d in job["disks"]):
+            break
+        time.sleep(0.1)
+    pidfile = hub_dir / "run" / f"nbd-{job['disks'][0]['backup_id']}.pid"
+    killed = False
+    try:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        killed = True
+        console.print(f"killed the target of {disk_name(job['disks'][0])} (kill -9 qemu-nbd)")
+    except (OSError, ValueError) as e:
+        console.print(f"could not kill the target: {e}")
+    retried = False
+    while time.monotonic() < deadline + 240:
+        job = c.get(f"/api/v1/jobs/{job_id}", wait=1)
+        for r in [job.get("retry"), *(d.get("retry") for d in job["disks"])]:
+            if r and not retried:
+                retried = True
+                console.print(f"retrying: {r['reason']} (attempt {r['attempt']})")
+        if job["status"] in ("completed", "failed", "cancelled"):
+            break
+    ok = check(killed, "the target was killed while the copy ran")
+    # The reconnect may take less than a poll: the job's messages keep it.
+    said = [m for m in json.dumps(job.get("messages") or {}).split('"') if "reconnected" in m]
+    for m in said:
+        console.print(m)
+    ok &= check(retried or bool(said), "the node's mover reconnected to the served-again target")
+    ok &= same_as_disks(c, vm, job, "after the dropped connection:")
+    restart_node({})
+    return ok
+
+
+def queue(c: HubClient, vm: QsdVm, node_id: str) -> bool:
+    """A node limit of one job: a second backup waits queued, then runs."""
+    step("17. node limits: one job at a time on this node; the next one waits in the queue")
+    c.request("PATCH", f"/api/v1/nodes/{node_id}", json={"max_jobs": 1})
+    first = c.post(
+        "/api/v1/backups",
+        {"vm_name": "demo-vm", "repository_id": "default", "backup_type": "incremental"},
+    )
+    # The same VM again: "queue" asks to wait for its job rather than 409 disk_busy.
+    second = c.post(
+        "/api/v1/backups",
+        {
+            "vm_name": "demo-vm",
+            "repository_id": "default",
+            "backup_type": "incremental",
+            "queue": True,
+        },
+    )
+    waiting = c.get(f"/api/v1/jobs/{second['job_id']}")
+    console.print(f"second job: {waiting['status']}, step {waiting['step']!r}")
+    ok = check(
+        waiting["status"] == "pending" or waiting["step"] == "queued",
+        "the second backup waits its turn (it is not refused)",
+    )
+    ok &= same_as_disks(c, vm, wait_job(c, first["job_id"]), "first:")
+    ok &= same_as_disks(c, vm, wait_job(c, second["job_id"]), "queued, then run:")
+    c.request("PATCH", f"/api/v1/nodes/{node_id}", json={"max_jobs": None})
+    return ok
+
+
+def pull(c: HubClient, vm: QsdVm, restart_node: Callable[[dict[str, str]], None]) -> bool:
+    """Pull mode: the node serves the frozen disks, the hub writes QCOW2 itself."""
+    step("18. pull mode: the node serves its frozen disks, the hub reads them in one hop")
+    restart_node({"SENDENSE_NODE_TRANSFER": "pull"})
+    full, ok = backup(c, "full")
+    ok &= same_as_disks(c, vm, wait_job(c, full["job_id"]), "pulled")
+    incr, good = backup(c, "incremental")  # incrementals stay push
+    ok &= good & same_as_disks(c, vm, wait_job(c, incr["job_id"]), "pushed")
+    restart_node({})
     return ok
 
 
