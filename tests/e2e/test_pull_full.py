@@ -404,3 +404,41 @@ def test_two_vms_pulled_at_once_get_ports_of_their_own(cluster: Cluster, make_vm
         (disk,) = node_status(c, job_id)["disks"].values()
         urls.add(disk["pull_url"].rsplit("/", 1)[0])
     assert len(urls) == 2, urls  # one port each
+
+
+def path_without_nbdkit(root: Path) -> str:
+    """A PATH with every program of this one but nbdkit (links in ``root``)."""
+    root.mkdir()
+    dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d]
+    for d in filter(os.path.isdir, dirs):
+        for e in os.scandir(d):
+            if e.name != "nbdkit" and not (root / e.name).exists():
+                (root / e.name).symlink_to(e.path)
+    return str(root)
+
+
+@pytest.fixture
+def qemu_nbd_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    env = pull_node(PATH=path_without_nbdkit(tmp_path / "bin"))
+    c = Cluster(tmp_path, node_env=env)
+    c.start_node()
+    c.start_hub()
+    yield c
+    c.stop()
+
+
+def test_pull_through_qemu_nbd_where_nbdkit_is_missing(
+    qemu_nbd_cluster: Cluster, make_vm, tmp_path: Path
+) -> None:
+    c = qemu_nbd_cluster
+    vm = make_vm("pullqn", [32 * MiB])
+    write_random(vm, 0, 0, 12 * MiB)
+    c.register(vm)
+    snap = raw_copy(vm.disks[0], tmp_path / "snap.raw")
+    job = c.backup("pullqn", "full")
+    assert job["status"] == "completed", job
+    (b,) = backups_of(c, job)
+    assert img.compare(b["file_path"], str(snap)) and b["digest"] == reference_digest(snap)
+    log = (c.node_dir / "jobs" / job["job_id"] / "job.log").read_text()
+    assert "disk=2000 serving the frozen view at nbds://" in log and "with qemu-nbd" in log, log
+    assert not list((c.node_dir / "jobs" / job["job_id"]).glob("*tls*")), "key files left"

@@ -342,7 +342,13 @@ def serve_disks(
             host = f"[{advertise}]" if ":" in advertise else advertise
             url = f"{scheme}://{host}:{server.port}/{export}"
             status.update_disk(key, status="running", pull_url=url)
-            log.info("job=%s disk=%s serving the frozen view at %s", job.job_id, key, url)
+            log.info(
+                "job=%s disk=%s serving the frozen view at %s with %s",
+                job.job_id,
+                key,
+                url,
+                "nbdkit" if isinstance(server, NbdkitExport) else "qemu-nbd",
+            )
         status.write(step="serving for the hub")
         results = _hash_disks(views, job, data_dir, cancel)
         log.info(
