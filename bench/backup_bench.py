@@ -73,6 +73,7 @@ from sendense.mover import digest as dg  # noqa: E402
 from sendense.mover.copy import DEFAULT_REQUEST_SIZE, Mover, iter_plan  # noqa: E402
 from sendense.qemu.nbd_server import QemuNbdServer, stop_pid  # noqa: E402
 from sendense.qemu.qsd import QsdVm  # noqa: E402
+from sendense.restore.disk import direct_io_ok  # noqa: E402
 from sendense.settings import HubSettings, NodeSettings  # noqa: E402
 
 GiB = 1 << 30
@@ -271,7 +272,14 @@ class Target:
     """
 
     def __init__(
-        self, path: Path, size: int, cluster: int, logs: Path, *, nodelay: bool = False
+        self,
+        path: Path,
+        size: int,
+        cluster: int,
+        logs: Path,
+        *,
+        nodelay: bool = False,
+        io: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
         opts = f"cluster_size={cluster}"
@@ -285,6 +293,7 @@ class Target:
                 host="127.0.0.1",
                 port=free_port(),
                 log_path=str(logs / "qemu-nbd.log"),
+                **(io or {}),
             )
             self.server.start()
             self.url = self.server.url
@@ -322,11 +331,28 @@ class Target:
                 self.proc.wait()
 
 
+def hub_target_io(work: Path) -> dict[str, Any]:
+    """The cache/aio modes the hub gives its targets here (engine/backup.py
+    `_target_io`, with this run's settings and file system)."""
+    cache, aio = TARGET.nbd_target_cache, TARGET.nbd_target_aio or None
+    if cache == "auto":
+        cache = "none" if direct_io_ok(work) else "writeback"
+    if aio is None and cache in ("none", "directsync"):
+        aio = "native"
+    return {"cache": cache, "aio": aio}
+
+
 @contextlib.contextmanager
 def nbd_target(
-    path: Path, size: int, cluster: int, logs: Path, *, nodelay: bool = False
+    path: Path,
+    size: int,
+    cluster: int,
+    logs: Path,
+    *,
+    nodelay: bool = False,
+    io: dict[str, Any] | None = None,
 ) -> Iterator[Target]:
-    target = Target(path, size, cluster, logs, nodelay=nodelay)
+    target = Target(path, size, cluster, logs, nodelay=nodelay, io=io)
     try:
         yield target
     finally:
@@ -543,9 +569,13 @@ class Bench:
         finally:
             out.unlink(missing_ok=True)
 
-    def nbdcopy(self, cluster: int) -> None:
+    def nbdcopy(self, cluster: int, *, hub_io: bool = False) -> None:
+        """nbdcopy into a qemu-nbd target (qemu's default cache mode), or with
+        ``hub_io`` into one with the hub's target cache/aio modes (the same
+        target as Sendense's full writes into, engine/backup.py)."""
         target = self.work / f"nbdcopy-{cluster}.qcow2"
-        with nbd_target(target, self.size, cluster, self.logs) as server:
+        io = hub_target_io(self.work) if hub_io else None
+        with nbd_target(target, self.size, cluster, self.logs, io=io) as server:
             os.sync()
             seconds, rss = run_timed(
                 [*NBDCOPY, self.guest_uri, server.url], self.logs / "nbdcopy.log"
@@ -559,6 +589,9 @@ class Bench:
         title = f"nbdcopy NBD -> qemu-nbd qcow2, {cluster // 1024} KiB clusters"
         if cluster == HUB_CLUSTER:
             title += " (ceiling)"
+        if hub_io:
+            key += "_hub_io"
+            title = f"nbdcopy -> qemu-nbd with the hub's target modes ({io})"
         self.add(key, title, Sample(seconds, self.size, self.data, rss, {"close_s": close}))
 
     def mover(self, with_digest: bool) -> None:
@@ -803,6 +836,7 @@ class Bench:
             self.convert_durable()
         self.one_hop()
         self.nbdcopy(HUB_CLUSTER)
+        self.nbdcopy(HUB_CLUSTER, hub_io=True)
         if not self.args.quick:
             for cluster in (1 * MiB, 2 * MiB):
                 self.nbdcopy(cluster)
@@ -1038,8 +1072,11 @@ def report(bench: Bench, stat: str) -> tuple[list[str], dict[str, Any], str]:
     inc1 = rows["inc1"].pick(stat)
     inc10 = rows["inc10"].pick(stat)
     onehop_s = rows["onehop"].seconds(stat)
+    same_target_s = rows["nbdcopy_hub_io"].seconds(stat) if "nbdcopy_hub_io" in rows else None
     summary: dict[str, Any] = {
         "full_ratio": ceiling_s / full_s,
+        # The same ceiling into a target with the hub's cache/aio modes.
+        "full_ratio_hub_target": same_target_s / full_s if same_target_s else None,
         "pull_full_vs_onehop": (
             onehop_s / rows["pull_full"].seconds(stat) if "pull_full" in rows else None
         ),
