@@ -22,8 +22,15 @@ Run by ``make bench`` (``.venv/bin/python bench/backup_bench.py``). One run:
      the Mover on a 10% incremental's request pattern (scattered 64 KiB
      blocks) into qemu-nbd as the hub starts it, then into qemu-nbd serving
      a listening socket with TCP_NODELAY (qemu-nbd 7.2 leaves Nagle on);
+   - the same nbdcopy into a target with the hub's qemu-nbd cache/aio modes
+     (``--cache=none --aio=native`` where O_DIRECT works: engine/backup.py);
    - a Sendense full backup end to end through real hub and node processes
-     (POST /api/v1/backups until GET /api/v1/jobs/{id} says completed);
+     (POST /api/v1/backups until GET /api/v1/jobs/{id} says completed), with
+     the CPU seconds of each process (hub, its qemu-nbd target and qemu-img,
+     node, worker, the VM's qsd source) and per GiB of data;
+   - a pull full (issue 11; ``--no-pull`` skips it): the node restarted with
+     ``SENDENSE_NODE_TRANSFER=pull``, the hub's qemu-img reads its frozen
+     disk, then the node back to push;
    - Sendense incrementals after 1% and 10% of the 64 KiB blocks changed.
 
    ``--quick`` keeps only the rows the last line needs.
@@ -31,8 +38,12 @@ Run by ``make bench`` (``.venv/bin/python bench/backup_bench.py``). One run:
 3. prints a table, writes everything (every sample, the per-phase timeline of
    each Sendense job) to ``bench/results/<UTC stamp>.json``, and prints as its
    last line ``key=value`` pairs, starting with ``full_ratio``,
+   ``full_ratio_hub_target``, ``pull_full_vs_onehop`` (one hop's time / the
+   pull full's), ``pull_full_ratio``, ``cpu_s_per_gib``,
    ``full_vs_convert``, ``inc1_time_ratio``, ``inc10_time_ratio`` and
-   ``mover_rss_mib``.
+   ``mover_rss_mib``. ``Bench.sendense(..., cut_at=0.4)`` kills the job's
+   target qemu-nbd once at 40 % of its bytes (bench/topology_bench.py's
+   ``resume_overhead``).
 
 Caches are warm (the VM's disk fits in memory); ``sync`` runs before each
 measurement so that no measurement pays for the previous one's dirty pages.
