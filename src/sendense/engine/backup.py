@@ -681,8 +681,8 @@ class BackupEngine:
         qemu-nbd's core (the core TLS also runs on), and incrementals ran the
         same. io_uring measured like native; native is everywhere (io_uring
         may be disabled by a seccomp profile). Durability is unchanged: the
-        node's NBD flush is an fdatasync either way. tmpfs and some network
-        filesystems refuse O_DIRECT: writeback there.
+        node's NBD flush is an fdatasync either way. tmpfs before Linux 6.6
+        and some network file systems refuse O_DIRECT: writeback there.
         """
         cache = self.settings.nbd_target_cache
         aio = self.settings.nbd_target_aio or None
@@ -1141,6 +1141,11 @@ class BackupEngine:
                     (j.id, j.vm.source.node, [(b.id, b.nbd_pid, b.nbd_port) for b in j.backups])
                 )
         for job_id, node, targets in todo:
+            if not targets and dispatch.requeue_unplanned(self.db, self.lifecycle, job_id):
+                # Claimed from the queue by a hub that died before planning
+                # it: nothing ran, nothing on disk; any hub claims it again.
+                resolved.append(job_id)
+                continue
             client = node_client(node, self.secrets)
             try:
                 st: JobStatusReport | None = report_of(client.status(job_id))
