@@ -183,6 +183,7 @@ class _PullJob:
         self.key = key
         self.cancel = threading.Event()  # set by BackupEngine.cancel
         self.kill = threading.Event()  # stops the converts
+        self.wake = threading.Event()  # a convert ended: act now, not at the next poll
 
     def start(self) -> None:
         self.engine._cancel[self.job_id] = self.cancel
@@ -256,6 +257,8 @@ class _PullJob:
         except BaseException as e:
             d.error = e
             log.warning("job=%s disk=%s pull failed: %s", self.job_id, d.disk_key, e)
+        finally:
+            self.wake.set()
 
     def _start_converts(self, st: JobStatusReport) -> None:
         for key, disk in st.disks.items():
@@ -398,7 +401,8 @@ class _PullJob:
                     last_write = now
                     if engine._update_progress(job_id, self._with_progress(st)):
                         self.cancel.set()  # the job timed out
-                time.sleep(settings.poll_interval)
+                self.wake.wait(settings.poll_interval)
+                self.wake.clear()
         except Exception as e:  # a bug: never leave a job running
             log.exception("job=%s pull monitor crashed", job_id)
             with contextlib.suppress(Error):

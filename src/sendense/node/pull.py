@@ -350,6 +350,7 @@ def serve_disks(
                 "nbdkit" if isinstance(server, NbdkitExport) else "qemu-nbd",
             )
         status.write(step="serving for the hub")
+        deadline = time.monotonic() + job.pull_wait
         results = _hash_disks(views, job, data_dir, cancel)
         log.info(
             "job=%s hashed disks=%s seconds=%s",
@@ -357,9 +358,9 @@ def serve_disks(
             sorted(results),
             [round(r.seconds, 3) for r in results.values()],
         )
-        deadline = time.monotonic() + job.pull_wait
         while any(s.running() for s in servers.values()):
-            if cancel.wait(0.1):
+            # 20 ms: the job's end waits on these two loops.
+            if cancel.wait(0.02):
                 raise Cancelled("job cancelled")
             if time.monotonic() > deadline:
                 raise Error(
@@ -369,7 +370,7 @@ def serve_disks(
                 )
         deadline = time.monotonic() + job.pull_confirm_timeout
         while not pulled.exists():
-            if cancel.wait(0.1):
+            if cancel.wait(0.02):
                 raise Cancelled("job cancelled")
             if time.monotonic() > deadline:
                 raise Error(
