@@ -429,6 +429,7 @@ def _hash_disks(
                 hashes=hashes,
                 in_flight=job.in_flight,
                 request_size=job.request_size,
+                window_bytes=job.window_bytes,  # the node's memory bound, as for push
                 cancel_event=cancel,
             ).run()
         except BaseException:
