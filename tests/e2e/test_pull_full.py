@@ -442,3 +442,19 @@ def test_pull_through_qemu_nbd_where_nbdkit_is_missing(
     log = (c.node_dir / "jobs" / job["job_id"] / "job.log").read_text()
     assert "disk=2000 serving the frozen view at nbds://" in log and "with qemu-nbd" in log, log
     assert not list((c.node_dir / "jobs" / job["job_id"]).glob("*tls*")), "key files left"
+
+
+@cluster_env(hub={"SENDENSE_NBD_TLS": "false"})
+def test_pull_without_tls_for_the_benchmark_round(cluster: Cluster, make_vm) -> None:
+    """A hub with SENDENSE_NBD_TLS=false (the bench's no-TLS round) sends no
+    key: the node serves plain NBD and the pull still makes the same point."""
+    c = cluster
+    vm = make_vm("pullplain", [32 * MiB])
+    write_random(vm, 0, 0, 8 * MiB)
+    c.register(vm)
+    job = c.backup("pullplain", "full")
+    assert job["status"] == "completed", job
+    (b,) = backups_of(c, job)
+    assert img.compare(b["file_path"], str(vm.disks[0])), b
+    (disk,) = node_status(c, job["job_id"])["disks"].values()
+    assert disk["pull_url"].startswith("nbd://127.0.0.1:"), disk
