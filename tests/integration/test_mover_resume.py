@@ -67,6 +67,9 @@ class Relay:
         self.listener.bind(str(path))
         self.listener.listen(8)
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        # Bytes a connection may carry from the server before it is cut
+        # (None: no limit): a server that drops every connection early.
+        self.limit: int | None = None
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -85,14 +88,18 @@ class Relay:
                 continue
             with self.lock:
                 self.pairs.append((a, b))
-            for x, y in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+            for x, y, limit in ((a, b, None), (b, a, self.limit)):
+                threading.Thread(target=self._pump, args=(x, y, limit), daemon=True).start()
 
     @staticmethod
-    def _pump(x: socket.socket, y: socket.socket) -> None:
+    def _pump(x: socket.socket, y: socket.socket, limit: int | None) -> None:
+        sent = 0
         try:
             while data := x.recv(1 << 20):
                 y.sendall(data)
+                sent += len(data)
+                if limit is not None and sent > limit:
+                    break
         except OSError:
             pass
         for sock in (x, y):
@@ -278,6 +285,26 @@ def test_copy_survives_a_dropped_source_connection(ends: Ends, tmp_path: Path) -
     ends.stop()
     assert img.compare(str(ends.target), str(ends.source))
     assert out["result"].digest == digest_of_image(str(ends.source), fmt="raw")
+
+
+def test_connections_that_keep_dropping_end_at_the_deadline(ends: Ends) -> None:
+    """Reconnects that succeed but drop again before the copy gets any
+    further are one streak: the deadline still ends it."""
+    retries: list[Retrying | None] = []
+    mover = make_mover(ends, None, reconnect_deadline=3.0, on_retry=retries.append)
+    t, out = run_in_thread(mover)
+    when_copied(mover, 0.3)
+    ends.relay.limit = 256 << 10  # less than one 1 MiB read
+    t0 = time.monotonic()
+    ends.relay.cut()
+    t.join(30)
+    assert time.monotonic() - t0 < 10
+    err = out.get("error")
+    assert isinstance(err, Error) and err.code == "source_connection_lost", err
+    assert mover.reconnects >= 2  # it did connect again, and lost it again
+    attempts = [r.attempt for r in retries if r is not None]
+    assert attempts == sorted(attempts)  # one streak, counted on
+    mover.close()
 
 
 def test_source_server_gone_fails_at_once(ends: Ends, tmp_path: Path) -> None:

@@ -450,6 +450,8 @@ class Mover:
         self._at_mark = (0, 0)  # data bytes, zero bytes
         self.flushes = 0
         self.reconnects = 0
+        # The last reconnect: (since, attempts, mark then), see _reconnect.
+        self._streak: tuple[float, int, int] | None = None
         self._pool = _BufferPool(self.request_size, self.window_bytes)
 
     @property
@@ -562,7 +564,13 @@ class Mover:
 
     def _reconnect(self, drop: _Dropped) -> None:
         what = "the VM's export" if drop.end == "source" else "the hub's NBD target"
-        since = time.time()
+        # A connection that drops again before the copy got any further
+        # continues the same streak: a target that takes connections and
+        # loses them at once must not keep the copy going forever.
+        if self._streak is not None and self.mark <= self._streak[2]:
+            since, attempt, _ = self._streak
+        else:
+            since, attempt = time.time(), 0
         deadline = since + self.reconnect_deadline
         reason = f"{drop.end} connection lost: {drop.detail}"
         log.warning("%s: %s; reconnecting (mark %d)", self.label, reason, self.mark)
@@ -570,10 +578,18 @@ class Mover:
         for h in [self.src, *self.dsts]:
             _sever(h)
         self.close()
-        delay = RECONNECT_FIRST_DELAY
-        attempt = 0
+        delay = min(RECONNECT_FIRST_DELAY * 2**attempt, RECONNECT_MAX_DELAY)
         last = drop.detail
         while True:
+            if attempt and time.time() >= deadline:
+                if self.on_retry is not None:
+                    self.on_retry(Retrying(drop.end, reason, attempt, since, deadline, True))
+                raise ConnectionLost(
+                    f"lost the connection to {what} of {self.label} and could not copy on "
+                    f"within {self.reconnect_deadline:g} s ({attempt} attempts; "
+                    f"SENDENSE_NODE_RECONNECT_DEADLINE): {last}",
+                    code=f"{drop.end}_connection_lost",
+                )
             attempt += 1
             if self.on_retry is not None:
                 self.on_retry(Retrying(drop.end, reason, attempt, since, deadline))
@@ -614,21 +630,11 @@ class Mover:
             except nbd.Error as e:
                 last = str(e)
                 log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, e)
-                if time.time() >= deadline:
-                    if self.on_retry is not None:
-                        self.on_retry(
-                            Retrying(drop.end, reason, attempt, since, deadline, gave_up=True)
-                        )
-                    raise ConnectionLost(
-                        f"lost the connection to {what} of {self.label} and could not connect "
-                        f"again within {self.reconnect_deadline:g} s ({attempt} attempts; "
-                        f"SENDENSE_NODE_RECONNECT_DEADLINE): {last}",
-                        code=f"{drop.end}_connection_lost",
-                    ) from None
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             self.src, self.dsts = src, dsts
             self.reconnects += 1
+            self._streak = (since, attempt, self.mark)
             # Back to the last flushed position: what came after may be lost.
             data, zero = self._at_mark
             self.progress.data_bytes = self.progress.bytes_done = data
