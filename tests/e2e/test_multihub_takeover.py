@@ -7,12 +7,17 @@
 - Hub A killed with SIGKILL mid-backup: hub B sees it dead, takes the job
   over (adopts its targets, which outlive A) and ends it, and releases A's
   port claims; the restore point reads equal to the disk.
+- Hub B as if on another host (its own UTS namespace: another host name,
+  same machine): A killed with its targets is dead for B once its heartbeat
+  is older than the lease; B cannot serve targets of A's host, so the job
+  fails with that reason, its partial files go, and A's claims are released.
 - On SQLite a second hub is refused at start, naming the first.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -30,6 +35,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+import fixtures.cluster as cluster_module
 from fixtures.cluster import Cluster
 from fixtures.lifecycle import wait_for, write_random
 from fixtures.processes import busy_ports, processes_under
@@ -44,12 +50,34 @@ MiB = 1 << 20
 SLOWER_NODE = {"SENDENSE_NODE_MAX_RATE": str(3 * MiB), "SENDENSE_NODE_REQUEST_SIZE": str(MiB)}
 # A short lease: a hub ticks (renews, takes over) every 2 s.
 HUB_ENV = {"SENDENSE_JOB_LEASE": "6"}
+OTHER_HOST = "hub-b-host"
+# Runs "$@" with the host name "$0", in a UTS namespace of its own.
+UNSHARE = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"']
 
 
-@pytest.fixture
-def two_hubs(pg_server, tmp_path: Path) -> Iterator[tuple[Cluster, Cluster, Database]]:  # type: ignore[no-untyped-def]
-    """Hub A with the node, hub B on the same PostgreSQL catalog and host,
-    both with the same NBD port range."""
+def on_host(name: str) -> Any:
+    """``start_service`` starting the program in a UTS namespace of its own
+    named ``name``: to the hub it runs on another host (same machine)."""
+
+    def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> Any:
+        with open(log, "ab") as f:
+            return subprocess.Popen(
+                [*UNSHARE, name, sys.executable, "-m", "sendense.cli.main", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    return start
+
+
+def start_pair(
+    pg_server: Any, tmp_path: Path, b_host: str = ""
+) -> Iterator[tuple[Cluster, Cluster, Database]]:
+    """Hub A with the node, hub B on the same PostgreSQL catalog (on this
+    host, or as host ``b_host``), both with the same NBD port range."""
     name = f"multihub_{uuid.uuid4().hex[:10]}"
     url = str(pg_server.create_database(name))
     a = Cluster(tmp_path / "a", url, hub_env=HUB_ENV, node_env=dict(SLOWER_NODE))
@@ -61,7 +89,12 @@ def two_hubs(pg_server, tmp_path: Path) -> Iterator[tuple[Cluster, Cluster, Data
     a.start_hub()
     b.hub_dir.mkdir(parents=True)
     shutil.copy2(a.hub_dir / "secret.key", b.hub_dir / "secret.key")
-    b.start_hub()
+    if b_host:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cluster_module, "start_service", on_host(b_host))
+            b.start_hub()
+    else:
+        b.start_hub()
     db = Database(url)
     try:
         yield a, b, db
@@ -71,6 +104,20 @@ def two_hubs(pg_server, tmp_path: Path) -> Iterator[tuple[Cluster, Cluster, Data
         a.stop()
         leaked = processes_under(tmp_path)
         assert not leaked, leaked
+
+
+@pytest.fixture
+def two_hubs(pg_server, tmp_path: Path) -> Iterator[tuple[Cluster, Cluster, Database]]:  # type: ignore[no-untyped-def]
+    yield from start_pair(pg_server, tmp_path)
+
+
+@pytest.fixture
+def two_hosts(pg_server, tmp_path: Path) -> Iterator[tuple[Cluster, Cluster, Database]]:  # type: ignore[no-untyped-def]
+    """As `two_hubs`, hub B as if on another host (``unshare --uts``)."""
+    probe = subprocess.run(["unshare", "--uts", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no UTS namespace here: {probe.stderr.decode(errors='replace')}")
+    yield from start_pair(pg_server, tmp_path, b_host=OTHER_HOST)
 
 
 def claims(db: Database) -> list[tuple[int, str]]:
@@ -203,6 +250,50 @@ def test_a_hub_killed_mid_backup_is_taken_over_by_the_other(
     write_random(vm, 0, 30 * MiB, MiB)
     nxt = b.backup("orphaned1", "auto")
     assert_restores_exactly(b, vm, nxt)
+
+
+@pytest.mark.postgres
+def test_a_hub_on_another_host_killed_mid_backup_is_failed_after_its_lease(
+    two_hosts: tuple[Cluster, Cluster, Database], make_vm
+) -> None:  # type: ignore[no-untyped-def]
+    """Hub B cannot see A's processes: A is dead once its heartbeat is older
+    than the lease. B cannot serve A's targets (they were on A's host), so
+    the job fails with the reason and its partial files go."""
+    a, b, db = two_hosts
+    with db.session() as s:
+        assert {h.host for h in s.scalars(select(Hub))} == {socket.gethostname(), OTHER_HOST}
+    vm = make_vm("faraway1", [64 * MiB])
+    write_random(vm, 0, 0, 24 * MiB)  # 8 s of copy
+    a.register(vm)
+    full_files = {p for p in (a.hub_dir / "repositories").rglob("*") if p.is_file()}
+    job_id = a.start_backup("faraway1", "full")["job_id"]
+    dead_owner = owner_of(db, job_id)
+    wait_for("the copy to move", lambda: node_bytes(a, job_id) >= MiB)
+    # Host A goes down whole: its hub and its targets.
+    killed_at = time.monotonic()
+    a.kill("hub", signal.SIGKILL)
+    for pid, _ in [p for p in processes_under(a.root) if "qemu-nbd" in p[1]]:
+        os.kill(pid, signal.SIGKILL)
+    job = b.wait_job(job_id, timeout=120)
+    took = time.monotonic() - killed_at
+    print(f"hub B on another host ended the dead hub's job {took:.1f}s after it died")
+    assert took >= 4, "judged dead before its lease (6 s) could have run out"
+    assert job["status"] == "failed" and job["error"]["code"] == "hub_restarted", job
+    assert f"served by the hub on host {socket.gethostname()}" in job["error"]["message"], job
+    assert owner_of(db, job_id) != dead_owner
+    for bid in job["backups"]:
+        backup = b.client.get(f"/api/v1/backups/{bid}")
+        assert backup["status"] == "failed" and not Path(backup["file_path"]).exists(), backup
+    assert {p for p in (a.hub_dir / "repositories").rglob("*") if p.is_file()} == full_files
+    wait_for("A's port claims to go", lambda: not claims(db), timeout=30)
+    # The next backup runs on hub B's host, with B's own claims.
+    nxt = b.start_backup("faraway1", "full")["job_id"]
+    held = wait_for("B's targets", lambda: claims(db))
+    assert {owner for _, owner in held} == {owner_of(db, nxt)}
+    with db.session() as s:
+        assert s.get(Hub, owner_of(db, nxt)).host == OTHER_HOST  # type: ignore[union-attr]
+    assert_restores_exactly(b, vm, b.wait_job(nxt, timeout=120))
+    wait_for("B's port claims to go", lambda: not claims(db), timeout=30)
 
 
 def test_a_second_hub_on_sqlite_is_refused_naming_the_first(tmp_path: Path) -> None:
