@@ -230,6 +230,9 @@ class BackupStats:
     server_errors: Counter[str] = field(default_factory=Counter)
     client_errors: Counter[str] = field(default_factory=Counter)
     running: dict[str, int] = field(default_factory=dict)  # job id -> hub index
+    start_ms: list[float] = field(default_factory=list)  # POST /backups answer times
+    client_samples: list[str] = field(default_factory=list)  # the first 4xx answers
+    loop_errors: list[str] = field(default_factory=list)  # the bench's own failures
 
     def server(self, what: str) -> None:
         with self.lock:
@@ -256,14 +259,31 @@ def _call(
         stats.server(f"{method} {r.status_code}")
         return None
     if r.status_code >= 400:
-        code = r.json().get("error", {}).get("code", "") if r.content else ""
+        try:  # the one error shape: {"error": code, "message", "details"}
+            code = str(r.json().get("error", ""))
+        except (ValueError, AttributeError):
+            code = ""
         stats.client(f"{method} {r.status_code} {code}".strip())
+        with stats.lock:
+            if len(stats.client_samples) < 10:
+                stats.client_samples.append(f"{method} {path}: {r.status_code} {r.text[:300]}")
         return None
     body: dict[str, Any] = r.json()
     return body
 
 
-def backup_loop(
+def backup_loop(*args: Any) -> None:
+    """`_backup_loop`; a bench bug in it is reported, not a silently dead loop."""
+    stats: BackupStats = args[3]
+    try:
+        _backup_loop(*args)
+    except Exception as e:
+        with stats.lock:
+            stats.loop_errors.append(f"{args[0].name}: {type(e).__name__}: {e}")
+        raise
+
+
+def _backup_loop(
     vm: QsdVm,
     index: int,
     clients: list[httpx.Client],
@@ -298,6 +318,7 @@ def backup_loop(
             continue
         job_id = started["job_id"]
         with stats.lock:
+            stats.start_ms.append((time.monotonic() - t0) * 1000)
             stats.running[job_id] = (k - 1) % len(clients)
         job: dict[str, Any] | None = None
         while not stop.is_set():
@@ -621,9 +642,12 @@ def main(argv: list[str] | None = None) -> int:
             # The same traffic with no backup running: what the machine gives
             # the API alone (other processes on it included).
             say(f"baseline: {args.rate:g} requests/s for {args.baseline:g}s, no backups")
+            hub_cpu0, busy0 = cpu_seconds(hub_pids), machine_cpu_seconds()
             gen, _ = traffic_for(args.baseline, args.seed + 1)
             baseline = results.get(timeout=args.baseline + args.timeout + 60)
             gen.join(timeout=10)
+            cpu["baseline_hubs_s"] = round(cpu_seconds(hub_pids) - hub_cpu0, 1)
+            cpu["baseline_busy_s"] = round(machine_cpu_seconds() - busy0, 1)
         gen, start_at = traffic_for(args.seconds, args.seed)
         time.sleep(max(0.0, start_at - time.time()))
         begin = time.monotonic()
@@ -823,10 +847,14 @@ def main(argv: list[str] | None = None) -> int:
             "completed_in_window": completed,
             "ended": len(stats.jobs),
             "failed": [{k: j[k] for k in ("vm", "status", "error_code", "error")} for j in failed],
+            "start_p50_ms": round(percentile(sorted(stats.start_ms), 50), 1),
+            "start_p99_ms": round(percentile(sorted(stats.start_ms), 99), 1),
             "duration_p50_s": round(percentile(durations, 50), 1),
             "duration_max_s": round(durations[-1], 1) if durations else None,
             "server_errors": dict(stats.server_errors),
             "client_errors": dict(stats.client_errors),
+            "client_error_samples": stats.client_samples,
+            "loop_errors": stats.loop_errors,
         },
         "leaked": [f"{pid} {cmd}" for pid, cmd in leaked],
         "last_line": last,
@@ -860,12 +888,18 @@ def main(argv: list[str] | None = None) -> int:
     if base_records:
         print(
             f"baseline (API alone, {args.baseline:g}s): p50 {base_p50:.1f} ms, "
-            f"p99 {base_p99:.1f} ms, errors {dict(base_errors) or 0}"
+            f"p99 {base_p99:.1f} ms, errors {dict(base_errors) or 0}; hub CPU "
+            f"{cpu.get('baseline_hubs_s')} s ("
+            f"{1000 * cpu.get('baseline_hubs_s', 0) / max(1, len(base_records)):.1f} ms per "
+            f"request), machine busy {cpu.get('baseline_busy_s')} of "
+            f"{args.baseline * cpus:.0f} CPU-s"
         )
     print(
         f"backups: {completed} completed in the window ({jobs_per_min:.1f}/min), "
         f"{len(failed)} failed or cancelled, duration p50 {percentile(durations, 50):.1f} s "
-        f"(queue wait included); hub CPU {cpu.get('hubs_s')} s"
+        f"(queue wait included); POST /backups answered in p50 "
+        f"{percentile(sorted(stats.start_ms), 50):.0f} ms, p99 "
+        f"{percentile(sorted(stats.start_ms), 99):.0f} ms; hub CPU {cpu.get('hubs_s')} s"
     )
     if pg_conns:
         print(
