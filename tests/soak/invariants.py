@@ -16,7 +16,10 @@ does not show).
 - `process_problems` / `port_problems`: no qemu-nbd, nbdkit, node worker
   (beyond a live node's one spare) or file-restore worker left, no busy port
   in the hubs' NBD ranges;
-- `lease_problems`: no job ``running`` past its lease.
+- `lease_problems`: no job ``running`` past its lease;
+- `restore_dir_problems`: a whole-disk restore that did not complete leaves
+  no file at its path and no hidden partial file (guide, "Nothing
+  half-written"); the soak removes what completed ones wrote.
 """
 
 from __future__ import annotations
@@ -125,3 +128,9 @@ def lease_problems(db: Database, grace: float = 2.0) -> list[str]:
                     f"(owner {job.owner}, lease_until {job.lease_until}, step {job.step})"
                 )
     return problems
+
+
+def restore_dir_problems(directory: Path) -> list[str]:
+    """Files in a restore directory the soak did not keep: partial files and
+    files of restores that did not complete."""
+    return [f"file left in the restore directory: {p}" for p in sorted(directory.rglob("*"))]

@@ -64,6 +64,7 @@ from fixtures.cluster import Cluster
 from fixtures.disks import PartitionSpec, build_ext4, build_partitioned
 from fixtures.processes import processes_under
 from sendense.catalog.db import Database
+from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
 from soak import invariants
 
@@ -716,14 +717,14 @@ class Soak:
         job = self.wait_job(job_id)
         self.expect(step, job["status"] == "completed", f"restore {job['status']}: {job['error']}")
         truth = self.truth_for(point)
-        if job["status"] == "completed" and truth is not None:
-            from sendense.qemu import img
-
-            if not img.compare(str(dest), str(truth)):
-                raise SoakFailure(
-                    f"restored {point['backup_id']} into {dest}: differs from {truth}"
-                )
-        dest.unlink(missing_ok=True)
+        if (
+            job["status"] == "completed"
+            and truth is not None
+            and not img.compare(str(dest), str(truth))
+        ):
+            raise SoakFailure(f"restored {point['backup_id']} into {dest}: differs from {truth}")
+        if job["status"] == "completed":
+            dest.unlink()  # what a failed one leaves is for the invariants
 
     def act_retention(self, step: Step) -> None:
         r = self.request("POST", f"/api/v1/policies/{self.policy_id}/retention/apply", via=step.rng)
@@ -774,6 +775,7 @@ class Soak:
         repo = self.hubs["a"].hub_dir / "repositories" / "default"
         problems = invariants.restore_point_problems(backups, self.truth_for)
         problems += invariants.repository_problems(repo, backups)
+        problems += invariants.restore_dir_problems(self.root / "restores")
         deadline = time.monotonic() + 15  # processes end shortly after their job
         while True:
             nodes = [c.node.pid for c in self.hubs.values() if c.node and c.node.poll() is None]
