@@ -36,8 +36,9 @@ from fixtures.cluster import Cluster, cli
 from sendense.qemu import img
 
 MiB = 1 << 20
-# 8 MiB of data at 6 MiB/s: a backup lasts well over a second.
-SLOW_NODE = {"SENDENSE_NODE_MAX_RATE": str(6 * MiB), "SENDENSE_NODE_REQUEST_SIZE": str(MiB)}
+# 8 MiB of data at 2 MiB/s: a full lasts about 4 s, longer than a few
+# requests take on a loaded machine.
+SLOW_NODE = {"SENDENSE_NODE_MAX_RATE": str(2 * MiB), "SENDENSE_NODE_REQUEST_SIZE": str(MiB)}
 QUEUED_REASON = "waiting for node node1: 1 of 1 jobs running"
 
 

@@ -328,3 +328,28 @@ def test_orphans_ignore_only_queued_jobs(world: World) -> None:
         kinds = s.scalars(select(BackupJob.step).where(BackupJob.id == job_id)).all()
     assert kinds == ["claimed"]
     assert [j for j, _, _ in hub(world, "two").orphans()] == [job_id]
+
+
+def test_a_claim_whose_hub_died_before_planning_goes_back_to_the_queue(world: World) -> None:
+    world.settings.node_job_limit = 1
+    job_id = world.queue("a", T0)
+    dead = hub(world, "dead")
+    assert world.claim(dead) == job_id
+    with world.db.session() as s:  # the claimer died: its lease runs out
+        s.execute(
+            update(BackupJob)
+            .where(BackupJob.id == job_id)
+            .values(lease_until=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    alive = hub(world, "alive")
+    [(orphan, _, old)] = alive.orphans()
+    assert orphan == job_id and alive.take_over(job_id, old)
+    assert world.claim(alive) is None  # taken over: it holds the slot
+    assert dispatch.requeue_unplanned(world.db, alive, job_id)
+    job = world.job(job_id)
+    assert (job.status, job.step, job.owner, job.lease_until) == ("pending", "queued", None, None)
+    assert job.messages["hub"][-1].startswith("queued again")
+    assert alive.orphans() == []
+    assert world.claim(alive) == job_id
+    # A job that was never queued, or already planned, is not requeued.
+    assert not dispatch.requeue_unplanned(world.db, alive, world.running("b", owner=alive.owner))

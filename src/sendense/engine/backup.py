@@ -1141,6 +1141,11 @@ class BackupEngine:
                     (j.id, j.vm.source.node, [(b.id, b.nbd_pid, b.nbd_port) for b in j.backups])
                 )
         for job_id, node, targets in todo:
+            if not targets and dispatch.requeue_unplanned(self.db, self.lifecycle, job_id):
+                # Claimed from the queue by a hub that died before planning
+                # it: nothing ran, nothing on disk; any hub claims it again.
+                resolved.append(job_id)
+                continue
             client = node_client(node, self.secrets)
             try:
                 st: JobStatusReport | None = report_of(client.status(job_id))

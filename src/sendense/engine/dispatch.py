@@ -36,7 +36,9 @@ The rule (one for every way a backup starts: API, CLI, scheduler)::
   starves another.
 - **No owner, no orphan.** A queued job runs nothing: recovery
   (`JobLifecycle.orphans`) leaves it alone, and any hub claims it later,
-  whichever hub it was asked on and even if that hub has died.
+  whichever hub it was asked on and even if that hub has died. A job whose
+  claiming hub died before planning it (no restore point rows yet) is put
+  back in the queue by the hub that takes it over (`requeue_unplanned`).
 - **Policies.** A policy's VMs wait in their run's queue (scheduler/runs.py)
   and start at the scheduler's tick, counted by the same rule. Between the
   two queues the older request goes first: a queued job does not take a
@@ -59,7 +61,7 @@ from sqlalchemy import func, not_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from sendense.catalog.db import Database
-from sendense.catalog.models import BackupJob, Node, PolicyRunVm
+from sendense.catalog.models import Backup, BackupJob, Node, PolicyRunVm
 from sendense.engine.lifecycle import ACTIVE, QUEUED_STEP, JobLifecycle, queued_clause
 
 log = logging.getLogger(__name__)
@@ -297,6 +299,37 @@ def claim(
                 if getattr(result, "rowcount", 0):
                     return job_id, used, limit
     return None
+
+
+def requeue_unplanned(db: Database, lifecycle: JobLifecycle, job_id: str) -> bool:
+    """Put back in the queue a job this process took over from a dead hub
+    that had claimed it but not planned it yet (no restore point rows: no
+    file, no target, nothing on the node). True if done."""
+    with db.session() as s:
+        if s.scalar(select(Backup.id).where(Backup.job_id == job_id).limit(1)) is not None:
+            return False
+        job = s.get(BackupJob, job_id)
+        if job is None or not (job.params or {}).get("queue"):
+            return False  # not a job that came from the queue
+        messages = dict(job.messages or {})
+        messages["hub"] = [
+            *(messages.get("hub") or []),
+            "queued again: the hub that claimed it stopped before starting it",
+        ]
+        result = s.execute(
+            update(BackupJob)
+            .where(
+                BackupJob.id == job_id,
+                BackupJob.status == "pending",
+                BackupJob.owner == lifecycle.owner,
+                BackupJob.started_at.is_(None),
+            )
+            .values(owner=None, lease_until=None, step=QUEUED_STEP, messages=messages)
+        )
+        done = bool(getattr(result, "rowcount", 0))
+    if done:
+        log.warning("job=%s queued again: its claiming hub died before starting it", job_id)
+    return done
 
 
 def cancel_queued(db: Database, lifecycle: JobLifecycle, job_id: str) -> bool:
