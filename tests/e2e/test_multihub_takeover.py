@@ -39,7 +39,7 @@ import fixtures.cluster as cluster_module
 from fixtures.cluster import Cluster
 from fixtures.lifecycle import wait_for, write_random
 from fixtures.processes import busy_ports, processes_under
-from sendense.catalog.db import Database
+from sendense.catalog.db import Database, sqlite_url
 from sendense.catalog.models import BackupJob, Hub, NbdPort
 from sendense.cli.services import free_port
 from sendense.qemu import img
@@ -297,10 +297,22 @@ def test_a_hub_on_another_host_killed_mid_backup_is_failed_after_its_lease(
 
 
 def test_a_second_hub_on_sqlite_is_refused_naming_the_first(tmp_path: Path) -> None:
-    a = Cluster(tmp_path)
+    a = Cluster(tmp_path, hub_env={"SENDENSE_API_WORKERS": "2"})
     a.start_hub()
     try:
         assert a.hub is not None
+        # The first hub's two API worker processes are one hub: both run.
+        db = Database(sqlite_url(a.hub_dir / "catalog.db"))
+
+        def running() -> list[Hub]:
+            with db.session() as s:
+                return list(s.scalars(select(Hub).where(Hub.stopped_at.is_(None))))
+
+        try:
+            rows = wait_for("the second API worker", lambda: len(running()) == 2 and running())
+        finally:
+            db.dispose()
+        assert len(rows) == 2 and a.hub.pid in {h.pid for h in rows}, rows
         second = subprocess.run(
             [
                 sys.executable,
