@@ -219,12 +219,18 @@ def test_max_jobs_is_validated_and_the_cli_says_queued(limited: Cluster, make_vm
     limit_node(c, node_id, 1)
     # Back to the default with null.
     assert limit_node(c, node_id, None)["job_limit"] == 4
-    limit_node(c, node_id, 1)
+    edited = cli(c, "node", "edit", "node1", "--max-jobs", "1")
+    assert "job limit 1" in edited.stdout, edited.stdout
+    bad = cli(c, "node", "edit", "node1", "--max-jobs", "lots", ok=False)
+    assert "--max-jobs must be a number or 'default'" in bad.stderr + bad.stdout
 
     first = cli(c, "backup", "start", "v0", "--type", "full")
     assert "started" in first.stdout
     second = cli(c, "backup", "start", "v1", "--type", "full")
     assert f"queued: {QUEUED_REASON}" in second.stdout, second.stdout
+    [listed] = json.loads(cli(c, "--json", "node", "ls").stdout)["nodes"]
+    # (the CLI is slow to start on a loaded machine: v1 may have started by now)
+    assert (listed["max_jobs"], listed["job_limit"], listed["jobs_running"]) == (1, 1, 1)
     busy = cli(c, "backup", "start", "v0", ok=False)
     assert "disk_busy" in busy.stdout + busy.stderr
     behind = cli(c, "--json", "backup", "start", "v0", "--queue")

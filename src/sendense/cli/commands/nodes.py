@@ -118,7 +118,7 @@ def node_ls() -> None:
     """Nodes, their health, and whether the hub reaches them over TLS."""
     m = _m()
     data = m.call(m.client().get, "/api/v1/nodes")
-    t = Table("node_id", "name", "url", "health", "tls", "fingerprint")
+    t = Table("node_id", "name", "url", "health", "tls", "fingerprint", "jobs")
     for n in data["nodes"]:
         fp = n.get("fingerprint")
         t.add_row(
@@ -128,6 +128,9 @@ def node_ls() -> None:
             n["health"]["status"],
             "yes" if n.get("tls") else "no",
             f"{fp[:16]}..." if fp else "-",
+            # running/limit, and how many wait (engine/dispatch.py)
+            f"{n.get('jobs_running', 0)}/{n.get('job_limit') or '-'}"
+            + (f" +{n['jobs_queued']} queued" if n.get("jobs_queued") else ""),
         )
     m.out(data, t)
 
@@ -201,16 +204,33 @@ def node_edit(
     verify: Annotated[
         bool, typer.Option(help="Check the node answers with this URL and token first.")
     ] = True,
+    max_jobs: Annotated[
+        str | None,
+        typer.Option(
+            help="Backup jobs at a time on this node (1-1000), or 'default' for the hub's "
+            "SENDENSE_NODE_JOB_LIMIT; more wait queued. Alone, the node is not contacted."
+        ),
+    ] = None,
 ) -> None:
-    """Fix a node's URL or token, or re-pin its certificate (jobs started
-    afterwards use them)."""
+    """Fix a node's URL or token, re-pin its certificate (jobs started
+    afterwards use them), or set its job limit."""
     m = _m()
     if token is None and token_file is not None:
         token = token_file.read_text().strip()
-    if url is None and token is None and fingerprint is None:
-        m.err.print("[red]give --url, --token, --token-file or --fingerprint")
+    if url is None and token is None and fingerprint is None and max_jobs is None:
+        m.err.print("[red]give --url, --token, --token-file, --fingerprint or --max-jobs")
         raise typer.Exit(2)
-    body: dict[str, Any] = {"verify": verify}
+    body: dict[str, Any] = {}
+    if url is not None or token is not None or fingerprint is not None:
+        body["verify"] = verify
+    if max_jobs is not None:
+        if max_jobs == "default":
+            body["max_jobs"] = None
+        elif max_jobs.isdigit():
+            body["max_jobs"] = int(max_jobs)
+        else:
+            m.err.print(f"[red]--max-jobs must be a number or 'default', not {max_jobs!r}")
+            raise typer.Exit(2)
     if fingerprint is not None:
         body["fingerprint"] = fingerprint
     if url is not None:
@@ -223,7 +243,12 @@ def node_edit(
         m.out(data)
         return
     health = (data.get("health") or {}).get("status", "unknown")
-    m.console.print(f"node {data['name']} updated: {data['url']} ({health})", markup=False)
+    m.console.print(
+        f"node {data['name']} updated: {data['url']} ({health}), "
+        f"job limit {data.get('job_limit') or 'none'}"
+        + ("" if data.get("max_jobs") is not None else " (the hub's default)"),
+        markup=False,
+    )
 
 
 def source_rm(source: Annotated[str, typer.Argument(help="source_id or name")]) -> None:
