@@ -592,7 +592,7 @@ class BackupEngine:
                     img.create(
                         str(path), b.total_bytes, cluster_size=self.settings.cluster_size, key=key
                     )
-                port = self.ports.allocate()
+                port = self.ports.allocate(backup_id=b.id)  # named in its catalog claim
                 # Held in memory too: if this transaction rolls back, the
                 # cleanup still knows which port to give back.
                 self._ports[b.id] = port
@@ -1220,7 +1220,7 @@ class BackupEngine:
         for backup_id, _, port in targets:
             if port is None:
                 return "a target's port is not on record"
-            self.ports.reserve(port)
+            self.ports.reserve(port, backup_id=backup_id)
             self._ports[backup_id] = port
             self._job_targets.setdefault(job_id, []).append(backup_id)
         for backup_id, pid, _ in targets:
