@@ -172,3 +172,33 @@ def test_a_second_hub_on_sqlite_is_refused_naming_the_first(database: Database) 
     owner = new_owner()
     hubs.register(database, owner, lease=LEASE, single=True)
     hubs.check_alone(database, LEASE)  # the only live one is this process
+
+
+def test_of_two_hubs_starting_at_once_on_sqlite_one_is_refused(database: Database) -> None:
+    """The registration writes its row before it looks for others: the
+    second writer waits for the first one's transaction, then sees it.
+    PostgreSQL takes both."""
+    sqlite = database.url.get_backend_name() == "sqlite"
+
+    def start(owner: str, barrier: threading.Barrier, outcome: dict[str, str]) -> None:
+        barrier.wait()
+        try:
+            hubs.register(database, owner, lease=LEASE, single=sqlite)
+            outcome[owner] = "started"
+        except hubs.SecondHubRefused:
+            outcome[owner] = "refused"
+
+    for round_ in range(10):
+        barrier = threading.Barrier(2)
+        outcome: dict[str, str] = {}
+        owners = [f"far{round_}/1/a", f"far{round_}/2/b"]  # other hosts: judged by heartbeat
+        threads = [threading.Thread(target=start, args=(o, barrier, outcome)) for o in owners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        expected = ["refused", "started"] if sqlite else ["started", "started"]
+        assert sorted(outcome.values()) == expected, outcome
+        for owner, value in outcome.items():
+            if value == "started":
+                hubs.stopped(database, owner)
