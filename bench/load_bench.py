@@ -795,6 +795,32 @@ def main(argv: list[str] | None = None) -> int:
         f"base_p50_ms={base_p50:.1f} base_p99_ms={base_p99:.1f} base_server_errors={base_server} "
         f"pg_connections_max={max(pg_conns, default=0)}"
     )
+    # What the figures are worth on this machine, said with them.
+    notes = []
+    other = cpu.get("by_kind_s", {}).get("not this run (other work on the machine)", 0.0)
+    if cpu.get("window_cpu_s") and other > 0.25 * cpu["window_cpu_s"]:
+        notes.append(
+            f"other work on the machine used {other:.0f} of {cpu['window_cpu_s']:.0f} CPU-s in "
+            "the window: the figures are this machine's, not the hubs' capacity"
+        )
+    timeouts = outcomes.get("timeout", 0)
+    if records and timeouts > 0.01 * len(records):
+        notes.append(
+            f"{timeouts} requests had no answer within {args.timeout:g}s: the hubs fell behind "
+            f"the fixed rate of {args.rate:g}/s and requests queued (open loop); try --rate "
+            "lower to find the rate this machine sustains"
+        )
+    if args.quick or (args.vms, args.rate, args.backup_vms, args.nodes, args.hubs) != (
+        5000,
+        200.0,
+        20,
+        4,
+        2,
+    ):
+        notes.append(
+            "scaled down from the issue's numbers (5,000 VMs, 200 requests/s, 20 backups, "
+            "4 nodes, 2 hubs)"
+        )
     result = {
         "started_at": stamp.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
@@ -857,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             "loop_errors": stats.loop_errors,
         },
         "leaked": [f"{pid} {cmd}" for pid, cmd in leaked],
+        "notes": notes,
         "last_line": last,
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -920,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if leaked:
         print(f"LEFT BEHIND (killed): {leaked}")
+    for note in notes:
+        print(f"NOTE: {note}")
     print(f"results: {out}")
     print(last, flush=True)
     return 0
