@@ -27,14 +27,8 @@ import pytest
 
 from fixtures.cluster import Cluster
 from fixtures.processes import busy_ports, processes_under
-from sendense.protocol.node import DiskStatus
 from sendense.qemu import img
 from sendense.qemu.qsd import QsdVm
-
-# The node's half (its mover reconnecting, helper "mover") reports ``retry``.
-pytestmark = pytest.mark.skipif(
-    "retry" not in DiskStatus.model_fields, reason="the node's mover does not resume yet"
-)
 
 MiB = 1 << 20
 SLOW_NODE = {
