@@ -353,3 +353,26 @@ def test_a_claim_whose_hub_died_before_planning_goes_back_to_the_queue(world: Wo
     assert world.claim(alive) == job_id
     # A job that was never queued, or already planned, is not requeued.
     assert not dispatch.requeue_unplanned(world.db, alive, world.running("b", owner=alive.owner))
+
+
+def test_a_vm_being_consolidated_keeps_its_queued_backup_waiting(world: World) -> None:
+    world.settings.node_job_limit = 4
+    with world.db.session() as s:
+        merge = BackupJob(
+            kind="consolidate",
+            vm_id=world.vm("a"),
+            status="running",
+            requested_type="consolidate",
+            owner="other-hub/1/x",
+            lease_until=datetime.now(UTC) + timedelta(minutes=5),
+        )
+        s.add(merge)
+        s.flush()
+        merge_id = merge.id
+    queued = world.queue("a", T0)
+    lc = hub(world, "one")
+    assert world.claim(lc) is None  # the merge holds the chain
+    with world.db.session() as s:
+        assert dispatch.occupied(s, world.node_id) == 0  # a merge takes no backup slot
+    world.end(merge_id)
+    assert world.claim(lc) == queued
