@@ -264,14 +264,6 @@ class WorkerJob(BackupStartRequest):
     # Disk key -> the key file the node wrote for its target; the keys
     # themselves (``nbd_tls``) stay out of the worker's input.
     nbd_tls_files: dict[str, NbdTlsFile] = Field(default_factory=dict)
-    # Pull (issue 11, node/pull.py): where the node serves the frozen disks,
-    # filled in by the node from its settings (node/app.py, pull.for_worker).
-    pull_bind: str = "127.0.0.1"
-    pull_advertise_host: str = ""
-    pull_port_first: int = Field(default=10300, ge=1, le=65535)
-    pull_port_last: int = Field(default=10399, ge=1, le=65535)
-    pull_wait: float = Field(default=4 * 3600.0, gt=0)
-    pull_confirm_timeout: float = Field(default=30.0, gt=0)
     # Mover settings (issue 11; NodeSettings, read where the job is built:
     # the node's environment, which its workers share).
     reconnect_deadline: float = Field(default_factory=lambda: _node_setting("reconnect_deadline"))
@@ -281,6 +273,14 @@ class WorkerJob(BackupStartRequest):
     target_connections: int = Field(
         default_factory=lambda: _node_setting("target_connections"), ge=1, le=16
     )
+    # Pull (issue 11, node/pull.py): where the node serves the frozen disks,
+    # filled in by the node from its settings (node/app.py, pull.for_worker).
+    pull_bind: str = "127.0.0.1"
+    pull_advertise_host: str = ""
+    pull_port_first: int = Field(default=10300, ge=1, le=65535)
+    pull_port_last: int = Field(default=10399, ge=1, le=65535)
+    pull_wait: float = Field(default=4 * 3600.0, gt=0)
+    pull_confirm_timeout: float = Field(default=30.0, gt=0)
 
     def _tls_disks(self) -> set[int]:
         return super()._tls_disks() | {int(k) for k in self.nbd_tls_files if _is_disk_key(k)}
