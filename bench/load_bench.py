@@ -366,6 +366,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout, s [30]")
     p.add_argument("--drain", type=float, default=120.0, help="wait for running backups, s [120]")
+    p.add_argument(
+        "--hub-env",
+        action="append",
+        default=[],
+        metavar="SENDENSE_X=V",
+        help="a hub setting for both hubs (repeatable), e.g. SENDENSE_API_THREADS=8",
+    )
     p.add_argument("--database-url", help="superuser URL of a PostgreSQL server to use")
     p.add_argument("--pg-max-connections", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="60 s, 500 catalog VMs")
@@ -376,6 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.vms = args.vms or (500 if args.quick else 5000)
     args.seconds = args.seconds or (60.0 if args.quick else 300.0)
+    pairs = [item.partition("=") for item in args.hub_env]
+    if any(not k.startswith("SENDENSE_") or not sep for k, sep, _ in pairs):
+        p.error("--hub-env takes SENDENSE_NAME=value")
+    args.hub_env = [(k, v) for k, _, v in pairs]
     weights = {name: w for name, (w, _) in MIX.items()}
     for item in filter(None, (x.strip() for x in args.weights.split(","))):
         name, _, value = item.partition("=")
@@ -536,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         pg, pg_own = start_postgres(args)
         url = pg.create_database(db_name)
         db_created = True
-        slots = [Cluster(work / f"slot{i}", url) for i in range(max(args.hubs, args.nodes))]
+        slots = [
+            Cluster(work / f"slot{i}", url, hub_env=dict(args.hub_env))
+            for i in range(max(args.hubs, args.nodes))
+        ]
         for s in slots:
             s.root.mkdir(parents=True)
             s.nbd_first, s.nbd_last = port_range(NBD_PORTS_PER_HUB)
@@ -810,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
             f"the fixed rate of {args.rate:g}/s and requests queued (open loop); try --rate "
             "lower to find the rate this machine sustains"
         )
+    if args.hub_env:
+        notes.append(f"hub settings changed: {dict(args.hub_env)}")
     if args.quick or (args.vms, args.rate, args.backup_vms, args.nodes, args.hubs) != (
         5000,
         200.0,
