@@ -205,4 +205,11 @@ class NodeSettings(BaseSettings):
     flush_seconds: float = 5.0
     window_bytes: int = 32 << 20
     target_connections: int = 1
+    # A reconnecting copy gives up early (code target_lost / source_lost)
+    # once the hub has not asked about its job for hub_silence seconds: the
+    # hub gave the job up (node unreachable past its SENDENSE_NODE_TIMEOUT) and
+    # stopped its targets, or this node's agent is gone and nobody can tell
+    # the hub; the VM's frozen view is then released at once rather than at
+    # the reconnect deadline. 0: only the deadline counts.
+    hub_silence: float = 60.0
     log_level: str = "INFO"

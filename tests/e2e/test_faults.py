@@ -445,7 +445,11 @@ def test_vm_killed_mid_copy(cluster: Cluster, make_vm) -> None:
     assert list(state["bitmaps"]["disk0"]) == [b["change_id"]], state
 
 
-@cluster_env(node=SLOWER_NODE, hub={"SENDENSE_NODE_TIMEOUT": "2"})
+# The worker notices the hub's silence after 3 s (SENDENSE_NODE_HUB_SILENCE;
+# 60 s by default) and stops reconnecting to the targets the hub stopped.
+@cluster_env(
+    node={**SLOWER_NODE, "SENDENSE_NODE_HUB_SILENCE": "3"}, hub={"SENDENSE_NODE_TIMEOUT": "2"}
+)
 def test_node_killed_mid_copy(cluster: Cluster, make_vm) -> None:
     vm = make_vm("orphan1", [64 * MiB])
     write_random(vm, 0, 0, MiB)
@@ -470,7 +474,9 @@ def test_node_killed_mid_copy(cluster: Cluster, make_vm) -> None:
     assert completed_backups(cluster, "orphan1") == before
     assert repo_files(cluster) == files_before
     # The job's worker outlives the agent (its own session) but not its
-    # targets: it fails, releases the VM and exits by itself, and the last
+    # targets: once the hub stopped them and nobody asked about the job for
+    # a while, it stops reconnecting, fails, releases the VM and exits by
+    # itself (not at the 300 s reconnect deadline), and the last
     # restore point's change id is again the VM's only bitmap.
     wait_for("the worker to exit", lambda: job_worker_gone(cluster, started["job_id"]))
     state = assert_vm_released(vm)

@@ -53,3 +53,25 @@ def test_giving_up_clears_without_a_message(tmp_path: Path) -> None:
     doc = read(tmp_path)
     assert doc["retry"] is None and doc["disks"]["2000"]["retry"] is None
     assert doc["messages"] == []
+
+
+def test_a_silent_hub_stops_the_reconnecting(tmp_path: Path) -> None:
+    """The node touches hub-asked at each status request of the hub; a
+    reconnecting copy stops once the hub has been silent for hub_silence."""
+    from sendense.node.runner import JobRunner
+    from sendense.node.worker import hub_silent
+    from sendense.protocol.node import HUB_ASKED, WorkerJob
+
+    runner = JobRunner(tmp_path)
+    job_dir = runner.job_dir("job-1")
+    job_dir.mkdir(parents=True)
+    job = WorkerJob.model_construct(job_dir=job_dir, hub_silence=3.0)
+    assert hub_silent(job) is None  # never asked yet: the deadline alone counts
+    runner.status("job-1")  # what GET /api/v1/jobs/{id}/status does on the node
+    asked = (job_dir / HUB_ASKED).stat().st_mtime
+    assert hub_silent(job, now=asked + 2) is None
+    why = hub_silent(job, now=asked + 10)
+    assert why is not None and "SENDENSE_NODE_HUB_SILENCE=3" in why and "10 s" in why
+    off = WorkerJob.model_construct(job_dir=job_dir, hub_silence=0.0)
+    assert hub_silent(off, now=asked + 1000) is None
+    runner.close()

@@ -406,6 +406,7 @@ class Mover:
         flush_seconds: float = DEFAULT_FLUSH_SECONDS,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         on_retry: Callable[[Retrying | None], None] | None = None,
+        abandoned: Callable[[], str | None] | None = None,
         label: str = "the disk",
     ) -> None:
         self.src = src
@@ -444,6 +445,10 @@ class Mover:
         self.flush_seconds = flush_seconds
         self.stall_timeout = stall_timeout
         self.on_retry = on_retry
+        # Asked between reconnect attempts: a reason when nobody waits for
+        # this copy any more (the hub gave the job up), so that a worker does
+        # not hold the VM's frozen view for the whole deadline for nothing.
+        self.abandoned = abandoned
         self.label = label
         # The flushed high-water mark and the counters at it.
         self.mark = 0
@@ -589,6 +594,15 @@ class Mover:
                     f"within {self.reconnect_deadline:g} s ({attempt} attempts; "
                     f"SENDENSE_NODE_RECONNECT_DEADLINE): {last}",
                     code=f"{drop.end}_connection_lost",
+                )
+            given_up = self.abandoned() if attempt and self.abandoned is not None else None
+            if given_up:
+                if self.on_retry is not None:
+                    self.on_retry(Retrying(drop.end, reason, attempt, since, deadline, True))
+                raise ConnectionLost(
+                    f"lost the connection to {what} of {self.label} and stopped reconnecting "
+                    f"after {attempt} attempts: {given_up}; last error: {last}",
+                    code=f"{drop.end}_lost",
                 )
             attempt += 1
             if self.on_retry is not None:

@@ -19,6 +19,7 @@ lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from sendense.core.errors import Conflict, Error, NotFound
 from sendense.nbd import psk
 from sendense.protocol.node import (
     ENDED,
+    HUB_ASKED,
     JOB_ID,
     BackupStartAnswer,
     JobError,
@@ -236,6 +238,10 @@ class JobRunner:
         job_dir = self.job_dir(job_id)
         if not job_dir.is_dir():
             raise NotFound(f"job {job_id} not found on this node", job_id=job_id)
+        # The hub still follows this job: a reconnecting worker reads the
+        # time of the last ask (worker.hub_silent, SENDENSE_NODE_HUB_SILENCE).
+        with contextlib.suppress(OSError):
+            (job_dir / HUB_ASKED).touch()
         pid_file = job_dir / "pid"
         try:
             pid = int(pid_file.read_text())

@@ -48,6 +48,7 @@ from sendense.mover import digest as dg
 from sendense.mover.copy import Mover, Progress, Retrying, connect_uri
 from sendense.nbd import psk
 from sendense.protocol.node import (
+    HUB_ASKED,
     TLS_SCHEMES,
     DiskStatus,
     JobError,
@@ -146,6 +147,33 @@ def _hash_list_name(change_id: str, algorithm: str) -> str:
 
 def _hash_list_dir(data_dir: Path, vm_name: str, key: int) -> Path:
     return data_dir / "blockhash" / vm_name.replace("/", "_") / str(key)
+
+
+def hub_silent(job: WorkerJob, now: float | None = None) -> str | None:
+    """Why a reconnecting copy should stop now, or None to keep trying.
+
+    The hub asks for the job's status every second or so while it follows
+    the job (the node touches ``HUB_ASKED`` then). Silence longer than
+    ``hub_silence`` means the hub gave the job up (node unreachable past its
+    timeout; it stopped the targets and removed the files) or this node's
+    agent is gone and nothing reports to the hub: the targets will not come
+    back, so the VM's frozen view is released now rather than at the
+    reconnect deadline.
+    """
+    if job.hub_silence <= 0:
+        return None
+    try:
+        asked = (job.job_dir / HUB_ASKED).stat().st_mtime
+    except OSError:
+        return None  # never asked yet: the deadline alone counts
+    silent = (time.time() if now is None else now) - asked
+    if silent <= job.hub_silence:
+        return None
+    return (
+        f"the hub has not asked about this job for {silent:.0f} s (more than "
+        f"SENDENSE_NODE_HUB_SILENCE={job.hub_silence:g}): it gave the job up or this "
+        "node's agent is gone"
+    )
 
 
 def run(job: WorkerJob, data_dir: Path, cancel: threading.Event) -> int:
@@ -348,6 +376,7 @@ def _copy_disk(
                 reconnect_source=lambda: _open_source(view),
                 reconnect_deadline=job.reconnect_deadline,
                 on_retry=retrying,
+                abandoned=lambda: hub_silent(job),
                 label=f"disk {key}",
             )
             try:
@@ -386,6 +415,7 @@ def _copy_disk(
             flush_bytes=job.flush_bytes,
             flush_seconds=job.flush_seconds,
             on_retry=retrying,
+            abandoned=lambda: hub_silent(job),
             label=f"disk {key}",
         )
         result = mover.run()

@@ -73,6 +73,10 @@ ENDED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 TARGET_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 TLS_SCHEMES = ("nbds://", "nbds+unix://")
+# A file in a job's folder the node touches at each status request of the
+# hub: its mtime tells a reconnecting worker whether the hub still follows
+# the job (WorkerJob.hub_silence).
+HUB_ASKED = "hub-asked"
 
 
 def _iso(value: datetime) -> str:
@@ -273,6 +277,7 @@ class WorkerJob(BackupStartRequest):
     target_connections: int = Field(
         default_factory=lambda: _node_setting("target_connections"), ge=1, le=16
     )
+    hub_silence: float = Field(default_factory=lambda: _node_setting("hub_silence"), ge=0)
     # Pull (issue 11, node/pull.py): where the node serves the frozen disks,
     # filled in by the node from its settings (node/app.py, pull.for_worker).
     pull_bind: str = "127.0.0.1"
