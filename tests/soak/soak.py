@@ -872,7 +872,7 @@ class Soak:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--iterations", type=int, default=int(os.environ.get("SOAK_ITERATIONS") or 120))
+    p.add_argument("--iterations", type=int, default=int(os.environ.get("SOAK_ITERATIONS") or 100))
     p.add_argument(
         "--seed", type=int, default=int(os.environ.get("SOAK_SEED") or random.randrange(1 << 31))
     )
