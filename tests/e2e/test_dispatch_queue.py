@@ -61,10 +61,11 @@ def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         c.stop()
 
 
-def vm_with_data(make_vm: Callable[..., Any], name: str) -> Any:
-    vm = make_vm(name, [16 * MiB])
+def vm_with_data(make_vm: Callable[..., Any], name: str, data: int = 8 * MiB) -> Any:
+    """A VM with ``data`` random bytes: a full of it lasts data / 2 MiB/s."""
+    vm = make_vm(name, [data + 8 * MiB])
     g = vm.guest(0)
-    g.pwrite(os.urandom(8 * MiB), 4 * MiB)
+    g.pwrite(os.urandom(data), 4 * MiB)
     g.flush()
     g.shutdown()
     return vm
@@ -98,7 +99,8 @@ def compare_points(c: Cluster, job: dict[str, Any], vm: Any) -> None:
 @pytest.mark.parametrize("limited", ["sqlite", "postgresql"], indirect=True)
 def test_node_limit_one_three_vms_queue_and_run_in_turn(limited: Cluster, make_vm) -> None:  # type: ignore[no-untyped-def]
     c = limited
-    vms = [vm_with_data(make_vm, f"q{i}") for i in range(3)]
+    # q0 holds the slot (about 8 s) while the other two are asked.
+    vms = [vm_with_data(make_vm, f"q{i}", (16 if i == 0 else 8) * MiB) for i in range(3)]
     node_id = c.register(*vms)["node"]["node_id"]
     node = limit_node(c, node_id, 1)
     assert (node["max_jobs"], node["job_limit"]) == (1, 1)
@@ -137,7 +139,8 @@ def test_node_limit_one_three_vms_queue_and_run_in_turn(limited: Cluster, make_v
 @pytest.mark.parametrize("limited", ["sqlite", "postgresql"], indirect=True)
 def test_cancel_a_queued_job_and_disk_busy_unless_asked_to_queue(limited: Cluster, make_vm) -> None:  # type: ignore[no-untyped-def]
     c = limited
-    vms = [vm_with_data(make_vm, n) for n in ("c0", "c1")]
+    # c0 holds the slot (about 12 s) while the requests below are made.
+    vms = [vm_with_data(make_vm, "c0", 24 * MiB), vm_with_data(make_vm, "c1")]
     node_id = c.register(*vms)["node"]["node_id"]
     limit_node(c, node_id, 1)
     first = c.start_backup("c0", "full")
@@ -183,7 +186,7 @@ def test_fairness_five_requests_of_one_vm_do_not_delay_another_vm(
     limited: Cluster, make_vm
 ) -> None:  # type: ignore[no-untyped-def]
     c = limited
-    vms = [vm_with_data(make_vm, n) for n in ("busy", "single")]
+    vms = [vm_with_data(make_vm, "busy", 16 * MiB), vm_with_data(make_vm, "single")]
     node_id = c.register(*vms)["node"]["node_id"]
     limit_node(c, node_id, 1)
     many = [c.start_backup("busy", "full", queue=True)["job_id"] for _ in range(5)]
@@ -201,7 +204,8 @@ def test_fairness_five_requests_of_one_vm_do_not_delay_another_vm(
 
 def test_max_jobs_is_validated_and_the_cli_says_queued(limited: Cluster, make_vm) -> None:  # type: ignore[no-untyped-def]
     c = limited
-    vms = [vm_with_data(make_vm, n) for n in ("v0", "v1")]
+    # v0 holds the slot (about 12 s) while the CLI (slow to start) asks.
+    vms = [vm_with_data(make_vm, "v0", 24 * MiB), vm_with_data(make_vm, "v1")]
     node_id = c.register(*vms)["node"]["node_id"]
     for bad in (0, -1, 1001, "four", "3", 2.5, True):
         r = c.http("PATCH", f"/api/v1/nodes/{node_id}", json={"max_jobs": bad})
@@ -300,7 +304,8 @@ def test_two_hubs_each_claim_queued_jobs_and_each_job_starts_once(
     two_hubs: tuple[Cluster, Cluster], make_vm
 ) -> None:  # type: ignore[no-untyped-def]
     a, b = two_hubs
-    vms = [vm_with_data(make_vm, f"t{i}") for i in range(6)]
+    # t0 and t1 hold both slots (about 8 s) while the others are asked.
+    vms = [vm_with_data(make_vm, f"t{i}", (16 if i < 2 else 8) * MiB) for i in range(6)]
     node_id = a.register(*vms)["node"]["node_id"]
     limit_node(a, node_id, 2)
     # Alternate hubs: t0 runs on A, t1 on B, t2..t5 wait.
