@@ -445,3 +445,49 @@ def test_cancel_during_backoff(ends: Ends, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 0.5
     assert isinstance(out.get("error"), Cancelled)
     mover.close()
+
+
+def test_first_connect_waits_for_a_target_being_served_again(ends: Ends, tmp_path: Path) -> None:
+    """The target died before the node's first connect (soak finding 2): the
+    worker tries again with the same backoff and deadline as after a drop,
+    reports the retry, and connects once the hub serves the target again;
+    a silent hub ends the wait early, and so does a cancel."""
+    from sendense.node.worker import _first_connect
+    from sendense.protocol.node import HUB_ASKED, WorkerJob
+
+    ends.kill("target")
+    job = WorkerJob.model_construct(
+        job_dir=tmp_path, reconnect_deadline=30.0, hub_silence=0.0, nbd_tls_files={}
+    )
+    seen: list[Retrying | None] = []
+    threading.Timer(1.2, ends.serve_again, args=("target",)).start()
+    t0 = time.monotonic()
+    h = _first_connect(ends.open_target, job, 2000, threading.Event(), seen.append)
+    try:
+        assert h.get_size() == SIZE
+    finally:
+        h.shutdown()
+    assert 1.0 < time.monotonic() - t0 < 10
+    retries = [r for r in seen if r is not None]
+    assert retries and retries[0].attempt == 1 and retries[0].end == "target", seen
+    assert seen[-1] is None  # cleared: "reconnected ... after N attempts"
+
+    # The hub has been silent for longer than hub_silence: stop at once.
+    ends.kill("target")
+    (tmp_path / HUB_ASKED).touch()
+    os.utime(tmp_path / HUB_ASKED, (time.time() - 100, time.time() - 100))
+    silent = WorkerJob.model_construct(
+        job_dir=tmp_path, reconnect_deadline=30.0, hub_silence=5.0, nbd_tls_files={}
+    )
+    with pytest.raises(Error) as e:
+        _first_connect(ends.open_target, silent, 2000, threading.Event(), seen.append)
+    assert e.value.code == "target_lost" and "SENDENSE_NODE_HUB_SILENCE" in e.value.message
+
+    # A cancel during the backoff ends it at once.
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        _first_connect(ends.open_target, job, 2000, cancel, seen.append)
+    assert time.monotonic() - t0 < 3
+    ends.serve_again("target")  # the fixture stops it

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -343,7 +344,9 @@ def _copy_disk(
     dst = nbd.NBD()
     mover: Mover | None = None
     try:
-        _connect_target(dst, target_url, job, key)
+        # The target may be down at the first connect too (killed, being
+        # served again by the hub): the same backoff and deadline as a drop.
+        dst = _first_connect(open_target, job, key, cancel, _RetryReporter(status, key, job_id))
         if dst.get_size() != size:
             raise Error(
                 f"target for disk {key} is {dst.get_size()} bytes, the disk is {size}",
@@ -487,6 +490,45 @@ class _RetryReporter:
             status.message(msg)
             status.write()
             log.warning("job=%s %s", self.job_id, msg)
+
+
+def _first_connect(
+    open_target: Callable[[], nbd.NBD],
+    job: WorkerJob,
+    key: int,
+    cancel: threading.Event,
+    report: Callable[[Retrying | None], None],
+) -> nbd.NBD:
+    """Connect a disk's target, trying again as `Mover` does after a drop:
+    backoff 0.5 s doubling to 10 s within ``reconnect_deadline``, stopping
+    early on cancel or when the hub has gone silent (`hub_silent`)."""
+    since = time.time()
+    deadline = since + job.reconnect_deadline
+    attempt = 0
+    while True:
+        try:
+            h = open_target()
+        except nbd.Error as e:
+            given_up = hub_silent(job)
+            if job.reconnect_deadline <= 0 or time.time() >= deadline or given_up:
+                if attempt:
+                    report(Retrying("target", str(e), attempt, since, deadline, True))
+                if given_up:
+                    raise Error(
+                        f"could not connect to the hub's target of disk {key}: {given_up}; "
+                        f"last error: {e}",
+                        code="target_lost",
+                    ) from e
+                raise
+            attempt += 1
+            report(Retrying("target", f"target connection failed: {e}", attempt, since, deadline))
+            wait = min(0.5 * 2 ** (attempt - 1), 10.0, max(0.0, deadline - time.time()))
+            if cancel.wait(wait):
+                raise Cancelled("job cancelled while connecting to its target") from None
+            continue
+        if attempt:
+            report(None)  # "reconnected to the hub's target after N attempts"
+        return h
 
 
 def _copy_failure(key: int, src: nbd.NBD, dst: nbd.NBD, e: nbd.Error) -> Error:
