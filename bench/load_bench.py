@@ -826,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.hub_env:
         notes.append(f"hub settings changed: {dict(args.hub_env)}")
+    changed = {k: w for k, w in args.weights.items() if w != MIX[k][0]}
+    if changed:
+        notes.append(f"request mix changed from the default: {changed}")
     if args.quick or (args.vms, args.rate, args.backup_vms, args.nodes, args.hubs) != (
         5000,
         200.0,
