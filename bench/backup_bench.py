@@ -856,6 +856,10 @@ class Bench:
             self.scatter(nodelay=False)
             self.scatter(nodelay=True)
         full = self.sendense("full", "full", "Sendense full, API call to job completed")
+        # The same full with its target's qemu-nbd killed once at 40 % of its
+        # bytes: the hub serves it again, the mover resumes from its last
+        # flushed position (issue 11; resume_overhead = this / the full).
+        self.sendense("full", "resume_full", "Sendense full, target killed at 40 %", cut_at=0.4)
         if self.pull:
             self.node_transfer("pull")
             try:
@@ -1093,6 +1097,9 @@ def report(bench: Bench, stat: str) -> tuple[list[str], dict[str, Any], str]:
         ),
         "pull_full_ratio": (
             ceiling_s / rows["pull_full"].seconds(stat) if "pull_full" in rows else None
+        ),
+        "resume_overhead": (
+            rows["resume_full"].seconds(stat) / full_s if "resume_full" in rows else None
         ),
         "cpu_s_per_gib": per_gib["full"],
         "pull_cpu_s_per_gib": per_gib.get("pull_full"),
