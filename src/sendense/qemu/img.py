@@ -59,6 +59,12 @@ QEMU_IMG = "qemu-img"
 SECRET_ID = "sec0"
 # LUKS key slot PBKDF2 time (ms) when creating an image: see the module docstring.
 LUKS_ITER_TIME_MS = 10
+# qemu-img create of a LUKS image fails "Unable to get accurate CPU usage" when
+# its first PBKDF2 round (about 3 ms) reads 0 ms of thread CPU time. Where the
+# kernel samples thread time in 4 ms ticks (getrusage on this kind of VM) that
+# is 28 of 100 creates on a quiet machine, more under load: five attempts
+# failed once in a full CI run. Forty make it about 0.5**40.
+LUKS_CREATE_ATTEMPTS = 40
 # What an encrypted image is made with (qemu 7.2 ``qemu-img create -f qcow2 -o help``).
 LUKS_OPTIONS = {
     "encrypt.format": "luks",
@@ -200,7 +206,7 @@ def create(
         run(args)
         return
     with keyed(key) as obj:
-        for attempt in range(5):
+        for attempt in range(LUKS_CREATE_ATTEMPTS):
             try:
                 run([args[0], *obj, *args[1:]])
                 return
@@ -209,8 +215,9 @@ def create(
                 # thread's CPU time in whole ms and gives up when it reads 0
                 # ("Unable to get accurate CPU usage"): a coarse clock, not a
                 # fault. Another try measures again.
-                if "accurate CPU usage" not in e.stderr or attempt == 4:
+                if "accurate CPU usage" not in e.stderr or attempt == LUKS_CREATE_ATTEMPTS - 1:
                     raise
+                log.debug("luks create attempt=%d coarse cpu clock, again", attempt + 1)
 
 
 def info(path: str, *, backing_chain: bool = False) -> Any:
