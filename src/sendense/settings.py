@@ -122,6 +122,11 @@ class HubSettings(BaseSettings):
     # claim passes of a hub process (it also tries when one of its jobs ends).
     node_job_limit: int = 4
     dispatch_interval: float = 2.0
+    # --- Launch (issue 12, "launch"; hub/backups/router.py, engine/backup.py):
+    # POST /backups brings a job's targets up and calls its node on threads of
+    # its own, at most this many per API process at once, never on the
+    # API's `api_threads`: reads do not queue behind launches.
+    launch_threads: int = 8
     log_level: str = "INFO"
 
     @property

@@ -49,6 +49,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -554,80 +555,89 @@ class BackupEngine:
         return "full", None
 
     def _launch(self, job_id: str) -> None:
-        """Targets up, then the node told to start; the monitor thread takes over."""
+        """Targets up, then the node told to start; the monitor thread takes over.
+
+        No transaction stays open across a subprocess (issue 12): one short
+        session reads what the launch needs, the targets come up with none
+        open (``qemu-img create``, a port claimed in the catalog, qemu-nbd),
+        a second short session records their ports and pids, then the node
+        is called. Every target is known in memory (``_servers``, ``_ports``,
+        ``_job_targets``) before its process starts, so a failure at any
+        point is cleaned up by `_fail` -> `_finish` (ports back, qemu-nbd
+        stopped, files removed) whether or not its row says so yet. The
+        job's finish lock is held while the targets come up: a cancel
+        arriving meanwhile waits for them, then stops them all.
+
+        A job of several disks brings its targets up at once (one thread per
+        disk): ``qemu-img create`` and qemu-nbd's start are process start-up
+        and handshake waits, not CPU.
+        """
         if pull.wanted(self, job_id):  # issue 11: the hub reads the node's disks (engine/pull.py)
             pull.launch(self, job_id)
             return
+        t0 = time.monotonic()
         with self.db.session() as s:
             job = JobStore(s).get(job_id)
             assert job is not None
             vm = job.vm
             assert vm is not None
             source = vm.source
-            node = source.node
-            targets = []
-            prev_ids: dict[str, str] = {}
-            # Disk key -> its target's TLS key (sent to the node, never stored).
-            keys: dict[str, NbdTlsKey] = {}
-            any_incremental = False
             # Encrypted repository: every target is LUKS-encrypted (qemu/img.py).
             key = keystore.key_of_repository(s, self.settings, job.repository_id)
-            for b in job.backups:
-                path = Path(b.file_path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if b.backup_type == "incremental":
-                    parent = BackupStore(s).get(b.parent_id or "")
-                    assert parent is not None
-                    backing = os.path.relpath(parent.file_path, path.parent)
-                    img.create(
-                        str(path),
-                        b.total_bytes if key else None,
-                        backing=backing,
-                        cluster_size=self.settings.cluster_size,
-                        key=key,
-                    )
-                    prev_ids[str(b.disk_key)] = parent.change_id or ""
-                    any_incremental = True
-                else:
-                    img.create(
-                        str(path), b.total_bytes, cluster_size=self.settings.cluster_size, key=key
-                    )
-                port = self.ports.allocate(backup_id=b.id)  # named in its catalog claim
-                # Held in memory too: if this transaction rolls back, the
-                # cleanup still knows which port to give back.
-                self._ports[b.id] = port
-                self._job_targets.setdefault(job_id, []).append(b.id)
-                export = f"sendense-{b.id}"
-                tls_dir = None
-                if self.settings.nbd_tls:
-                    tls_key = psk.new_key()
-                    tls_dir = str(psk.make_server_dir(self._tls_dir(b.id), tls_key))
-                    keys[str(b.disk_key)] = NbdTlsKey(username=psk.USERNAME, psk=tls_key)
-                server = self._target_server(b.id, str(path), port, export, tls_dir, key)
-                self._servers[b.id] = server
-                b.nbd_port = port
-                b.nbd_export_name = export
-                server.start()
-                b.nbd_pid = server.pid
-                scheme = "nbds" if tls_dir else "nbd"
-                targets.append(
-                    f"{b.disk_key}:{scheme}://{self.settings.advertise_host}:{port}/{export}"
-                )
-            request = BackupStartRequest(
-                job_id=job.id,
-                vm_name=vm.name,
-                source=SourceSpec.model_validate(source_spec(source, self.secrets)),
-                vm_path=vm.path,
-                nbd_targets=",".join(targets),
-                nbd_tls=keys,
-                # Per disk the plan may differ (auto); the node reads
-                # previous_change_ids for the incremental ones only.
-                backup_type="incremental" if any_incremental else "full",
-                previous_change_ids=prev_ids,
-            )
-            job.step = "starting on node"
-            client = node_client(node, self.secrets)
+            targets = [_NewTarget.of(b, BackupStore(s)) for b in job.backups]
+            spec = SourceSpec.model_validate(source_spec(source, self.secrets))
+            vm_name, vm_path = vm.name, vm.path
+            client = node_client(source.node, self.secrets)
+        t1 = time.monotonic()
+        with self._job_lock(job_id):
+            self._targets_up(job_id, targets, key)
+            t2 = time.monotonic()
+            with self.db.session() as s:
+                job = JobStore(s).get(job_id)
+                assert job is not None
+                by_id = {t.backup_id: t for t in targets}
+                for b in job.backups:
+                    t = by_id[b.id]
+                    b.nbd_port, b.nbd_export_name, b.nbd_pid = t.port, t.export, t.pid
+                job.step = "starting on node"
+        t3 = time.monotonic()
+        if self.lifecycle.cancel_requested(job_id):
+            self._finish(job_id, None, "cancelled", "cancelled by user")
+            return
+        scheme = "nbds" if self.settings.nbd_tls else "nbd"
+        request = BackupStartRequest(
+            job_id=job_id,
+            vm_name=vm_name,
+            source=spec,
+            vm_path=vm_path,
+            nbd_targets=",".join(
+                f"{t.disk_key}:{scheme}://{self.settings.advertise_host}:{t.port}/{t.export}"
+                for t in targets
+            ),
+            nbd_tls={t.disk_key: t.tls for t in targets if t.tls is not None},
+            # Per disk the plan may differ (auto); the node reads
+            # previous_change_ids for the incremental ones only.
+            backup_type=(
+                "incremental" if any(t.backup_type == "incremental" for t in targets) else "full"
+            ),
+            previous_change_ids={
+                t.disk_key: t.parent_change_id or ""
+                for t in targets
+                if t.backup_type == "incremental"
+            },
+        )
         client.start_backup(request.model_dump(mode="json"))
+        t4 = time.monotonic()
+        log.info(
+            "job=%s launched in %.3fs: read %.3f, %d target(s) up %.3f, recorded %.3f, node %.3f",
+            job_id,
+            t4 - t0,
+            t1 - t0,
+            len(targets),
+            t2 - t1,
+            t3 - t2,
+            t4 - t3,
+        )
         if not self.lifecycle.transition(job_id, "running", allowed_from=("pending",)):
             # Cancelled while the targets came up: the node stops, we clean up.
             self._follow(job_id, client)
@@ -640,6 +650,65 @@ class BackupEngine:
                 b.status = "running"
                 b.started_at = job.started_at
         self._follow(job_id, client)
+
+    @contextlib.contextmanager
+    def _job_lock(self, job_id: str) -> Any:
+        """The job's finish lock (see `_finish`), held by a launch while its
+        targets come up."""
+        with self._finishing_lock:
+            lock = self._finishing.setdefault(job_id, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            with self._finishing_lock:
+                if self._finishing.get(job_id) is lock and not lock.locked():
+                    self._finishing.pop(job_id, None)
+
+    def _targets_up(self, job_id: str, targets: list[_NewTarget], key: Any) -> None:
+        """Bring up every target of a job, those of several disks at once.
+        Raises the first failure after all have ended (each one is already
+        registered for the cleanup)."""
+        if len(targets) == 1:
+            self._target_up(job_id, targets[0], key)
+            return
+        with ThreadPoolExecutor(max_workers=min(len(targets), 8)) as pool:
+            futures = [pool.submit(self._target_up, job_id, t, key) for t in targets]
+        for f in futures:
+            e = f.exception()
+            if e is not None:
+                raise e
+
+    def _target_up(self, job_id: str, t: _NewTarget, key: Any) -> None:
+        """One target: its port claimed first (nothing on disk when none is
+        free), the QCOW2 (backing = the parent, relative), its TLS key, then
+        its qemu-nbd. No session open: the port claim writes its own row."""
+        port = self.ports.allocate(backup_id=t.backup_id)  # named in its catalog claim
+        self._ports[t.backup_id] = port
+        self._job_targets.setdefault(job_id, []).append(t.backup_id)
+        t.port = port
+        path = Path(t.file_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if t.backup_type == "incremental":
+            assert t.parent_file is not None
+            img.create(
+                str(path),
+                t.total_bytes if key else None,
+                backing=os.path.relpath(t.parent_file, path.parent),
+                cluster_size=self.settings.cluster_size,
+                key=key,
+            )
+        else:
+            img.create(str(path), t.total_bytes, cluster_size=self.settings.cluster_size, key=key)
+        tls_dir = None
+        if self.settings.nbd_tls:
+            tls_key = psk.new_key()
+            tls_dir = str(psk.make_server_dir(self._tls_dir(t.backup_id), tls_key))
+            t.tls = NbdTlsKey(username=psk.USERNAME, psk=tls_key)
+        server = self._target_server(t.backup_id, str(path), port, t.export, tls_dir, key)
+        self._servers[t.backup_id] = server
+        server.start()
+        t.pid = server.pid
 
     def _target_server(
         self,
@@ -1072,6 +1141,12 @@ class BackupEngine:
                 log.exception("backup=%s stopping qemu-nbd failed", backup_id)
         elif nbd_pid:
             stop_pid(nbd_pid)
+        else:
+            # Started by a hub process that died before recording its pid
+            # (the launch records ports and pids after the targets are up):
+            # its pidfile names it (stop_pid kills only a qemu-nbd).
+            with contextlib.suppress(ValueError, OSError):
+                stop_pid(int((self.run_dir / f"nbd-{backup_id}.pid").read_text().strip()))
         Path(self.run_dir / f"nbd-{backup_id}.pid").unlink(missing_ok=True)
         psk.remove_dir(self._tls_dir(backup_id))  # after qemu-nbd: it reads it per handshake
         self.ports.release(self._ports.pop(backup_id, None) or nbd_port)
@@ -1239,6 +1314,40 @@ class BackupEngine:
         self.lifecycle.shutdown()
         for t in list(self._threads.values()):
             t.join(timeout=2)
+
+
+@dataclass
+class _NewTarget:
+    """One target being brought up at launch: read from its row in a short
+    session, then filled by the file and process work with no session open."""
+
+    backup_id: str
+    disk_key: str
+    file_path: str
+    backup_type: str
+    total_bytes: int
+    parent_file: str | None
+    parent_change_id: str | None
+    export: str
+    port: int | None = None
+    pid: int | None = None
+    tls: NbdTlsKey | None = None
+
+    @classmethod
+    def of(cls, b: Backup, backups: BackupStore) -> _NewTarget:
+        parent = backups.get(b.parent_id) if b.parent_id else None
+        if b.backup_type == "incremental" and parent is None:
+            raise JobFailed(f"the parent of restore point {b.id} is gone")
+        return cls(
+            backup_id=b.id,
+            disk_key=str(b.disk_key),
+            file_path=b.file_path,
+            backup_type=b.backup_type,
+            total_bytes=b.total_bytes,
+            parent_file=parent.file_path if parent else None,
+            parent_change_id=parent.change_id if parent else None,
+            export=f"sendense-{b.id}",
+        )
 
 
 @dataclass
