@@ -25,7 +25,8 @@ Run by ``make bench-load`` (``.venv/bin/python bench/load_bench.py``). One run:
      its answer, so a hub that falls behind shows it (no coordinated
      omission). The mix (weights in ``MIX``): job status, restore point
      details, VM details, lists of restore points (first page, filtered, of
-     one VM), job lists (latest, running), chains, and the list of all VMs;
+     one VM), job lists (latest, running), chains, pages of 100 VMs and the
+     list of all VMs;
    - ``--backup-vms`` backup loops, one per VM: write 1 MiB of random data
      into the VM, start a backup (``auto``: a full first, then incrementals)
      on one hub, wait for it with long-polls on the other hub, again. Nodes
@@ -122,7 +123,13 @@ MIX: dict[str, tuple[int, Any]] = {
     "jobs_list": (5, lambda r, ids: "/api/v1/jobs?limit=50"),
     "jobs_running": (6, lambda r, ids: "/api/v1/jobs?status=running&limit=50"),
     "chain": (15, lambda r, ids: f"/api/v1/backups/{r.choice(ids['vms'])}/chain"),
-    "vms": (3, lambda r, ids: "/api/v1/vms"),
+    # Every VM (8 MB for 5,000): what a large site's clients should not ask
+    # often (docs/operations.md); they page (limit/offset, by name).
+    "vms": (1, lambda r, ids: "/api/v1/vms"),
+    "vms_page": (
+        2,
+        lambda r, ids: f"/api/v1/vms?limit=100&offset={r.randrange(0, len(ids['vms']), 100)}",
+    ),
 }
 
 

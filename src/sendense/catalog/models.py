@@ -490,3 +490,13 @@ class NbdPort(Base):
     owner: Mapped[str] = mapped_column(String(200), index=True)
     backup_id: Mapped[str | None] = mapped_column(String(36), default=None)
     lease_until: Mapped[datetime] = mapped_column()
+
+
+class CatalogTopic(Base):
+    """A change counter: triggers bump ``version`` when a row the topic's
+    answers depend on is committed (catalog/topics.py)."""
+
+    __tablename__ = "catalog_topics"
+
+    topic: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -393,9 +393,20 @@ def vm_discover(source: Annotated[str, typer.Argument(help="source_id or source 
 
 
 @vm_app.command("ls")
-def vm_ls() -> None:
-    data = call(client().get, "/api/v1/vms")
+def vm_ls(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="VMs per page")] = 100,
+    offset: Annotated[int, typer.Option(min=0, help="VMs skipped (by name)")] = 0,
+    name: Annotated[str | None, typer.Option(help="only names containing this")] = None,
+) -> None:
+    """VMs by name, a page at a time (``total``: all that match)."""
+    data = call(client().get, "/api/v1/vms", limit=limit, offset=offset, name=name)
     out(data, _vm_table(data["vms"]), disk_note=True)
+    shown, total = len(data["vms"]), data.get("total", len(data["vms"]))
+    if not ctx.json and offset + shown < total:
+        console.print(
+            f"[dim]VMs {offset + 1}-{offset + shown} of {total}: "
+            f"--offset {offset + shown} for the next page[/dim]"
+        )
 
 
 @vm_app.command("show")

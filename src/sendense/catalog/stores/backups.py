@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy import Row, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import Backup, Vm
@@ -52,23 +52,36 @@ class BackupStore:
         """The newest completed backup of each VM (of ``vm_ids``, default all),
         as Core rows with ``vm_name``.
 
-        One index probe per VM (``ix_backups_vm_status``) through a correlated
-        subquery; a GROUP BY over every completed backup was 5x slower at
-        100,000 backups (measured with bench/api_bench.py).
+        One index probe per VM (``ix_backups_vm_status``); a GROUP BY over
+        every completed backup was 5x slower at 100,000 backups (measured
+        with bench/api_bench.py). PostgreSQL: one statement, a LATERAL
+        subquery per VM (5,000 VMs: about half the time of the two steps
+        below, which send 5,000 ids back).
         """
-        newest = (
-            select(Backup.id)
-            .where(
-                Backup.vm_id == Vm.id,
-                Backup.status == "completed",
-                *(() if repository_ids is None else (Backup.repository_id.in_(repository_ids),)),
+        if vm_ids is not None and not vm_ids:
+            return {}
+        only = () if repository_ids is None else (Backup.repository_id.in_(repository_ids),)
+        if self.s.get_bind().dialect.name == "postgresql":
+            newest = (
+                select(Backup.__table__)
+                .where(Backup.vm_id == Vm.id, Backup.status == "completed", *only)
+                .order_by(Backup.created_at.desc())
+                .limit(1)
+                .lateral("newest")
             )
+            q = select(newest, Vm.name.label("vm_name")).select_from(Vm).join(newest, true())
+            if vm_ids is not None:
+                q = q.where(Vm.id.in_(vm_ids))
+            return {r.vm_id: r for r in self.s.execute(q)}
+        newest_id = (
+            select(Backup.id)
+            .where(Backup.vm_id == Vm.id, Backup.status == "completed", *only)
             .order_by(Backup.created_at.desc())
             .limit(1)
             .correlate(Vm)
             .scalar_subquery()
         )
-        q = select(Vm.id, newest)
+        q = select(Vm.id, newest_id)
         if vm_ids is not None:
             q = q.where(Vm.id.in_(vm_ids))
         # Two steps: inside one statement (``id IN (SELECT newest FROM vms)``)

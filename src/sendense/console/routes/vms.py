@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
@@ -28,22 +26,14 @@ def vm_list(
     q: str = Query(default="", max_length=200),
     offset: int = Query(default=0, ge=0),
 ) -> HTMLResponse:
-    # The API's cached answer for this caller (rebuilt when the catalog changes).
-    every = json.loads(vms.list_vms_json(page.st, page.who))["vms"]
-    if q:
-        needle = q.lower()
-        every = [
-            v
-            for v in every
-            if needle in v["name"].lower()
-            or any(needle in f"{k}={t}".lower() for k, t in (v["tags"] or {}).items())
-        ]
-    every.sort(key=lambda v: v["name"])
+    # One page: only its VMs, disks and last backups are read (a catalog
+    # can hold thousands). ``q`` matches names and ``key=value`` tags.
+    found = vms.list_vms(page.st, page.who, limit=PAGE, offset=offset, text=q or None)
     return page.render(
         "vms.html",
         policies=queries.policies_by_vm(page.st, page.who),
-        vms=every[offset : offset + PAGE],
-        total=len(every),
+        vms=found["vms"],
+        total=found["total"],
         offset=offset,
         limit=PAGE,
         q=q,

@@ -51,3 +51,7 @@ class VmRead(BaseModel):
 
 class VmList(BaseModel):
     vms: list[VmRead]
+
+
+class VmPage(VmList):
+    total: int = Field(description="How many VMs the caller may see (matching ``name``), all pages")
