@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +20,18 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from pydantic_core import from_json
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# A pooled PostgreSQL connection back in use within this many seconds is
+# not pinged again (see `Database`).
+PING_IDLE = 1.0
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -63,6 +69,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _mark_used(_dbapi_connection: Any, record: Any) -> None:
+    record.info["used_at"] = time.monotonic()
+
+
 class Database:
     """Engine plus session factory for one catalog database."""
 
@@ -74,23 +84,44 @@ class Database:
         # timeout under 50 clients (measured: /vms answered 500 for 35 of 50).
         # 20 + 40 covers every thread that can hold a session at once.
         kwargs: dict[str, Any] = {
-            # A ping per checkout guards against a restarted server; SQLite
-            # files have no server to lose.
-            "pool_pre_ping": self.url.get_backend_name() != "sqlite",
             "pool_size": 20,
             "max_overflow": 40,
             "pool_timeout": 60,
+            # JSON columns (job progress, params, tags...) parsed by
+            # pydantic-core: json.loads was a third of the CPU of a list of
+            # 50 jobs (five JSON columns a row; bench/api_bench.py).
+            "json_deserializer": from_json,
         }
-        if self.url.get_backend_name() == "sqlite":
+        sqlite = self.url.get_backend_name() == "sqlite"
+        if sqlite:
             # Sessions are used from worker threads (jobs) as well as the API.
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             database = self.url.database
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, **kwargs)
-        if self.url.get_backend_name() == "sqlite":
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_on_connect)
+        else:
+            # A ping guards against a restarted server (SQLite files have no
+            # server to lose), but one per checkout was a round trip more on
+            # every request. A connection idle for less than PING_IDLE was
+            # just used: a server gone since then fails its statement, and
+            # SQLAlchemy then drops every pooled connection of before.
+            event.listen(self.engine, "connect", _mark_used)
+            event.listen(self.engine, "checkin", _mark_used)
+            event.listen(self.engine, "checkout", self._ping_if_idle)
         self.sessionmaker: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads on PostgreSQL in autocommit: no BEGIN and COMMIT round trips
+        # (see `read`). SQLite starts no transaction for a SELECT anyway.
+        self._reader: sessionmaker[Session] = (
+            self.sessionmaker
+            if sqlite
+            else sessionmaker(
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+            )
+        )
         self._watch_lock = threading.Lock()
         self._watch: sqlite3.Connection | None = None
         log.debug("database opened url=%s", self.url.render_as_string(hide_password=True))
@@ -100,6 +131,26 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         with self.sessionmaker.begin() as session:
             yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads that need no transaction of their own: on
+        PostgreSQL each statement runs in autocommit, which saves the
+        ``BEGIN`` and ``COMMIT`` round trips of a request that reads one
+        or two things. Each statement sees what was committed before it
+        started, as in a READ COMMITTED transaction; nothing locks. Never
+        for a read-modify-write (use `session`)."""
+        with self._reader.begin() as session:
+            yield session
+
+    def _ping_if_idle(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("used_at", 0.0) < PING_IDLE:
+            return
+        try:
+            self.engine.dialect.do_ping(dbapi_connection)
+        except self.engine.dialect.loaded_dbapi.Error as e:
+            # The pool replaces the connection and tries again.
+            raise exc.DisconnectionError(str(e)) from e
 
     def generation(self, session: Session | None = None) -> str:
         """A value that changes whenever anything was committed to the catalog,

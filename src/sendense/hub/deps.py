@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from sendense.auth import token_matches
 from sendense.catalog.models import ApiToken
@@ -56,20 +56,34 @@ def principal_of(st: HubState, given: str | None) -> Principal:
         raise Unauthorized("missing bearer token (see <data-dir>/admin.token)")
     if token_matches(given, st.admin_token):
         return ADMIN
-    with st.db.session() as s:
-        row = s.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(given)))
-        if row is None or row.revoked_at is not None:
-            raise Unauthorized("invalid or revoked bearer token")
-        if row.expires_at is not None and row.expires_at <= datetime.now(UTC):
-            raise Unauthorized(f"token {row.name} expired at {row.expires_at.isoformat()}")
-        now = datetime.now(UTC)
-        if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
-            row.last_used_at = now  # at most one write a minute per token
-        scope = Scope.parse(row.scope) if row.scope is not None else None
-        role = Role(row.role)
-        if scope is not None and not SCOPED_ROLE_MAX.allows(role):
-            role = SCOPED_ROLE_MAX  # whatever the row says, a tenant is no admin
-        return Principal(name=row.name, role=role, token_id=row.id, scope=scope)
+    # A read without a transaction (one round trip on PostgreSQL): the row as
+    # committed now, so a revocation or a role change applies to the very
+    # next request, on every hub.
+    with st.db.read() as s:
+        row = s.execute(
+            select(
+                ApiToken.id,
+                ApiToken.name,
+                ApiToken.role,
+                ApiToken.scope,
+                ApiToken.revoked_at,
+                ApiToken.expires_at,
+                ApiToken.last_used_at,
+            ).where(ApiToken.token_hash == token_hash(given))
+        ).first()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("invalid or revoked bearer token")
+    now = datetime.now(UTC)
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthorized(f"token {row.name} expired at {row.expires_at.isoformat()}")
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+        with st.db.session() as s:  # at most one write a minute per token
+            s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+    scope = Scope.parse(row.scope) if row.scope is not None else None
+    role = Role(row.role)
+    if scope is not None and not SCOPED_ROLE_MAX.allows(role):
+        role = SCOPED_ROLE_MAX  # whatever the row says, a tenant is no admin
+    return Principal(name=row.name, role=role, token_id=row.id, scope=scope)
 
 
 def current_principal(

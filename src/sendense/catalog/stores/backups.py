@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, true, tuple_
+from sqlalchemy import Row, bindparam, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
-from sendense.catalog.models import Backup, Vm
+from sendense.catalog.models import Backup, Vm, VmDisk
 from sendense.catalog.stores.common import ACTIVE
+from sendense.catalog.stores.jobs import JOB_BACKUP_ROW
 
 
 class BackupStore:
@@ -99,21 +100,35 @@ class BackupStore:
     def children(self, backup_id: str) -> Sequence[Backup]:
         return self.s.scalars(select(Backup).where(Backup.parent_id == backup_id)).all()
 
-    def chain(self, vm_id: str, disk_index: int, repository_id: str | None = None) -> list[Backup]:
-        q = select(Backup).where(
-            Backup.vm_id == vm_id, Backup.disk_index == disk_index, Backup.status == "completed"
-        )
+    def chain_vm(self, *, name: str | None = None, vm_id: str | None = None) -> Sequence[Any]:
+        """What a chain answer needs of a VM (by ``name`` or ``vm_id``): one
+        Core row per disk (``id``, ``name``, ``tags``, ``disk_index``,
+        ``disk_key``; no disk columns for a VM without disks), by disk.
+        Empty when there is no such VM."""
+        if name is not None:
+            return self.s.execute(_CHAIN_VM_BY_NAME, {"name": name}).all()
+        return self.s.execute(_CHAIN_VM_BY_ID, {"vm_id": vm_id}).all()
+
+    def chain_rows(
+        self, vm_id: str, disk_index: int | None = None, repository_id: str | None = None
+    ) -> Sequence[Any]:
+        """The completed restore points of a VM's disks (of ``disk_index``
+        only, if given), oldest first per disk, as Core rows of the columns a
+        chain shows: one statement for every disk, no ORM objects."""
+        q = select(*CHAIN_ROW).where(_B.c.vm_id == vm_id, _B.c.status == "completed")
+        if disk_index is not None:
+            q = q.where(_B.c.disk_index == disk_index)
         if repository_id:
-            q = q.where(Backup.repository_id == repository_id)
-        return list(self.s.scalars(q.order_by(Backup.created_at, Backup.id)).all())
+            q = q.where(_B.c.repository_id == repository_id)
+        return self.s.execute(q.order_by(_B.c.disk_index, _B.c.created_at, _B.c.id)).all()
 
     def key_at(self, f: BackupFilter, offset: int) -> tuple[datetime, str] | None:
         """The list position (``created_at``, ``id``) of the row at ``offset``;
         None past the end. From the index alone."""
         row = self.s.execute(
-            select(Backup.created_at, Backup.id)
+            select(_B.c.created_at, _B.c.id)
             .where(*f.conditions())
-            .order_by(Backup.created_at.desc(), Backup.id.desc())
+            .order_by(_B.c.created_at.desc(), _B.c.id.desc())
             .limit(1)
             .offset(offset)
         ).first()
@@ -138,12 +153,12 @@ class BackupStore:
         thirds of a list's CPU (bench/api_bench.py). ``start``: the position
         of the first row (`key_at`), which replaces ``offset``.
         """
-        newest_first = (Backup.created_at.desc(), Backup.id.desc())
+        newest_first = (_B.c.created_at.desc(), _B.c.id.desc())
         conds = f.conditions()
         if start is not None:  # a seek in the index instead of skipping rows
-            conds.append(tuple_(Backup.created_at, Backup.id) <= tuple_(*start))
+            conds.append(tuple_(_B.c.created_at, _B.c.id) <= tuple_(*start))
         ids = (
-            select(Backup.id)
+            select(_B.c.id)
             .where(*conds)
             .order_by(*newest_first)
             .limit(limit)
@@ -151,41 +166,68 @@ class BackupStore:
             .scalar_subquery()
         )
         return self.s.execute(
-            select(Backup.__table__, Vm.name.label("vm_name"))
-            .join(Vm, Vm.id == Backup.vm_id)
-            .where(Backup.id.in_(ids))
+            select(*BACKUP_ROW[:2])
+            .select_from(_B.join(_V, _V.c.id == _B.c.vm_id))
+            .where(_B.c.id.in_(ids))
             .order_by(*newest_first)
         ).all()
 
     def count(self, f: BackupFilter) -> int:
-        return self.s.scalar(select(func.count()).select_from(Backup).where(*f.conditions())) or 0
+        return self.s.scalar(select(func.count()).select_from(_B).where(*f.conditions())) or 0
 
     def row(self, backup_id: str) -> Row[Any] | None:
         """One backup as a Core row (columns, ``vm_name``, ``vm_tags``)."""
-        return self.s.execute(
-            select(*BACKUP_ROW).join(Vm, Vm.id == Backup.vm_id).where(Backup.id == backup_id)
-        ).first()
+        return self.s.execute(_BACKUP_BY_ID, {"backup_id": backup_id}).first()
 
     def rows_of_job(self, job_ids: Sequence[str]) -> Sequence[Any]:
         """The restore points of these jobs (Core rows), by job and disk."""
         if not job_ids:
             return []
+        if len(job_ids) == 1:
+            return self.s.execute(_BACKUPS_OF_JOB, {"job_id": job_ids[0]}).all()
         return self.s.execute(
-            select(
-                Backup.job_id,
-                Backup.id,
-                Backup.disk_index,
-                Backup.disk_key,
-                Backup.backup_type,
-                Backup.status,
-            )
-            .where(Backup.job_id.in_(job_ids))
-            .order_by(Backup.job_id, Backup.disk_index)
+            select(*JOB_BACKUP_ROW)
+            .where(_B.c.job_id.in_(job_ids))
+            .order_by(_B.c.job_id, _B.c.disk_index)
         ).all()
 
 
+# The read paths select table columns, not ORM attributes: a statement of
+# plain columns skips the ORM's compile and loading steps (a third of the
+# CPU of a backup's details on PostgreSQL; bench/api_bench.py), and the
+# hottest ones are built once, with bound parameters.
+_B, _V, _D = Backup.__table__, Vm.__table__, VmDisk.__table__
 # The columns of a backup row as lists and details read them.
-BACKUP_ROW = (Backup.__table__, Vm.name.label("vm_name"), Vm.tags.label("vm_tags"))
+BACKUP_ROW = (_B, _V.c.name.label("vm_name"), _V.c.tags.label("vm_tags"))
+# ... and as a chain shows them.
+CHAIN_ROW = (
+    _B.c.id,
+    _B.c.disk_index,
+    _B.c.repository_id,
+    _B.c.backup_type,
+    _B.c.parent_id,
+    _B.c.file_path,
+    _B.c.size_on_disk,
+    _B.c.bytes_transferred,
+    _B.c.change_id,
+    _B.c.synthetic,
+    _B.c.verify_status,
+    _B.c.immutable_until,
+    _B.c.created_at,
+)
+_BACKUP_BY_ID = (
+    select(*BACKUP_ROW)
+    .select_from(_B.join(_V, _V.c.id == _B.c.vm_id))
+    .where(_B.c.id == bindparam("backup_id"))
+)
+_BACKUPS_OF_JOB = (
+    select(*JOB_BACKUP_ROW).where(_B.c.job_id == bindparam("job_id")).order_by(_B.c.disk_index)
+)
+_CHAIN_VM = select(_V.c.id, _V.c.name, _V.c.tags, _D.c.disk_index, _D.c.disk_key).select_from(
+    _V.outerjoin(_D, _D.c.vm_id == _V.c.id)
+)
+_CHAIN_VM_BY_NAME = _CHAIN_VM.where(_V.c.name == bindparam("name")).order_by(_D.c.disk_index)
+_CHAIN_VM_BY_ID = _CHAIN_VM.where(_V.c.id == bindparam("vm_id")).order_by(_D.c.disk_index)
 
 
 @dataclass(frozen=True)
@@ -206,25 +248,25 @@ class BackupFilter:
     def conditions(self) -> list[Any]:
         conds: list[Any] = []
         if self.vm_id:
-            conds.append(Backup.vm_id == self.vm_id)
+            conds.append(_B.c.vm_id == self.vm_id)
         if self.vm_ids is not None:
-            conds.append(Backup.vm_id.in_(sorted(self.vm_ids)))
+            conds.append(_B.c.vm_id.in_(sorted(self.vm_ids)))
         if self.repository_id:
-            conds.append(Backup.repository_id == self.repository_id)
+            conds.append(_B.c.repository_id == self.repository_id)
         if self.repository_ids is not None:
-            conds.append(Backup.repository_id.in_(self.repository_ids))
+            conds.append(_B.c.repository_id.in_(self.repository_ids))
         if self.verify_status == "never":
-            conds.append(Backup.verify_status.is_(None))
+            conds.append(_B.c.verify_status.is_(None))
         elif self.verify_status:
-            conds.append(Backup.verify_status == self.verify_status)
+            conds.append(_B.c.verify_status == self.verify_status)
         if self.backup_type:
-            conds.append(Backup.backup_type == self.backup_type)
+            conds.append(_B.c.backup_type == self.backup_type)
         if self.status:
-            conds.append(Backup.status == self.status)
+            conds.append(_B.c.status == self.status)
         if self.disk_index is not None:
-            conds.append(Backup.disk_index == self.disk_index)
+            conds.append(_B.c.disk_index == self.disk_index)
         if self.since:
-            conds.append(Backup.created_at >= self.since)
+            conds.append(_B.c.created_at >= self.since)
         if self.until:
-            conds.append(Backup.created_at <= self.until)
+            conds.append(_B.c.created_at <= self.until)
         return conds

@@ -89,8 +89,8 @@ def start_backup(st: HubState, who: Principal, body: Any) -> dict[str, Any]:
 def list_backups(
     st: HubState, who: Principal, f: BackupFilter, *, limit: int, offset: int
 ) -> dict[str, Any]:
-    with st.db.session() as s:
-        # Before this transaction reads anything (catalog/cache.py).
+    with st.db.read() as s:
+        # Before this session reads anything (catalog/cache.py).
         generation = st.db.generation(s)
         vm_id = f.vm_id
         if f.vm_name:
@@ -150,7 +150,7 @@ def _page(
 
 
 def get_backup(st: HubState, who: Principal, backup_id: str) -> dict[str, Any]:
-    with st.db.session() as s:
+    with st.db.read() as s:
         row = BackupStore(s).row(backup_id)
     if row is None or (
         who.scope is not None
@@ -171,69 +171,70 @@ def chain(
     disk_id: int | None = None,
     repository_id: str | None = None,
 ) -> dict[str, Any]:
-    with st.db.session() as s:
-        if vm_name is not None:
-            vm = visible_vm(s, who, vm_name)
-        else:
-            found = VmStore(s).get(vm_id or "")
-            if found is None or not who.can_see_vm(found.name, found.tags):
-                raise NotFound(f"VM context {vm_id} not found", vm_context_id=vm_id)
-            vm = found
+    """Per disk, the chain of the VM (by name or context id). Two statements
+    (the VM with its disks, then the restore points of all of them) of Core
+    rows: it was an ORM VM, its disks and a query of ORM backups per disk."""
+    with st.db.read() as s:
+        store = BackupStore(s)
+        disks = store.chain_vm(name=vm_name) if vm_name is not None else store.chain_vm(vm_id=vm_id)
+        vm = disks[0] if disks else None
+        if vm is None or not who.can_see_vm(vm.name, vm.tags):
+            if vm_name is not None:
+                raise NotFound(f"VM {vm_name} not found", vm_name=vm_name)
+            raise NotFound(f"VM context {vm_id} not found", vm_context_id=vm_id)
         if repository_id is not None and not who.can_see_repository(repository_id):
             raise NotFound(f"repository {repository_id} not found")
-        return chain_view(s, who, vm, disk_id, repository_id)
+        disks = [d for d in disks if d.disk_index is not None]
+        shown = [d for d in disks if disk_id is None or d.disk_index == disk_id]
+        if disk_id is not None and not shown:
+            raise NotFound(
+                f"disk_id {disk_id} is out of range for VM {vm.name} (disks 0..{len(disks) - 1})",
+                disk_id=disk_id,
+            )
+        rows = store.chain_rows(vm.id, disk_id, repository_id) if shown else []
+    by_disk: dict[int, list[Any]] = {}
+    for b in rows:
+        if who.can_see_repository(b.repository_id):
+            by_disk.setdefault(b.disk_index, []).append(b)
+    return {
+        "vm_name": vm.name,
+        "vm_context_id": vm.id,
+        "disks": [_disk_chain(d, by_disk.get(d.disk_index, [])) for d in shown],
+    }
 
 
-def chain_view(
-    s: Session, who: Principal, vm: Vm, disk_id: int | None, repository_id: str | None
-) -> dict[str, Any]:
-    disks = [d for d in vm.disks if disk_id is None or d.disk_index == disk_id]
-    if disk_id is not None and not disks:
-        raise NotFound(
-            f"disk_id {disk_id} is out of range for VM {vm.name} (disks 0..{len(vm.disks) - 1})",
-            disk_id=disk_id,
-        )
-    out = []
-    for d in disks:
-        backups = [
-            b
-            for b in BackupStore(s).chain(vm.id, d.disk_index, repository_id)
-            if who.can_see_repository(b.repository_id)
-        ]
-        # The current chain: from the newest restore point back through parents.
-        by_id = {b.id: b for b in backups}
-        links = []
-        cur = backups[-1] if backups else None
-        while cur is not None:
-            links.append(cur)
-            cur = by_id.get(cur.parent_id) if cur.parent_id else None
-        links.reverse()
-        out.append(
+def _disk_chain(disk: Any, backups: list[Any]) -> dict[str, Any]:
+    # The current chain: from the newest restore point back through parents.
+    by_id = {b.id: b for b in backups}
+    links = []
+    cur = backups[-1] if backups else None
+    while cur is not None:
+        links.append(cur)
+        cur = by_id.get(cur.parent_id) if cur.parent_id else None
+    links.reverse()
+    return {
+        "disk_id": disk.disk_index,
+        "disk_key": disk.disk_key,
+        "chain": [
             {
-                "disk_id": d.disk_index,
-                "disk_key": d.disk_key,
-                "chain": [
-                    {
-                        "backup_id": b.id,
-                        "backup_type": b.backup_type,
-                        "parent_backup_id": b.parent_id,
-                        "file_path": b.file_path,
-                        "size_on_disk": b.size_on_disk,
-                        "bytes_transferred": b.bytes_transferred,
-                        "change_id": b.change_id,
-                        "synthetic": b.synthetic,
-                        "verify_status": b.verify_status,
-                        "immutable_until": b.immutable_until,
-                        "created_at": b.created_at,
-                    }
-                    for b in links
-                ],
-                "chain_length": len(links),
-                "total_size_bytes": sum(b.size_on_disk for b in links),
-                "restore_points": len(backups),
+                "backup_id": b.id,
+                "backup_type": b.backup_type,
+                "parent_backup_id": b.parent_id,
+                "file_path": b.file_path,
+                "size_on_disk": b.size_on_disk,
+                "bytes_transferred": b.bytes_transferred,
+                "change_id": b.change_id,
+                "synthetic": b.synthetic,
+                "verify_status": b.verify_status,
+                "immutable_until": b.immutable_until,
+                "created_at": b.created_at,
             }
-        )
-    return {"vm_name": vm.name, "vm_context_id": vm.id, "disks": out}
+            for b in links
+        ],
+        "chain_length": len(links),
+        "total_size_bytes": sum(b.size_on_disk for b in links),
+        "restore_points": len(backups),
+    }
 
 
 # ------------------------------------------------- delete, consolidate, verify

@@ -34,7 +34,7 @@ def visible_job(s: Session, who: Principal, job_id: str) -> BackupJob:
 
 
 def get_job(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
-    with st.db.session() as s:
+    with st.db.read() as s:
         job = JobStore(s).row(job_id)
         if job is None or (
             who.scope is not None
@@ -53,7 +53,7 @@ async def job_async(st: HubState, who: Principal, job_id: str) -> dict[str, Any]
 
 
 def _ended(st: HubState, job_id: str) -> bool:
-    with st.db.session() as s:
+    with st.db.read() as s:
         return s.scalar(select(BackupJob.status).where(BackupJob.id == job_id)) in END
 
 
@@ -73,8 +73,8 @@ def list_jobs(
     limit: int,
     offset: int,
 ) -> dict[str, Any]:
-    with st.db.session() as s:
-        # Before this transaction reads anything (catalog/cache.py).
+    with st.db.read() as s:
+        # Before this session reads anything (catalog/cache.py).
         generation = st.db.generation(s)
         vm_ids = visible_vm_ids(s, who)
         where = JobFilter(
