@@ -304,6 +304,9 @@ class Target:
                 host="127.0.0.1",
                 port=free_port(),
                 log_path=str(logs / "qemu-nbd.log"),
+                # The reference (nbdcopy's ceiling) runs qemu-nbd as shipped;
+                # with the hub's modes (io) also with the hub's malloc settings.
+                tune_malloc=io is not None,
                 **(io or {}),
             )
             self.server.start()
