@@ -11,17 +11,20 @@
   and lease writes do not move the topic's version.
 - Two hubs on one PostgreSQL catalog: a change through one is seen through
   the other at once.
+- The console's VM list pages and searches names and tags.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text, update
 
@@ -187,10 +190,18 @@ def test_cached_answers_follow_what_they_show(cluster: Cluster, tmp_path: Path) 
         assert now["vms"][1]["last_backup"]["verify_status"] == "ok"
         assert get(cluster, limit=2)["vms"] == now["vms"][:2]
 
+        # Renamed: the whole list (rebuilt from the VMs that changed) keeps
+        # the order of the pages.
+        with db.engine.begin() as conn:
+            conn.execute(update(Vm).where(Vm.name == "App-01").values(name="zz-renamed"))
+        assert names(get(cluster)) == ["App-02", "App-03", "zz-renamed"]
+        assert names(get(cluster, limit=1, offset=2)) == ["zz-renamed"]
+        assert get(cluster)["vms"][2]["tags"] == {"moved": "by-sql"}
+
         r = cluster.http("DELETE", f"/api/v1/backups/{last['backup_id']}")
         assert r.status_code == 200, r.text
-        assert get(cluster)["vms"][1]["last_backup"] is None
-        assert get(cluster, limit=2)["vms"][1]["last_backup"] is None
+        assert get(cluster)["vms"][0]["last_backup"] is None
+        assert get(cluster, limit=2)["vms"][0]["last_backup"] is None
     finally:
         db.dispose()
 
@@ -227,3 +238,29 @@ def test_two_hubs_see_each_others_changes(
     for _ in range(4):
         assert get(b)["vms"][3]["tags"] == {"tier": "gold"}
         assert get(b, limit=2, offset=2)["vms"][1]["tags"] == {"tier": "gold"}
+
+
+def test_console_vm_list_filters_by_name_and_tag(cluster: Cluster, tmp_path: Path) -> None:
+    """The console's VM list reads one page (hub/vms/service.list_vms); its
+    search matches names and ``key=value`` tags."""
+    file_vms(cluster, tmp_path, NAMES)
+    cluster.client.request("PATCH", "/api/v1/vms/db-04", json={"tags": {"tier": "gold"}})
+    ui = httpx.Client(base_url=cluster.hub_url, timeout=60, follow_redirects=False)
+    form = ui.get("/ui/signin").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+    assert csrf, form
+    r = ui.post(
+        "/ui/signin", data={"csrf": csrf.group(1), "token": cluster.admin_token, "next": "/ui/"}
+    )
+    assert r.status_code == 303, r.text
+
+    def listed(**params: Any) -> list[str]:
+        r = ui.get("/ui/vms", params=params)
+        assert r.status_code == 200, r.text
+        return re.findall(r'<a href="/ui/vms/([^"]+)">', r.text)
+
+    assert listed() == sorted(NAMES)
+    assert listed(q="APP-0") == NAMES[:7]
+    assert listed(q="tier=gold") == ["db-04"]
+    assert listed(q="nothing") == []
+    assert listed(offset=10) == sorted(NAMES)[10:]

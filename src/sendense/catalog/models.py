@@ -500,3 +500,14 @@ class CatalogTopic(Base):
 
     topic: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class VmChange(Base):
+    """The topic ``vms`` version at which a VM's rows (the VM, its disks, its
+    completed restore points) last changed; written by triggers
+    (catalog/topics.py). No foreign key: a deleted VM's row stays."""
+
+    __tablename__ = "vm_changes"
+
+    vm_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -32,6 +32,15 @@ Readers read the version first, then the data (`topic_version`): a commit in
 between only costs a recomputation (the value is stored under the older
 version), never a stale answer.
 
+Which VMs changed: each bump also records, in ``vm_changes`` (one row per
+VM), the version at which the VM's rows last changed. The counter's row lock
+is held until commit, so versions are handed out in commit order: once a
+reader sees version V committed, every change of version <= V is committed
+too, and ``vm_changes`` rows with a version above the one an answer was
+built at name exactly the VMs to rebuild (hub/vms/service.py rebuilds the
+whole list of 5,000 VMs from the few that changed while backups complete
+every second, instead of from scratch).
+
 Careful in later migrations: on SQLite, ``batch_alter_table`` recreates a
 table and drops its triggers. A migration that batch-alters ``vms``,
 ``vm_disks`` or ``backups`` must call `drop_triggers` before and
@@ -48,29 +57,44 @@ from sqlalchemy.orm import Session
 
 TOPICS = ("vms",)
 
-# (table, event, condition on the row) -> bumps topic "vms".
+# (table, event, condition on the row, the row's VM id column) -> topic "vms".
 _VMS_TRIGGERS = (
-    ("vms", "INSERT", None),
-    ("vms", "UPDATE", None),
-    ("vms", "DELETE", None),
-    ("vm_disks", "INSERT", None),
-    ("vm_disks", "UPDATE", None),
-    ("vm_disks", "DELETE", None),
-    ("backups", "INSERT", "NEW.status = 'completed'"),
-    ("backups", "UPDATE", "OLD.status = 'completed' OR NEW.status = 'completed'"),
-    ("backups", "DELETE", "OLD.status = 'completed'"),
+    ("vms", "INSERT", None, "id"),
+    ("vms", "UPDATE", None, "id"),
+    ("vms", "DELETE", None, "id"),
+    ("vm_disks", "INSERT", None, "vm_id"),
+    ("vm_disks", "UPDATE", None, "vm_id"),
+    ("vm_disks", "DELETE", None, "vm_id"),
+    ("backups", "INSERT", "NEW.status = 'completed'", "vm_id"),
+    ("backups", "UPDATE", "OLD.status = 'completed' OR NEW.status = 'completed'", "vm_id"),
+    ("backups", "DELETE", "OLD.status = 'completed'", "vm_id"),
 )
 
+# The first row a transaction changed bumps the version (at commit: the
+# trigger is deferred) and keeps it in a setting local to the transaction;
+# every row then records its VM at that version.
 _PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION sendense_topic_vms_bump() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v bigint;
+    vm text;
 BEGIN
-    -- Once per transaction (the setting is local to it).
-    IF current_setting('sendense.topic_vms_bumped', true) = 'yes' THEN
-        RETURN NULL;
+    IF TG_OP = 'DELETE' THEN
+        vm := to_jsonb(OLD) ->> TG_ARGV[0];
+    ELSE
+        vm := to_jsonb(NEW) ->> TG_ARGV[0];
     END IF;
-    PERFORM set_config('sendense.topic_vms_bumped', 'yes', true);
-    UPDATE catalog_topics SET version = version + 1 WHERE topic = 'vms';
+    v := nullif(current_setting('sendense.topic_vms_version', true), '')::bigint;
+    IF v IS NULL THEN
+        UPDATE catalog_topics SET version = version + 1 WHERE topic = 'vms'
+            RETURNING version INTO v;
+        PERFORM set_config('sendense.topic_vms_version', v::text, true);
+    END IF;
+    IF vm IS NOT NULL THEN
+        INSERT INTO vm_changes (vm_id, version) VALUES (vm, v)
+            ON CONFLICT (vm_id) DO UPDATE SET version = EXCLUDED.version;
+    END IF;
     RETURN NULL;
 END
 $$
@@ -82,33 +106,38 @@ def _name(table: str, event: str) -> str:
 
 
 def create_triggers(bind: Connection) -> None:
-    """Create the triggers that keep topic ``vms`` (idempotent only in the
-    sense that a migration calls it once; see the module doc)."""
+    """Create the triggers that keep topic ``vms`` and ``vm_changes`` (a
+    migration calls it once; see the module doc)."""
     if bind.dialect.name == "postgresql":
         bind.execute(text(_PG_FUNCTION))
-        for table, event, when in _VMS_TRIGGERS:
+        for table, event, when, column in _VMS_TRIGGERS:
             bind.execute(
                 text(
                     f"CREATE CONSTRAINT TRIGGER {_name(table, event)} AFTER {event} ON {table} "
                     "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
                     + (f"WHEN ({when}) " if when else "")
-                    + "EXECUTE FUNCTION sendense_topic_vms_bump()"
+                    + f"EXECUTE FUNCTION sendense_topic_vms_bump('{column}')"
                 )
             )
     elif bind.dialect.name == "sqlite":
-        for table, event, when in _VMS_TRIGGERS:
+        for table, event, when, column in _VMS_TRIGGERS:
+            row = "OLD" if event == "DELETE" else "NEW"
             bind.execute(
                 text(
                     f"CREATE TRIGGER {_name(table, event)} AFTER {event} ON {table} "
                     + (f"WHEN {when} " if when else "")
                     + "BEGIN UPDATE catalog_topics SET version = version + 1 "
-                    "WHERE topic = 'vms'; END"
+                    "WHERE topic = 'vms'; "
+                    "INSERT INTO vm_changes (vm_id, version) "
+                    f"SELECT {row}.{column}, version FROM catalog_topics "
+                    f"WHERE topic = 'vms' AND {row}.{column} IS NOT NULL "
+                    "ON CONFLICT (vm_id) DO UPDATE SET version = excluded.version; END"
                 )
             )
 
 
 def drop_triggers(bind: Connection) -> None:
-    for table, event, _ in _VMS_TRIGGERS:
+    for table, event, _, _ in _VMS_TRIGGERS:
         if bind.dialect.name == "postgresql":
             bind.execute(text(f"DROP TRIGGER IF EXISTS {_name(table, event)} ON {table}"))
         elif bind.dialect.name == "sqlite":
@@ -117,14 +146,30 @@ def drop_triggers(bind: Connection) -> None:
         bind.execute(text("DROP FUNCTION IF EXISTS sendense_topic_vms_bump()"))
 
 
-def topic_version(s: Session, topic: str) -> str:
-    """The topic's version, for `CatalogCache.get` as its generation. Read it
-    before anything the cached value is built from (module doc). On another
-    database than SQLite or PostgreSQL, or without the row: a fresh value
-    (nothing is reused)."""
+def topic_counter(s: Session, topic: str) -> int | None:
+    """The topic's version; None on another database than SQLite or
+    PostgreSQL, or without the row (nothing can be reused then). Read it
+    before anything a cached value is built from (module doc)."""
     if s.get_bind().dialect.name not in ("sqlite", "postgresql"):
-        return uuid.uuid4().hex
+        return None
     version = s.execute(
         text("SELECT version FROM catalog_topics WHERE topic = :topic"), {"topic": topic}
     ).scalar()
-    return uuid.uuid4().hex if version is None else f"{topic}:{version}"
+    return None if version is None else int(version)
+
+
+def topic_version(s: Session, topic: str) -> str:
+    """`topic_counter` as a `CatalogCache` generation (a fresh value when
+    there is none: nothing is reused)."""
+    counter = topic_counter(s, topic)
+    return uuid.uuid4().hex if counter is None else f"{topic}:{counter}"
+
+
+def changed_vms(s: Session, since: int) -> list[str]:
+    """Ids of the VMs whose rows of topic ``vms`` changed after version
+    ``since`` (deleted VMs included)."""
+    return list(
+        s.execute(
+            text("SELECT vm_id FROM vm_changes WHERE version > :since"), {"since": since}
+        ).scalars()
+    )

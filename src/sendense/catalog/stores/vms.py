@@ -55,6 +55,10 @@ class VmStore:
         q = select(Vm.id, Vm.name, Vm.tags).order_by(Vm.name)
         return self.s.execute(q.where(_name_contains(name)) if name else q).all()
 
+    def ids_by_name(self) -> list[str]:
+        """Every VM's id, by name."""
+        return list(self.s.scalars(select(Vm.id).order_by(Vm.name)))
+
     def disk_rows(self, vm_ids: Sequence[str] | None = None) -> Sequence[Row[Any]]:
         """The disks of every VM (or of ``vm_ids``) as Core rows, by VM and index."""
         q = select(VmDisk.__table__)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+import weakref
 from typing import Any
 
 from pydantic_core import to_json
 
+from sendense.catalog.db import Database
 from sendense.catalog.models import Vm
 from sendense.catalog.stores import BackupStore, VmStore
-from sendense.catalog.topics import topic_version
+from sendense.catalog.topics import changed_vms, topic_counter, topic_version
 from sendense.core.access import Principal
 from sendense.core.errors import NotFound
 from sendense.engine import inventory
@@ -39,16 +43,115 @@ def list_vms_json(
     with the version of the catalog topic ``vms`` (catalog/topics.py), which
     only the rows it shows move: it survives the progress, lease and job
     writes of running backups, which used to drop it on every commit (5,000
-    VMs: an 8 MB answer rebuilt for nearly every request, see issue 12).
+    VMs: an 8 MB answer rebuilt for nearly every request, see issue 12). The
+    whole list (no scope, filter or page) is rebuilt from the VMs that
+    changed (`WholeList`).
     """
     with st.db.session() as s:
         # Before this transaction reads anything else (catalog/topics.py).
-        version = topic_version(s, "vms")
+        counter = topic_counter(s, "vms")
+        if counter is not None and who.scope is None and not name and not limit and not offset:
+            return _whole_list(st.db).answer(s, counter)
         return st.cache.get(
             ("vms", who.scope, name or None, limit, offset),
             lambda: to_json(_answer(s, who, name, limit, offset)),
-            version,
+            uuid.uuid4().hex if counter is None else f"vms:{counter}",
         )
+
+
+class WholeList:
+    """Every VM's JSON (``GET /vms`` unscoped, unpaged), kept as one fragment
+    per VM and rebuilt from the VMs that changed.
+
+    With backups completing every second or so, topic ``vms`` moves about as
+    often, and building the answer of 5,000 VMs from scratch costs 0.3-0.5 s
+    of CPU on PostgreSQL (rows, their views, JSON; measured on the load
+    bench's catalog). ``vm_changes`` names the VMs whose rows changed since
+    the version the fragments were built at (catalog/topics.py); only those
+    are read again, and the answer is the fragments joined, by name. More
+    than `REBUILD_AT` changed VMs (or a catalog that went back in version):
+    rebuilt from scratch. One per catalog and process.
+    """
+
+    REBUILD_AT = 500
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.version: int | None = None
+        self._fragments: dict[str, tuple[str, bytes]] = {}  # vm id -> (name, JSON)
+        self._order: list[str] = []  # vm ids by name
+        self._body = b""
+        self.hits = self.updates = self.rebuilds = 0
+
+    def answer(self, s: Any, counter: int) -> bytes:
+        """The answer at ``counter`` (read before anything else in ``s``)."""
+        with self._lock:
+            if counter == self.version:
+                self.hits += 1
+                return self._body
+            try:
+                return self._build(s, counter)
+            except BaseException:
+                self.version = None  # half-updated: from scratch next time
+                raise
+
+    def _build(self, s: Any, counter: int) -> bytes:
+        changed = None
+        if self.version is not None and counter > self.version:
+            changed = changed_vms(s, self.version)
+            if len(changed) > self.REBUILD_AT:
+                changed = None
+        store = VmStore(s)
+        if changed is None:
+            self.rebuilds += 1
+            self._fragments.clear()
+            rows = store.rows()
+        else:
+            self.updates += 1
+            rows = store.rows(ids=changed) if changed else []
+        ids = None if changed is None else [v.id for v in rows]
+        disks: dict[str, list[Any]] = {}
+        if rows:
+            for d in store.disk_rows(ids):
+                disks.setdefault(d.vm_id, []).append(d)
+        latest = BackupStore(s).latest_rows(ids) if rows else {}
+        # The order is the database's (its collation, as pages have it):
+        # read again when a VM came, went or was renamed.
+        reorder = changed is None or len(rows) != len(changed)
+        for v in rows:
+            old = self._fragments.get(v.id)
+            reorder = reorder or old is None or old[0] != v.name
+            view = vm_view(v, latest.get(v.id), disks.get(v.id, []))
+            self._fragments[v.id] = (v.name, to_json(view))
+        if changed is None:
+            self._order = [v.id for v in rows]
+        elif reorder:
+            for vm_id in set(changed) - {v.id for v in rows}:
+                self._fragments.pop(vm_id, None)  # deleted
+            self._order = [vm_id for vm_id in store.ids_by_name() if vm_id in self._fragments]
+        self._body = b"".join(
+            (
+                b'{"vms":[',
+                b",".join(self._fragments[vm_id][1] for vm_id in self._order),
+                b'],"total":%d}' % len(self._order),
+            )
+        )
+        # Rows read after ``counter`` may be newer: the next change after
+        # it rebuilds them again, never the other way round.
+        self.version = counter
+        return self._body
+
+
+_whole_lists: weakref.WeakKeyDictionary[Database, WholeList] = weakref.WeakKeyDictionary()
+_whole_lists_lock = threading.Lock()
+
+
+def _whole_list(db: Database) -> WholeList:
+    with _whole_lists_lock:
+        whole = _whole_lists.get(db)
+        if whole is None:
+            whole = _whole_lists[db] = WholeList()
+        return whole
 
 
 def list_vms(
