@@ -21,7 +21,10 @@ trips through its poll loop. Variants (JSON object name -> settings):
   bytes in flight; ``nohash``: no digest;
 - ``cluster``, ``opts``: the target's cluster size and other qemu-img create
   options (``{"extended_l2": "on"}``); ``cache``, ``aio``: its modes;
-- ``prio``: the target's GnuTLS priority string (`nbd.psk.PRIORITY`).
+- ``prio``: the target's GnuTLS priority string (`nbd.psk.PRIORITY`);
+- ``inc``: an incremental's pattern instead of a full (this share of the
+  64 KiB blocks, scattered, given as dirty extents; the target not zero);
+  ``cprof``: print the worker's cProfile (top 25 by own time) to stderr.
 
 Measured with it: docs/performance.md, "The push full's CPU".
 """
@@ -74,14 +77,24 @@ def counted(*x):
     polls[0] += 1
     return real(*x)
 Mover._poll = staticmethod(counted)
+if a.get("cprof"):
+    import cProfile, pstats
+    prof = cProfile.Profile()
 t0 = time.monotonic(); c0 = time.process_time()
-m = Mover(src(), dst(), a["size"],
+if a.get("cprof"):
+    prof.enable()
+m = Mover(src(), dst(), a["size"], dirty_extents=a.get("dirty"),
+          target_is_zero=a.get("dirty") is None,
           hashes=None if a.get("nohash") else BlockHashList(a["hl"], a["size"]),
           in_flight=a.get("in_flight", 8), request_size=a.get("rs", 4 << 20),
           window_bytes=a.get("window"), reconnect_source=src, reconnect_target=dst,
           reconnect_deadline=300)
 r = m.run()
-print(json.dumps({"wall": time.monotonic() - t0, "cpu": time.process_time() - c0,
+wall, cpu = time.monotonic() - t0, time.process_time() - c0
+if a.get("cprof"):
+    prof.disable()
+    pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+print(json.dumps({"wall": wall, "cpu": cpu,
                   "data": r.data_bytes, "polls": polls[0], "requests": m.requests}))
 """
 
@@ -140,12 +153,18 @@ def sample(work: Path, size: int, v: dict, src: QemuNbdServer) -> dict:
         t0, s0 = cpu_of(dst.pid), cpu_of(src.pid)
         args = dict(v, src=src.url, dst=dst.url, key=str(keys / psk.SERVER_FILE), size=size)
         args["hl"] = str(work / "h.x3")
+        if v.get("inc"):
+            rng, block = random.Random(2), 64 << 10
+            picked = sorted(rng.sample(range(size // block), int(size // block * v["inc"])))
+            args["dirty"] = [(b * block, block) for b in picked]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         out = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env
         )
         if out.returncode:
             raise SystemExit(out.stderr[-2000:])
+        if v.get("cprof"):
+            print(out.stderr[-8000:])
         x: dict = json.loads(out.stdout)
         x["t_hwm"] = hwm_mib(dst.pid)
         x["tgt_cpu"], x["src_cpu"] = cpu_of(dst.pid) - t0, cpu_of(src.pid) - s0
