@@ -12,6 +12,7 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
@@ -22,8 +23,13 @@ from sendense.core.access import ADMIN, SCOPED_ROLE_MAX, Principal, Role, Scope
 from sendense.core.errors import Forbidden, Unauthorized
 from sendense.hub.state import HubState
 
+# The dependencies below are coroutines although they do no I/O: FastAPI runs
+# a plain ``def`` dependency on a worker thread, and the three of every route
+# (hub, caller, role) were three thread hand-offs per request, more CPU than
+# reading a restore point (bench/api_bench.py).
 
-def get_hub(request: Request) -> HubState:
+
+async def get_hub(request: Request) -> HubState:
     st: HubState = request.app.state.hub
     return st
 
@@ -86,24 +92,27 @@ def principal_of(st: HubState, given: str | None) -> Principal:
     return Principal(name=row.name, role=role, token_id=row.id, scope=scope)
 
 
-def current_principal(
+async def current_principal(
     request: Request,
     st: HubDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> Principal:
     # hub/limits.py already checked the token (before the body was read).
     who = getattr(request.state, "principal", None)
-    if not isinstance(who, Principal):
-        who = principal_of(st, credentials.credentials if credentials else None)
-    request.state.principal = who  # for the audit log
-    return who
+    if isinstance(who, Principal):
+        return who
+    given = credentials.credentials if credentials else None
+    # A catalog read: not on the event loop.
+    found: Principal = await anyio.to_thread.run_sync(principal_of, st, given)
+    request.state.principal = found  # for the audit log
+    return found
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
 def require_role(needed: Role):  # type: ignore[no-untyped-def]
-    def check(who: CurrentUser) -> Principal:
+    async def check(who: CurrentUser) -> Principal:
         if not who.role.allows(needed):
             raise Forbidden(
                 f"this needs the {needed.value} role; token {who.name} has {who.role.value}",

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from sendense.catalog.models import Backup, Vm, VmDisk
 from sendense.catalog.stores.common import ACTIVE
-from sendense.catalog.stores.jobs import JOB_BACKUP_ROW
 
 
 class BackupStore:
@@ -179,18 +178,6 @@ class BackupStore:
         """One backup as a Core row (columns, ``vm_name``, ``vm_tags``)."""
         return self.s.execute(_BACKUP_BY_ID, {"backup_id": backup_id}).first()
 
-    def rows_of_job(self, job_ids: Sequence[str]) -> Sequence[Any]:
-        """The restore points of these jobs (Core rows), by job and disk."""
-        if not job_ids:
-            return []
-        if len(job_ids) == 1:
-            return self.s.execute(_BACKUPS_OF_JOB, {"job_id": job_ids[0]}).all()
-        return self.s.execute(
-            select(*JOB_BACKUP_ROW)
-            .where(_B.c.job_id.in_(job_ids))
-            .order_by(_B.c.job_id, _B.c.disk_index)
-        ).all()
-
 
 # The read paths select table columns, not ORM attributes: a statement of
 # plain columns skips the ORM's compile and loading steps (a third of the
@@ -220,9 +207,6 @@ _BACKUP_BY_ID = (
     .select_from(_B.join(_V, _V.c.id == _B.c.vm_id))
     .where(_B.c.id == bindparam("backup_id"))
 )
-_BACKUPS_OF_JOB = (
-    select(*JOB_BACKUP_ROW).where(_B.c.job_id == bindparam("job_id")).order_by(_B.c.disk_index)
-)
 _CHAIN_VM = select(_V.c.id, _V.c.name, _V.c.tags, _D.c.disk_index, _D.c.disk_key).select_from(
     _V.outerjoin(_D, _D.c.vm_id == _V.c.id)
 )
@@ -235,6 +219,7 @@ class BackupFilter:
     """What a backups list is filtered by (hashable: a cache key of its count)."""
 
     vm_id: str | None = None
+    vm_name: str | None = None  # the VM of that name (none: no rows)
     vm_ids: frozenset[str] | None = None  # a scoped caller: only these VMs
     repository_id: str | None = None
     repository_ids: tuple[str, ...] | None = None  # a scoped caller: only these
@@ -249,6 +234,10 @@ class BackupFilter:
         conds: list[Any] = []
         if self.vm_id:
             conds.append(_B.c.vm_id == self.vm_id)
+        if self.vm_name:
+            conds.append(
+                _B.c.vm_id == select(_V.c.id).where(_V.c.name == self.vm_name).scalar_subquery()
+            )
         if self.vm_ids is not None:
             conds.append(_B.c.vm_id.in_(sorted(self.vm_ids)))
         if self.repository_id:

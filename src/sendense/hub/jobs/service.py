@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sendense.catalog.models import BackupJob
-from sendense.catalog.stores import BackupStore, JobStore
+from sendense.catalog.stores import JobStore
 from sendense.catalog.stores.jobs import JobFilter
 from sendense.core.access import Principal
 from sendense.core.errors import NotFound
@@ -35,7 +35,7 @@ def visible_job(s: Session, who: Principal, job_id: str) -> BackupJob:
 
 def get_job(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
     with st.db.read() as s:
-        job = JobStore(s).row(job_id)
+        job, backups = JobStore(s).row_with_backups(job_id)
         if job is None or (
             who.scope is not None
             and not (
@@ -44,7 +44,6 @@ def get_job(st: HubState, who: Principal, job_id: str) -> dict[str, Any]:
             )
         ):
             raise NotFound(f"job {job_id} not found", job_id=job_id)
-        backups = BackupStore(s).rows_of_job([job_id]) if job.kind == "backup" else []
     return job_view(job, backups)
 
 
@@ -74,8 +73,6 @@ def list_jobs(
     offset: int,
 ) -> dict[str, Any]:
     with st.db.read() as s:
-        # Before this session reads anything (catalog/cache.py).
-        generation = st.db.generation(s)
         vm_ids = visible_vm_ids(s, who)
         where = JobFilter(
             status=status,
@@ -84,11 +81,20 @@ def list_jobs(
             repository_ids=None if who.scope is None else tuple(sorted(who.scope.repositories)),
         )
         store = JobStore(s)
-        rows, backup_rows = store.page(where, limit=limit, offset=offset)
-        backups: dict[str, list[Any]] = {}
-        for b in backup_rows:
-            backups.setdefault(b.job_id, []).append(b)
-        total = st.cache.get(("jobs.total", where), lambda: store.count(where), generation)
+        # One more than asked: whether this is the last page.
+        rows, backup_rows = store.page(where, limit=limit + 1, offset=offset)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if (rows and not more) or (not rows and offset == 0):
+            total = offset + len(rows)  # the last page tells it (the running jobs...)
+        else:
+            # Read before the count (catalog/cache.py); each statement of
+            # this session sees at least what it stands for.
+            generation = st.db.generation(s)
+            total = st.cache.get(("jobs.total", where), lambda: store.count(where), generation)
+    backups: dict[str, list[Any]] = {}
+    for b in backup_rows:
+        backups.setdefault(b.job_id, []).append(b)
     return {"jobs": [job_view(j, backups.get(j.id, [])) for j in rows], "total": total}
 
 
