@@ -14,9 +14,12 @@ of data of the worker, the target and the source (``w_cpg``, ``t_cpg``,
 trips through its poll loop. Variants (JSON object name -> settings):
 
 - ``malloc``: false runs both qemu-nbd with glibc's defaults
-  (``QemuNbdServer(tune_malloc=False)``);
+  (``QemuNbdServer(tune_malloc=False)``); ``src_malloc``: the source's alone
+  (false: as a VM's QEMU runs);
 - ``drain``: `sendense.mover.copy.DRAIN_ROUNDS` in the worker (0: one notify
   per wake-up, as before);
+- ``inline``: `HASH_INLINE_BELOW` (0: every hash in the hashing thread);
+  ``pread_init``: `PREAD_INITIALIZE` (true: libnbd zeroes read buffers);
 - ``rs``, ``in_flight``, ``window``: the mover's request size, requests and
   bytes in flight; ``nohash``: no digest;
 - ``cluster``, ``opts``: the target's cluster size and other qemu-img create
@@ -67,6 +70,10 @@ from sendense.nbd import psk
 a = json.loads(sys.argv[1])
 if "drain" in a:
     mc.DRAIN_ROUNDS = a["drain"]
+if "inline" in a:
+    mc.HASH_INLINE_BELOW = a["inline"]
+if "pread_init" in a:
+    mc.PREAD_INITIALIZE = a["pread_init"]
 def src():
     h = nbd.NBD(); h.add_meta_context("base:allocation"); h.connect_uri(a["src"]); return h
 def dst():
@@ -199,7 +206,7 @@ def main() -> None:
                     socket_path=str(work / "s.sock"),
                     read_only=True,
                     shared=16,
-                    tune_malloc=v.get("malloc", True),
+                    tune_malloc=v.get("src_malloc", v.get("malloc", True)),
                 ) as src:
                     x = sample(work, size, v, src)
                 results[name].append(x)

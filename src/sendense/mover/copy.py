@@ -85,6 +85,16 @@ RECONNECT_MAX_DELAY = 10.0
 SOURCE_GONE = frozenset({"ENOENT", "ECONNREFUSED"})
 # Rounds of a handle's I/O made at once after a wake-up (`Mover._poll`).
 DRAIN_ROUNDS = 64
+# Reads shorter than this are hashed in the copy loop, longer ones in the
+# hashing thread beside their write. XXH3 of a 64 KiB block takes a few
+# microseconds; handing it to the thread and collecting the result costs
+# more (an incremental is mostly 64 KiB requests). Measured:
+# docs/performance.md, "The push full's CPU".
+HASH_INLINE_BELOW = 1 << 20
+# libnbd zeroes a read buffer before every read unless told not to
+# (nbd_set_pread_initialize): the mover never looks at a buffer whose read
+# failed, so that memset of every byte copied (4 % of the worker) is skipped.
+PREAD_INITIALIZE = False
 
 _T = TypeVar("_T")
 
@@ -411,7 +421,7 @@ class Mover:
         abandoned: Callable[[], str | None] | None = None,
         label: str = "the disk",
     ) -> None:
-        self.src = src
+        self.src = _reader(src)
         self.dsts: list[nbd.NBD] = [dst] if dst is not None else []
         self.size = size
         self.dirty_context = dirty_context
@@ -648,7 +658,7 @@ class Mover:
                 log.info("%s: reconnect attempt %d failed: %s", self.label, attempt, e)
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
-            self.src, self.dsts = src, dsts
+            self.src, self.dsts = _reader(src), dsts
             self.reconnects += 1
             self._streak = (since, attempt, self.mark)
             # Back to the last flushed position: what came after may be lost.
@@ -771,7 +781,14 @@ class Mover:
                 cookie = dsts[rr].aio_pwrite(view, e.offset)
                 fut = None
                 if hasher is not None and hashes is not None:
-                    fut = hasher.submit(hashes.hash_blocks, view, e.length)
+                    if e.length < HASH_INLINE_BELOW:
+                        # Cheaper here than a hand-off to the hashing thread
+                        # and back (a queue, a wake-up and the GIL twice).
+                        hashes.set_run(
+                            e.offset // dg.BLOCK_SIZE, hashes.hash_blocks(view, e.length)
+                        )
+                    else:
+                        fut = hasher.submit(hashes.hash_blocks, view, e.length)
                 writes[rr].append((cookie, e, buf, fut, slot))
                 n_writes += 1
             for i, h in enumerate(dsts):
@@ -904,6 +921,14 @@ def connect_uri(h: nbd.NBD, url: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) 
                 h.aio_notify_write()
     if not h.aio_is_ready():
         raise nbd.Error("NBD connection failed", errno.ECONNRESET)
+
+
+def _reader(h: nbd.NBD) -> nbd.NBD:
+    """The source handle, its read buffers not zeroed first (`PREAD_INITIALIZE`)."""
+    if not PREAD_INITIALIZE:
+        with contextlib.suppress(AttributeError, nbd.Error):  # libnbd < 1.14
+            h.set_pread_initialize(False)
+    return h
 
 
 def _sever(h: nbd.NBD) -> None:
