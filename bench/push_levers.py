@@ -27,7 +27,9 @@ trips through its poll loop. Variants (JSON object name -> settings):
 - ``prio``: the target's GnuTLS priority string (`nbd.psk.PRIORITY`);
 - ``inc``: an incremental's pattern instead of a full (this share of the
   64 KiB blocks, scattered, given as dirty extents; the target not zero);
-  ``cprof``: print the worker's cProfile (top 25 by own time) to stderr.
+  ``cprof``: print the worker's cProfile (top 25 by own time) to stderr;
+  ``perf``: a file to ``perf record`` the worker into; ``wenv``: more
+  environment for the worker.
 
 Measured with it: docs/performance.md, "The push full's CPU".
 """
@@ -165,9 +167,11 @@ def sample(work: Path, size: int, v: dict, src: QemuNbdServer) -> dict:
             picked = sorted(rng.sample(range(size // block), int(size // block * v["inc"])))
             args["dirty"] = [(b * block, block) for b in picked]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env
-        )
+        env.update(v.get("wenv", {}))
+        cmd = [sys.executable, "-c", CHILD, json.dumps(args)]
+        if v.get("perf"):  # perf record of the worker into WORKDIR/../perf-<file>
+            cmd = ["perf", "record", "-q", "-F", "2999", "-o", v["perf"], "--", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(out.stderr[-2000:])
         if v.get("cprof"):
