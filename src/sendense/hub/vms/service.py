@@ -47,8 +47,9 @@ def list_vms_json(
     whole list (no scope, filter or page) is rebuilt from the VMs that
     changed (`WholeList`).
     """
-    with st.db.session() as s:
-        # Before this transaction reads anything else (catalog/topics.py).
+    # Reads only (autocommit on PostgreSQL): each statement sees at least
+    # what the topic's version read first stands for (catalog/topics.py).
+    with st.db.read() as s:
         counter = topic_counter(s, "vms")
         if counter is not None and who.scope is None and not name and not limit and not offset:
             return _whole_list(st.db).answer(s, counter)
@@ -166,7 +167,7 @@ def list_vms(
     """The same as a dict (kept as `list_vms_json` keeps its bytes: do not
     change it); ``text`` (the console's search) also matches ``key=value``
     of the tags, which only Python can check."""
-    with st.db.session() as s:
+    with st.db.read() as s:
         version = topic_version(s, "vms")
         return st.cache.get(
             ("vms.dict", who.scope, name or None, text or None, limit, offset),
