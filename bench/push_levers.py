@@ -170,7 +170,7 @@ def sample(work: Path, size: int, v: dict, src: QemuNbdServer) -> dict:
         env.update(v.get("wenv", {}))
         cmd = [sys.executable, "-c", CHILD, json.dumps(args)]
         if v.get("perf"):  # perf record of the worker into WORKDIR/../perf-<file>
-            cmd = ["perf", "record", "-q", "-F", "2999", "-o", v["perf"], "--", *cmd]
+            cmd = ["perf", "record", "-q", "-g", "-F", "2999", "-o", v["perf"], "--", *cmd]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(out.stderr[-2000:])
