@@ -22,11 +22,13 @@ Run by ``make bench-api`` (``.venv/bin/python bench/api_bench.py``). One run:
    ==================  ====================================================
    backup_detail       GET /api/v1/backups/{backup_id}
    job_status          GET /api/v1/jobs/{job_id}
+   vm_detail           GET /api/v1/vms/{vm}
    backups_list        GET /api/v1/backups?limit=100
    backups_filtered    GET /api/v1/backups?status=completed&backup_type=incremental&limit=100
    backups_offset      GET /api/v1/backups?limit=100&offset={half the backups}
    backups_of_vm       GET /api/v1/backups?vm_name={vm}&limit=100
    jobs_list           GET /api/v1/jobs?limit=50
+   jobs_running        GET /api/v1/jobs?status=running&limit=50
    chain               GET /api/v1/backups/{vm}/chain
    vms                 GET /api/v1/vms
    ==================  ====================================================
@@ -38,10 +40,10 @@ Run by ``make bench-api`` (``.venv/bin/python bench/api_bench.py``). One run:
      c50_job_p99_ms= c50_list_p99_ms= c50_chain_p99_ms= c50_vms_p99_ms=
      errors= rps=
 
-   ``c1_detail`` is the worse of backup_detail and job_status with one client;
-   ``c1_list`` the worst of the five lists and the chain (SPEC 9 gives them the
-   same one-client target); ``c50_list`` the worst of the five lists with 50
-   clients. ``errors`` counts every request of every phase answered non-2xx or
+   ``c1_detail`` is the worst of backup_detail, vm_detail and job_status with
+   one client; ``c1_list`` the worst of the six lists and the chain (SPEC 9
+   gives them the same one-client target); ``c50_list`` the worst of the six
+   lists with 50 clients. ``errors`` counts every request of every phase answered non-2xx or
    not answered (exception, or no answer within ``--timeout``, 60 s); ``rps``
    is the requests answered per second over all the 50-client phases.
 
@@ -62,6 +64,11 @@ Targets (SPEC 9): one client p99 < 10 ms for details and job status and
 /vms, with zero errors.
 
 ``--quick`` runs 3 s per endpoint on a catalog of 100 VMs (10,000 backups).
+``--one-client`` skips the 50-client phases. ``--compare-with SRC`` (PostgreSQL
+only) starts a second hub on the same catalog running the code in ``SRC``
+(another checkout's ``src/``) and, instead of the phases, measures the hub CPU
+per request of both with batches alternated between them: a before/after
+ratio that holds on a busy machine.
 The hub, the client processes and the work directory (SQLite file, hub data
 dir) are removed at the end, also on error or Ctrl-C; on PostgreSQL the rows
 are deleted again (the database must be empty at the start).
@@ -408,6 +415,12 @@ ENDPOINTS = [
         lambda rng, ids: f"/api/v1/jobs/{rng.choice(ids['jobs'])}",
     ),
     Endpoint(
+        "vm_detail",
+        "detail",
+        "/vms/{vm}",
+        lambda rng, ids: f"/api/v1/vms/{rng.choice(ids['vms'])}",
+    ),
+    Endpoint(
         "backups_list",
         "list",
         "/backups?limit=100",
@@ -436,6 +449,12 @@ ENDPOINTS = [
         "list",
         "/jobs?limit=50",
         lambda rng, ids: "/api/v1/jobs?limit=50",
+    ),
+    Endpoint(
+        "jobs_running",
+        "list",
+        "/jobs?status=running&limit=50",
+        lambda rng, ids: "/api/v1/jobs?status=running&limit=50",
     ),
     Endpoint(
         "chain",
@@ -792,6 +811,77 @@ def table(phases: list[Phase], timeout: float) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------- A/B
+
+
+COMPARE_ROUNDS = 8  # batches per hub and endpoint, alternating
+COMPARE_BATCH = 100  # requests per batch
+
+
+def compare_cpu(
+    hubs: dict[str, tuple[subprocess.Popen[bytes], int]],
+    token: str,
+    ids: dict[str, Any],
+    endpoints: list[str],
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """Hub CPU ms per request of each endpoint on two hubs of one catalog
+    (``--compare-with``): one client sends batches of `COMPARE_BATCH`
+    requests to each hub in turn, `COMPARE_ROUNDS` times (the order flips
+    every round), so that the machine's other work weighs on both alike; a
+    ratio is meaningful on a busy machine where two runs one after the
+    other are not. Each hub runs one API process (``SENDENSE_API_WORKERS=1``)."""
+
+    async def run() -> dict[str, dict[str, float]]:
+        conns = {name: HttpConnection("127.0.0.1", port, token) for name, (_, port) in hubs.items()}
+
+        async def batch(name: str, endpoint: str, rng: random.Random, count: int) -> float:
+            conn, pid = conns[name], hubs[name][0].pid
+            cpu0 = cpu_seconds(pid)
+            for _ in range(count):
+                path = BY_NAME[endpoint].path(rng, ids)
+                try:
+                    status, _ = await conn.get(path)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    conn.close()  # the hub closed the idle keep-alive connection
+                    status, _ = await conn.get(path)
+                if status != 200:
+                    raise RuntimeError(f"{name} hub answered {status} to {path}")
+            return cpu_seconds(pid) - cpu0
+
+        out: dict[str, dict[str, float]] = {}
+        try:
+            for endpoint in endpoints:
+                for name in hubs:
+                    await batch(name, endpoint, random.Random(seed), 20)  # warm
+                total = dict.fromkeys(hubs, 0.0)
+                for r in range(COMPARE_ROUNDS):
+                    for name in list(hubs)[:: 1 if r % 2 == 0 else -1]:
+                        total[name] += await batch(
+                            name, endpoint, random.Random(seed + r), COMPARE_BATCH
+                        )
+                n = COMPARE_ROUNDS * COMPARE_BATCH
+                out[endpoint] = {k: round(v / n * 1000, 3) for k, v in total.items()}
+                say(f"{endpoint:<17} hub CPU ms per request: {out[endpoint]}")
+        finally:
+            for conn in conns.values():
+                conn.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def compare_table(result: dict[str, dict[str, float]], other: Path) -> list[str]:
+    lines = [
+        f"hub CPU ms per request, one client: this tree vs --compare-with {other}",
+        f"{'endpoint':<17} {'this':>7} {'other':>7} {'this/other':>10}",
+    ]
+    for endpoint, v in result.items():
+        ratio = v["this"] / v["other"] if v["other"] else float("nan")
+        lines.append(f"{endpoint:<17} {v['this']:>7.2f} {v['other']:>7.2f} {ratio:>10.2f}")
+    return lines
+
+
 # --------------------------------------------------------------------- run
 
 
@@ -821,6 +911,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--database-url", help="an empty PostgreSQL database instead of a SQLite file")
     p.add_argument("--quick", action="store_true", help="3 s per endpoint, 100 VMs")
+    p.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="SRC",
+        help="also run a hub of the code in SRC (the src/ of another checkout, e.g. "
+        "`git archive <commit> src | tar -x -C /tmp/old`, then /tmp/old/src) on the same "
+        "catalog and compare the hub CPU per request of both, one client, batches "
+        "alternated (needs --database-url: SQLite serves one hub)",
+    )
+    p.add_argument(
+        "--one-client",
+        action="store_true",
+        help="only the one-client phases (the hub's CPU per request without contention)",
+    )
     p.add_argument("--workdir", type=Path, help="parent of the work directory [/var/tmp]")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--seed", type=int, default=2026)
@@ -833,6 +937,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown endpoints {unknown}")
     args.endpoints = [e.name for e in ENDPOINTS if e.name in names]
+    if args.compare_with is not None:
+        if not args.database_url:
+            p.error("--compare-with needs --database-url (a PostgreSQL catalog)")
+        if not (args.compare_with / "sendense").is_dir():
+            p.error(f"--compare-with {args.compare_with}: no sendense package there")
     if args.vms < 1 or args.runs < 1 or args.disks_per_vm < 1 or args.clients < 2:
         p.error("--vms, --runs, --disks-per-vm must be >= 1 and --clients >= 2")
     return args
@@ -859,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
     url = args.database_url or sqlite_url(data_dir / "catalog.db")
     shown_url = normalize_url(url).render_as_string(hide_password=True)
     hub: subprocess.Popen[bytes] | None = None
+    other: subprocess.Popen[bytes] | None = None
+    compared: dict[str, dict[str, float]] = {}
     clients: Clients | None = None
     db: Database | None = None
     filled = False
@@ -906,6 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
                 url,
             ],
             log,
+            # Compared: one process per hub, so that neither counts an idle
+            # worker's background CPU.
+            env={"SENDENSE_API_WORKERS": "1"} if args.compare_with else None,
         )
         wait_healthy(f"{base_url}/api/v1/health", hub, log, timeout=120)
         info["hub_start_seconds"] = round(time.perf_counter() - t0, 2)
@@ -932,11 +1046,45 @@ def main(argv: list[str] | None = None) -> int:
         info["warmup_ms"] = warmup
         say(f"warm-up (ms): {warmup}")
 
+        if args.compare_with is not None:
+            other_dir = work / "hub-other"
+            other_dir.mkdir()
+            for name in ("secret.key", "admin.token"):  # hubs of one catalog share them
+                shutil.copy(data_dir / name, other_dir / name)
+            other_port = free_port()
+            other = start_service(
+                [
+                    "hub",
+                    "serve",
+                    "--port",
+                    str(other_port),
+                    "--data-dir",
+                    str(other_dir),
+                    "--database-url",
+                    url,
+                ],
+                work / "hub-other.log",
+                env={"PYTHONPATH": str(args.compare_with.resolve()), "SENDENSE_API_WORKERS": "1"},
+            )
+            wait_healthy(
+                f"http://127.0.0.1:{other_port}/api/v1/health",
+                other,
+                work / "hub-other.log",
+                timeout=120,
+            )
+            compared = compare_cpu(
+                {"this": (hub, port), "other": (other, other_port)},
+                token,
+                {"vms": catalog.vm_names, "backups": catalog.backup_ids, "jobs": catalog.job_ids},
+                args.endpoints,
+                args.seed,
+            )
+
         # ---------------------------------------------------------- clients
         clients = Clients(base_url, token, ids_path)
         seed = args.seed
-        for name in args.endpoints:
-            for n in (1, args.clients):
+        for name in args.endpoints if args.compare_with is None else []:
+            for n in (1,) if args.one_client else (1, args.clients):
                 seed += 1
                 cpu0 = cpu_seconds(hub.pid)
                 latencies, errors, elapsed = clients.run(name, n, args.seconds, args.timeout, seed)
@@ -959,6 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         if clients is not None:
             clients.stop()
         stop_service(hub)
+        stop_service(other)
         if args.database_url and filled:
             try:
                 cleanup_db = Database(args.database_url)
@@ -990,6 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             "database": normalize_url(url).get_backend_name(),
             "seed": args.seed,
             "quick": args.quick,
+            "one_client": args.one_client,
         },
         "host": {
             "cpus": cpus,
@@ -1023,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in phases
         ],
         "last_line": last,
+        **({"compare": {"other_src": str(args.compare_with), **compared}} if compared else {}),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"api-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -1030,10 +1181,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"catalog {shown_url.split('://')[0]}: {info['catalog']}; "
-        f"{args.seconds:g}s per endpoint and phase; 1 then {args.clients} clients "
-        f"in {CLIENT_PROCESSES} processes; hub and clients share {cpus} cpus"
+        + (
+            f"{COMPARE_ROUNDS} x {COMPARE_BATCH} requests per endpoint and hub"
+            if compared
+            else f"{args.seconds:g}s per endpoint and phase; "
+            f"{'1 client' if args.one_client else f'1 then {args.clients} clients'} "
+            f"in {CLIENT_PROCESSES} processes"
+        )
+        + f"; hub and clients share {cpus} cpus"
     )
-    for line in lines:
+    for line in compare_table(compared, args.compare_with) if compared else lines:
         print(line)
     print(f"results: {out}")
     print(last, flush=True)
