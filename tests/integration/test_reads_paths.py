@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 from sendense.catalog.cache import CatalogCache
 from sendense.catalog.db import PING_IDLE, Database
 from sendense.catalog.models import Backup, BackupJob, Node, Repository, Source, Vm, VmDisk
-from sendense.core.access import ADMIN
+from sendense.core.access import ADMIN, Principal, Role, Scope
 from sendense.core.errors import NotFound
 from sendense.hub.backups import service as backups
 from sendense.hub.jobs import service as jobs
@@ -235,3 +235,43 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(database: Database) 
         assert s.execute(text("SELECT 2")).scalar() == 2
     with database.session() as s:
         assert s.execute(text("SELECT 3")).scalar() == 3
+
+
+def test_a_tenants_lists_follow_the_vms_tags_at_once(database: Database) -> None:
+    """The VMs a scoped token sees are kept per scope while no VM's name or
+    tags changed (catalog topic ``vms``): a tag written by anybody, even
+    with plain SQL, shows in the very next list."""
+    fill(database, runs=4)
+    st = hub(database)
+    with database.session() as s:
+        repo_id = s.scalar(select(Repository.id))
+    tenant = Principal(
+        name="acme",
+        role=Role.viewer,
+        scope=Scope.parse({"vms": ["tag:customer=acme"], "repositories": [repo_id]}),
+    )
+
+    def seen() -> tuple[int, int]:
+        b = backups.list_backups(st, tenant, backups.BackupFilter(), limit=100, offset=0)
+        j = jobs.list_jobs(st, tenant, status=None, kind=None, limit=50, offset=0)
+        return b["total"], j["total"]
+
+    assert seen() == (0, 0)
+    hits = st.cache.hits
+    assert seen() == (0, 0)
+    assert st.cache.hits >= hits + 2, "nothing changed: both lists reuse the set"
+    with database.session() as s:
+        s.execute(
+            text("UPDATE vms SET tags = :t WHERE name = 'vm-b'"), {"t": '{"customer": "acme"}'}
+        )
+    assert seen() == (2, 1)
+    with database.session() as s:
+        vm = s.scalar(select(Vm).where(Vm.name == "vm-a"))
+        assert vm is not None
+        vm.tags = {"customer": "acme"}
+    # vm-a: 4 backup jobs of 2 restore points each (failed ones listed too);
+    # its verify job has no repository: outside the tenant's scope
+    assert seen() == (2 + 8, 1 + 4)
+    with database.session() as s:
+        s.execute(text("UPDATE vms SET name = 'vm-b2', tags = '{}' WHERE name = 'vm-b'"))
+    assert seen() == (8, 4)

@@ -73,7 +73,7 @@ def list_jobs(
     offset: int,
 ) -> dict[str, Any]:
     with st.db.read() as s:
-        vm_ids = visible_vm_ids(s, who)
+        vm_ids = visible_vm_ids(s, who, st.cache)
         where = JobFilter(
             status=status,
             kind=kind,
