@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,7 +33,14 @@ class HubSettings(BaseSettings):
     # means its hub process is gone (engine/lifecycle.py).
     job_lease: float = 30.0
     # Worker threads of the API's sync handlers, per process (see hub/app.py).
-    api_threads: int = 4
+    # 0 (default): 4 on SQLite, 16 on PostgreSQL (resolved below). On SQLite a
+    # request is CPU under the GIL and more threads only switch more (the API
+    # bench: 40 threads doubled a list's CPU per request at 50 clients). On
+    # PostgreSQL every request also waits for its round trips to the server,
+    # and 4 threads could not overlap them: `make bench-load --quick` at 200
+    # requests/s, same run, 4 threads p50 13.5 s / p99 30 s and 922 timeouts,
+    # 16 threads p50 1.3 s / p99 10 s and none (docs/performance.md).
+    api_threads: int = 0
     # API worker processes (hub/serve.py); 0: one per CPU core, at most 4.
     api_workers: int = 0
     # Set by hub/serve.py in each worker process: which one it is, of how many.
@@ -128,6 +136,13 @@ class HubSettings(BaseSettings):
     # API's `api_threads`: reads do not queue behind launches.
     launch_threads: int = 8
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _resolve_api_threads(self) -> HubSettings:
+        if self.api_threads <= 0:
+            pg = self.database_url.startswith(("postgresql", "postgres"))
+            self.api_threads = 16 if pg else 4
+        return self
 
     @property
     def catalog_url(self) -> str:

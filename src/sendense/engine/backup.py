@@ -1002,8 +1002,9 @@ class BackupEngine:
         FAST_POLL up to ``poll_interval``): a short job is seen ending within
         a few percent of its time, a long one is polled as before, and the
         extra calls per job are bounded (~16, all in its first second). Also
-        fast when the node says the end is near (its ETA below the interval,
-        or it is releasing the VM); never while it retries a connection.
+        fast when the node says the end is near (its ETA at most twice the
+        interval, or it is releasing the VM); never while it retries a
+        connection.
         """
         base = self.settings.poll_interval
         fast = min(base, FAST_POLL)
@@ -1012,7 +1013,7 @@ class BackupEngine:
         if st.step == "releasing":
             return fast
         etas = [d.eta for d in st.disks.values() if d.status == "running" and d.eta is not None]
-        if etas and max(etas) < base:
+        if etas and max(etas) <= 2 * base:  # the worker reports every 0.2 s
             return fast
         return max(fast, min(base, elapsed / 10))
 
