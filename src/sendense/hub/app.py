@@ -50,10 +50,12 @@ def create_app(settings: HubSettings, state: HubState | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = state or HubState.open(settings)
         app.state.hub = st
-        # Sync handlers run on anyio's worker threads. They are CPU-bound
-        # (ORM rows to JSON) under the GIL: past a few threads more of them
-        # only add switching (bench/api_bench.py: a list's CPU per request
-        # doubled at 50 clients with 40 threads). Waits hold no thread.
+        # Sync handlers run on anyio's worker threads. On SQLite they are
+        # CPU-bound (rows to JSON) under the GIL: past a few threads more of
+        # them only add switching (bench/api_bench.py: a list's CPU per
+        # request doubled at 50 clients with 40 threads). On PostgreSQL each
+        # also waits for its round trips, so more of them overlap (16: see
+        # settings.py `api_threads`). Long-polls and launches hold none.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         # What start-up built (modules, routes, schemas) lives as long as the
         # process: out of the collector's sight, a full collection no longer
