@@ -1194,6 +1194,15 @@ class BackupEngine:
                 os.rename(path, full_path)
                 path = full_path
                 t.file_path = str(full_path)
+        if self._restarts.get(t.backup_id):
+            # Served again after its qemu-nbd died mid-copy: clusters the dead
+            # process had allocated but not yet referenced are freed before it
+            # was served again, yet a bench run (4 GiB, target killed at 44 %)
+            # still ended with one such leak at the final check. A leak is
+            # wasted space only (reads are unaffected, and the node's digest
+            # and the tests' qemu-img compare cover the data), so a resumed
+            # target has its leaks freed again rather than fail the backup.
+            img.repair_leaks(str(path), key=key)
         img.check(str(path), key=key)
         t.change_id = disk.change_id
         t.digest = disk.digest
